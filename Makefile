@@ -1,0 +1,34 @@
+# The two commands of the README: `make test` and `make report`. Both create .venv/ on first use.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PARAMS ?= params/default.yaml
+
+.PHONY: venv test report lab bench sync clean-results
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (proxygap)" >/dev/null
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+report: $(STAMP)
+	$(PY) -m proxygap_helpers run $(PARAMS)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+sync: $(STAMP)
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+clean-results:
+	rm -rf results/

@@ -1,0 +1,56 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Extract: the model pair, held-out eval tokens and activation stores
+#
+# The study compares SAEs trained on the same mid-layer residual stream (`blocks.L.hook_resid_post`) of a
+# *small* and a *large* model of one family. This notebook makes everything the later stages read:
+#
+# * **embedded grids** (`params/smoke.yaml`, `params/default.yaml`): the standard library's `.py` sources
+#   as text (split into train/eval *by file*), a byte-level BPE tokenizer and two tiny GPT-NeoX
+#   (Pythia-architecture) models trained here, deterministically, and cached;
+# * **the reference grid** (`params/phase2_pythia.yaml`): Pythia checkpoints from the hub and the Pile
+#   (needs internet; activations are then streamed at training time instead of stored).
+#
+# Outputs: `models/<role>/` (HF format), `data/eval_tokens.npy` (never trained on) and
+# `activations/<role>/` (a memmap store with `meta.json`; a truncated or corrupted store is rebuilt).
+
+# %% tags=["parameters"]
+params_path = "params/smoke.yaml"  # relative paths resolve from the repository root
+out_dir = None  # default: results/<grid name>
+threads = 0  # torch threads, 0 = all; the runner sets it
+
+# %% tags=["imports"]
+import pandas as pd
+
+from proxygap_helpers import extract, grid
+
+# %%
+p, out, device = grid.setup(params_path, out_dir, threads)
+info = extract.run_extract(p, out, device=device)
+
+# %% [markdown]
+# ## What was built
+# For an embedded grid the large model must reach a clearly lower held-out loss than the small one:
+# otherwise "scaling up" means nothing here.
+
+# %%
+rows = [{"role": role, "model": extract.model_name(p, role), "hook": p.hook(role), "d_in": p.d_in(role),
+         "d_sae": p.d_sae(role), **({"eval loss (nats)": round(info["models"][role]["eval_loss"], 3)}
+                                    if "models" in info else {})}
+        for role in ("small", "large")]
+pd.DataFrame(rows).set_index("role")
+
+# %%
+pd.DataFrame({role: {"tokens x d_in": " x ".join(map(str, s["shape"])), "dtype": s["dtype"]}
+              for role, s in info["stores"].items()}).T if info["stores"] else "online source (no store)"

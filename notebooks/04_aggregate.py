@@ -1,0 +1,66 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Aggregate: paired deltas, confidence intervals, mismatch rates, sign flip, proxy leaderboard, claims
+#
+# * **Deduplicate** by (role, k, T, seed), keeping the newest result (what was dropped is listed).
+# * **Pair** small and large SAEs by (k, T, seed): ΔX = X(large) − X(small) for every metric; the mismatch
+#   indicator is 1[ΔR² > 0 and ΔCE_rec < 0].
+# * **Phase-2 table** per (k, T): n, mean and Student-t 95% CI of ΔCE_rec and ΔR² (n = 1 gives the point as
+#   both bounds, flagged *directional*), mismatch rate, secondary deltas.
+# * **Sign flip**: the budget T* where mean ΔCE_rec crosses zero (interpolated in log T), bootstrap interval.
+# * **Gate D2**: each proxy's delta predicts ΔCE_rec of *held-out* cells (leave-one-budget-out,
+#   leave-one-k-out), scored by sign accuracy, Spearman and MAE, with paired bootstrap CIs against ΔR².
+# * **Claims** from the explicit rules in params: supported / pending / rejected, with evidence.
+
+# %% tags=["parameters"]
+params_path = "params/smoke.yaml"
+out_dir = None
+threads = 0
+
+# %% tags=["imports"]
+from IPython.display import Markdown
+
+from proxygap_helpers import aggregate, grid
+
+# %%
+p, out, device = grid.setup(params_path, out_dir, threads)
+agg = aggregate.run_aggregate(p, out)
+print(f"{len(agg['sae_metrics'])} SAEs, {len(agg['pairs'])} pairs, {len(agg['phase2_table'])} cells; "
+      f"{len(agg['dropped_duplicates'])} duplicates dropped, {len(agg['unpaired'])} SAEs without a partner")
+
+# %% [markdown]
+# ## The phase-2 table (primary endpoint ΔCE_rec, tertiary ΔR²)
+
+# %%
+Markdown((out / "aggregate" / "phase2_table.md").read_text())
+
+# %% [markdown]
+# ## Sign flip of ΔCE_rec over the budget
+
+# %%
+agg["sign_flip"].round(4)
+
+# %% [markdown]
+# ## Gate D2: held-out proxy leaderboard (positive `*_vs_r2` = better than ΔR²)
+
+# %%
+cols = ["scheme", "proxy", "n_cells", "sign_acc", "spearman", "mae", "mae_vs_r2", "mae_vs_r2_lo", "mae_vs_r2_hi",
+        "beats_r2", "rank"]
+agg["proxy_leaderboard"][cols].round(4) if len(agg["proxy_leaderboard"]) else "no pairs yet"
+
+# %% [markdown]
+# ## Claims
+
+# %%
+agg["claims"][["claim", "gate", "status", "evidence"]]

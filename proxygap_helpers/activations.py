@@ -1,0 +1,186 @@
+"""Activation sources: an on-disk memmap store (embedded grids) and an online source (the Pythia grid).
+
+Both give the same interface, ``batches(batch_size, total_tokens, seed) -> Iterator[Tensor]``: shuffled
+batches of hook activations ``[batch_size, d_in]``, reshuffled per epoch when a budget exceeds the data.
+
+Store layout (``activations/<role>/``): ``acts.bin`` (raw little-endian rows ``[n_tokens, d_in]``) and
+``meta.json`` written last (shape, dtype, model, hook, layer, token hash, content hash). A store whose size
+or hash does not match its meta is reported by :func:`verify_store` and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .files import read_json, write_json_atomic
+from .models import resid_post
+
+ACTS = "acts.bin"
+META = "meta.json"
+
+
+class StoreError(RuntimeError):
+    """The activation store is missing, truncated or corrupted."""
+
+
+def write_store(model, layer: int, seqs: np.ndarray, out_dir: Path, meta: dict, dtype: str = "float32",
+                batch_sequences: int = 32, progress: bool = True) -> dict:
+    """Run ``model`` over rows of ``seqs`` and write ``blocks.{layer}.hook_resid_post`` for every position.
+
+    Written chunk by chunk into a memmap (peak memory independent of the store size), hashed as it goes;
+    ``meta.json`` is written last, so a killed write leaves a store that :func:`verify_store` rejects.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META).unlink(missing_ok=True)
+    n_seq, ctx = seqs.shape
+    d = model.config.hidden_size
+    arr = np.memmap(out_dir / ACTS, dtype=dtype, mode="w+", shape=(n_seq * ctx, d))
+    h = hashlib.blake2b(digest_size=16)
+    device = next(model.parameters()).device
+    for i in tqdm(range(0, n_seq, batch_sequences), desc=f"extract {meta.get('role', '')}",
+                  disable=not progress, mininterval=1.0):
+        x = torch.from_numpy(seqs[i:i + batch_sequences].astype(np.int64)).to(device)
+        a = resid_post(model, x, layer).reshape(-1, d).to("cpu", getattr(torch, dtype)).numpy()
+        if not np.isfinite(a).all():
+            raise StoreError(f"non-finite activations at sequences {i}..{i + len(x) - 1}: the model is broken")
+        arr[i * ctx:i * ctx + len(a)] = a
+        h.update(a.tobytes())
+    arr.flush()
+    del arr
+    full = {**meta, "shape": [n_seq * ctx, d], "dtype": dtype, "context_size": ctx, "n_sequences": n_seq,
+            "layer": layer, "content_hash": h.hexdigest(), "bytes": n_seq * ctx * d * np.dtype(dtype).itemsize}
+    write_json_atomic(out_dir / META, full)
+    return full
+
+
+def verify_store(store_dir: Path, expect: dict | None = None, full_hash: bool = True) -> dict:
+    """Return the store's meta if it is complete and intact; raise StoreError saying what is wrong.
+
+    Checks: meta present, the fields in ``expect`` match (e.g. token hash, hook), the file size equals
+    ``prod(shape) * itemsize``, and (``full_hash``) the content hash of the data.
+    """
+    store_dir = Path(store_dir)
+    if not (store_dir / META).is_file():
+        raise StoreError(f"{store_dir}: no {META} (the store was never finished)")
+    try:
+        meta = read_json(store_dir / META)
+    except ValueError as e:
+        raise StoreError(f"{store_dir}/{META} is not valid JSON: {e}") from None
+    for key, want in (expect or {}).items():
+        if meta.get(key) != want:
+            raise StoreError(f"{store_dir}: {key} is {meta.get(key)!r}, expected {want!r} (stale store)")
+    path = store_dir / ACTS
+    size = path.stat().st_size if path.is_file() else -1
+    if size != meta["bytes"]:
+        raise StoreError(f"{path}: {size} bytes on disk, meta says {meta['bytes']} (truncated or replaced)")
+    if full_hash:
+        arr = open_store(store_dir, meta)
+        h = hashlib.blake2b(digest_size=16)
+        rows = meta["context_size"] * 32
+        for i in range(0, len(arr), rows):
+            h.update(np.ascontiguousarray(arr[i:i + rows]).tobytes())
+        if h.hexdigest() != meta["content_hash"]:
+            raise StoreError(f"{path}: content hash differs from meta (corrupted)")
+    return meta
+
+
+def open_store(store_dir: Path, meta: dict | None = None) -> np.memmap:
+    meta = meta or read_json(Path(store_dir) / META)
+    return np.memmap(Path(store_dir) / ACTS, dtype=meta["dtype"], mode="r", shape=tuple(meta["shape"]))
+
+
+class StoreSource:
+    """Shuffled batches from a verified store; ``epochs_used`` tells how often the data was reused."""
+
+    def __init__(self, store_dir: Path, meta: dict | None = None):
+        self.meta = meta or verify_store(store_dir, full_hash=False)
+        self.arr = open_store(store_dir, self.meta)
+        self.n, self.d_in = self.arr.shape
+        self.epochs_used = 0
+
+    def batches(self, batch_size: int, total_tokens: int, seed: int) -> Iterator[torch.Tensor]:
+        """Yield ``ceil(total_tokens / batch_size)`` batches; epoch e uses permutation rng(seed, e).
+
+        The stream for a seed is a prefix-consistent sequence: the first N batches are the same whatever
+        ``total_tokens`` is (ladder checkpoints rely on it).
+        """
+        n_batches = -(-total_tokens // batch_size)
+        epoch, perm, pos = 0, None, self.n
+        self.epochs_used = 1
+        for _ in range(n_batches):
+            idx = np.empty(0, dtype=np.int64)
+            while len(idx) < batch_size:
+                if pos >= self.n:
+                    perm = np.random.default_rng([seed, epoch]).permutation(self.n)
+                    epoch, pos = epoch + 1, 0
+                    self.epochs_used = epoch
+                take = perm[pos:pos + batch_size - len(idx)]
+                idx = np.concatenate([idx, take])
+                pos += len(take)
+            yield torch.from_numpy(np.ascontiguousarray(self.arr[idx], dtype=np.float32))
+
+
+class OnlineSource:
+    """Activations straight from the model, batch by batch (for grids whose stores would not fit on disk).
+
+    Sequences come from ``seq_iter_fn(seed)`` (e.g. the Pile, streamed); activations go through a
+    shuffle buffer of ``buffer_tokens`` rows, seeded, half refilled at a time (like SAELens' mixing buffer).
+    """
+
+    def __init__(self, model, layer: int, seq_iter_fn, batch_sequences: int = 32, buffer_tokens: int = 2**18):
+        self.model, self.layer, self.seq_iter_fn = model, layer, seq_iter_fn
+        self.batch_sequences, self.buffer_tokens = batch_sequences, buffer_tokens
+        self.d_in = model.config.hidden_size
+        self.epochs_used = 1
+
+    def _acts(self, seed: int) -> Iterator[torch.Tensor]:
+        device = next(self.model.parameters()).device
+        rows = []
+        for seq in self.seq_iter_fn(seed):
+            rows.append(seq)
+            if len(rows) == self.batch_sequences:
+                x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+                yield resid_post(self.model, x, self.layer).reshape(-1, self.d_in).float()
+                rows = []
+
+    def batches(self, batch_size: int, total_tokens: int, seed: int) -> Iterator[torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        stream = self._acts(seed)
+        buf = torch.empty(0, self.d_in)
+        done = 0
+        while done < total_tokens:
+            while len(buf) < self.buffer_tokens:
+                try:
+                    buf = torch.cat([buf, next(stream).cpu()])
+                except StopIteration:
+                    break
+            if len(buf) < batch_size:
+                raise StoreError("the online source ran out of text before the budget was reached")
+            buf = buf[torch.randperm(len(buf), generator=gen)]
+            half = max(batch_size, len(buf) // 2)
+            out, buf = buf[:half], buf[half:]
+            for b in out.split(batch_size):
+                if len(b) == batch_size and done < total_tokens:
+                    done += batch_size
+                    yield b
+
+
+def store_dir(out_dir: Path, role: str) -> Path:
+    return Path(out_dir) / "activations" / role
+
+
+def remove_store(path: Path) -> None:
+    for name in (META, ACTS):
+        try:
+            os.remove(Path(path) / name)
+        except FileNotFoundError:
+            pass

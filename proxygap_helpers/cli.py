@@ -1,0 +1,157 @@
+"""Command line: ``python -m proxygap_helpers run | plan | status | report PARAMS [--out DIR] ...``.
+
+Exit codes: 0 every unit succeeded; 1 some unit failed (the others finished; rerun retries only those);
+2 bad parameters or invocation (one paragraph on stderr, nothing run or written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .files import write_text_atomic
+from .grid import Unit, is_complete, resolve, state, units
+from .params import ParamsError, dump_resolved
+from .runlock import LockError, RunLock
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="proxygap", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run the whole grid (resumable)"), ("plan", "list units, tokens, disk, time"),
+                       ("status", "done / failed / pending / running per unit"),
+                       ("report", "re-render aggregate + report from finished runs")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("params", help="params YAML file, e.g. params/smoke.yaml")
+        sp.add_argument("--out", default=None, help="output directory (default results/<grid name>)")
+        if name == "run":
+            sp.add_argument("--jobs", type=int, default=None, help="parallel units (local executor)")
+            sp.add_argument("--executor", choices=("local", "submitit"), default=None)
+            sp.add_argument("--force", action="store_true", help="redo complete units")
+    return ap
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"proxygap: {msg}", file=sys.stderr)
+    return code
+
+
+def _writable(out: Path) -> None:
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ParamsError(f"output directory {str(out)!r} is not writable (nearest existing parent {str(probe)!r}); "
+                          "choose another with --out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        p, out = resolve(args.params, args.out)
+        if args.command in ("run", "report"):
+            _writable(out)
+        if args.command == "run" and args.jobs is not None and not 1 <= args.jobs <= 64:
+            raise ParamsError(f"--jobs = {args.jobs}: must be an integer in [1, 64]")
+    except ParamsError as e:
+        return _fail(str(e))
+    if args.command == "plan":
+        from .plan import print_plan
+
+        print_plan(p, out)
+        return 0
+    resolved = out / "params.resolved.yaml"
+    todo = units(p, out, resolved)
+    if args.command == "status":
+        return _status(p, out, todo)
+    try:
+        with RunLock(out):
+            write_text_atomic(resolved, dump_resolved(p))
+            if args.command == "report":
+                todo = [u for u in todo if u.stage in ("aggregate", "report")]
+                return _run(p, out, resolved, todo, "local", 1, force=True)
+            kind = args.executor or p.executor.kind
+            return _run(p, out, resolved, todo, kind, args.jobs or p.executor.jobs, args.force)
+    except LockError as e:
+        return _fail(str(e))
+
+
+def _status(p, out: Path, todo: list[Unit]) -> int:
+    counts: dict[str, int] = {}
+    for u in todo:
+        st, detail = state(p, out, u)
+        counts[st] = counts.get(st, 0) + 1
+        print(f"{st:8s} {u.uid:40s} {detail}")
+    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"  ({out})")
+    return 0
+
+
+def _line(res: dict) -> str:
+    if not res.get("ok"):
+        return f"FAILED {res['uid']}: {res.get('message', '?')}"
+    return (f"done   {res['uid']}  {res['wall_seconds']:.1f}s wall, "
+            f"{res.get('compute_seconds', 0):.1f}s in-notebook compute")
+
+
+def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int, force: bool) -> int:
+    from tqdm.auto import tqdm
+
+    from .executors import execute
+
+    if force:
+        for u in todo:
+            (u.run_dir(out) / "done.json").unlink(missing_ok=True)
+    total = len(todo)
+    complete = [u for u in todo if is_complete(p, out, u)]
+    if len(complete) == total:
+        print(f"proxygap: all {total} units of grid '{p.name}' are complete in {out}; nothing to do.")
+        return 0
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=total, initial=len(complete), desc=f"grid {p.name}", unit="unit", disable=not interactive,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} units [{elapsed}<{remaining}]")
+    print(f"proxygap: grid '{p.name}': {len(complete)}/{total} units already complete; running the rest "
+          f"({kind}, {jobs} job(s)) into {out}", flush=True)
+    t0, failed, count = time.time(), [], [len(complete)]
+
+    def on_done(res: dict) -> None:
+        bar.update()
+        count[0] += 1
+        msg = f"[{count[0]}/{total} {time.time() - t0:6.0f}s] {_line(res)}"
+        tqdm.write(msg) if interactive else print(msg, flush=True)
+        if not res.get("ok"):
+            failed.append(res)
+
+    for stage in ("extract", "sae", "aggregate", "report"):
+        stage_units = [u for u in todo if u.stage == stage]
+        pending = [u for u in stage_units if force or not is_complete(p, out, u)]
+        pending.sort(key=lambda u: -u.tokens * (2 if "large" in u.uid else 1))
+        if stage == "sae" and any(f["uid"].startswith("extract") for f in failed):
+            for u in pending:
+                on_done({"uid": u.uid, "ok": False, "message": "skipped: the extract unit failed"})
+            continue
+        execute(kind if stage == "sae" else "local", str(params_file), str(out), pending, p,
+                jobs if stage == "sae" else 1, on_done)
+    bar.close()
+    wall = time.time() - t0
+    if failed:
+        print(f"proxygap: {len(failed)} of {total} units failed after {wall:.0f}s:", file=sys.stderr)
+        for f in failed:
+            print(f"  - {f['uid']}: {f.get('message', '?')} (see {out}/runs/{f['uid']}/)", file=sys.stderr)
+        print("proxygap: fix the cause and rerun the same command: only failed and missing units run again.",
+              file=sys.stderr)
+        return 1
+    print(f"proxygap: grid '{p.name}' complete in {wall:.0f}s; report: {_report_path(p)}")
+    return 0
+
+
+def _report_path(p) -> Path:
+    from .grid import NOTEBOOKS
+
+    return NOTEBOOKS.parent / "reports" / p.name / "report.html"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Running units: one unit = its notebooks executed with papermill, in a fresh kernel each.
+
+``run_unit`` is what every executor calls (in a worker process or a Slurm job). It records
+``running.json`` while it works, then either ``done.json`` (provenance, timings, the split between
+in-notebook compute and kernel/IO overhead) or ``error.json`` (the failing cell's error, the executed
+notebook is kept). Executors: ``local`` (a process pool; torch threads divided among jobs) and
+``submitit`` (Slurm job arrays, or submitit's local executor where there is no Slurm).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable
+
+from . import provenance
+from .files import write_json_atomic
+from .grid import DONE, ERROR, NOTEBOOKS, RUNNING, Unit, input_hash
+from .params import Params, load_params
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PROXYGAP_THREADS")
+
+
+def _compute_seconds(nb) -> float:
+    """Sum of papermill's per-cell durations, excluding cells tagged ``imports`` (start-up cost)."""
+    total = 0.0
+    for cell in nb.cells:
+        if cell.cell_type != "code" or "imports" in cell.metadata.get("tags", []):
+            continue
+        total += float(cell.metadata.get("papermill", {}).get("duration") or 0.0)
+    return total
+
+
+def _error_message(exc: BaseException) -> str:
+    """The notebook's own error (ename: evalue) when papermill raised, else the exception text."""
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    if ename:
+        return f"{ename}: {evalue}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress: bool = False) -> dict:
+    """Execute a unit's notebooks; never raises for a notebook failure (it is recorded in error.json)."""
+    import papermill as pm
+
+    out = Path(out_dir)
+    rd = unit.run_dir(out)
+    rd.mkdir(parents=True, exist_ok=True)
+    for name in (DONE, ERROR):
+        (rd / name).unlink(missing_ok=True)
+    p = load_params(params_path)
+    ihash = input_hash(p, out, unit)
+    start, t0 = provenance.now(), time.time()
+    write_json_atomic(rd / RUNNING, {"pid": os.getpid(), "host": os.uname().nodename, "start": start})
+    env_before = {v: os.environ.get(v) for v in THREAD_VARS}
+    os.environ.update({v: str(threads) for v in THREAD_VARS})
+    compute, notebooks = 0.0, []
+    try:
+        for name in unit.notebooks:
+            target = rd / f"{name}.ipynb"
+            notebooks.append(str(target.relative_to(out)))
+            nb = pm.execute_notebook(
+                str(NOTEBOOKS / f"{name}.ipynb"), str(target), parameters={**unit.parameters, "threads": threads},
+                cwd=str(NOTEBOOKS), progress_bar=progress, log_output=False, kernel_name="python3",
+            )
+            compute += _compute_seconds(nb)
+    except BaseException as exc:  # noqa: BLE001 - recorded, then the runner moves on
+        rec = {"unit": unit.uid, "message": _error_message(exc), "notebook": notebooks[-1] if notebooks else None,
+               "traceback": traceback.format_exc(limit=5), "start": start, "end": provenance.now(),
+               "wall_seconds": time.time() - t0}
+        write_json_atomic(rd / ERROR, rec)
+        (rd / RUNNING).unlink(missing_ok=True)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return {"uid": unit.uid, "ok": False, **rec}
+    finally:
+        for v, old in env_before.items():
+            os.environ.pop(v, None) if old is None else os.environ.__setitem__(v, old)
+    wall = time.time() - t0
+    rec = {"unit": unit.uid, "stage": unit.stage, "notebooks": notebooks, "input_hash": ihash,
+           "start": start, "end": provenance.now(), "wall_seconds": wall, "compute_seconds": compute,
+           "overhead_fraction": max(0.0, (wall - compute) / wall) if wall else 0.0,
+           "threads": threads, "peak_rss_mb": provenance.peak_rss_mb(),
+           "provenance": provenance.record(p.params_hash())}
+    write_json_atomic(rd / DONE, rec)
+    (rd / RUNNING).unlink(missing_ok=True)
+    return {"uid": unit.uid, "ok": True, **rec}
+
+
+def _worker_init() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def run_local(params_path: str, out_dir: str, todo: list[Unit], jobs: int,
+              on_done: Callable[[dict], None]) -> list[dict]:
+    """Run units in a process pool of ``jobs`` workers, each kernel with cpu_count // jobs threads."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results = []
+    if jobs == 1 or len(todo) == 1:
+        for u in todo:
+            results.append(run_unit(params_path, out_dir, u, threads))
+            on_done(results[-1])
+        return results
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+        futs = [pool.submit(run_unit, params_path, out_dir, u, threads) for u in todo]
+        for f in cf.as_completed(futs):
+            results.append(f.result())
+            on_done(results[-1])
+    return results
+
+
+def run_submitit(params_path: str, out_dir: str, todo: list[Unit], p: Params,
+                 on_done: Callable[[dict], None], cluster: str | None = None) -> list[dict]:
+    """Submit units as one Slurm job array (``cluster='local'`` runs them as local processes)."""
+    import submitit
+
+    s = p.executor.slurm
+    ex = submitit.AutoExecutor(folder=str(Path(out_dir) / "submitit" / "%j"), cluster=cluster)
+    ex.update_parameters(timeout_min=s.time_min, cpus_per_task=s.cpus_per_task, mem_gb=s.mem_gb,
+                         gpus_per_node=s.gpus_per_node, slurm_array_parallelism=s.array_parallelism,
+                         name=f"proxygap-{p.name}")
+    if s.partition and ex.cluster == "slurm":
+        ex.update_parameters(slurm_partition=s.partition)
+    threads = s.cpus_per_task if ex.cluster == "slurm" else max(1, (os.cpu_count() or 1) // max(1, len(todo)))
+    jobs = ex.map_array(run_unit, [params_path] * len(todo), [out_dir] * len(todo), todo, [threads] * len(todo))
+    results = []
+    for job, u in zip(jobs, todo):
+        try:
+            res = job.result()
+        except Exception as exc:  # noqa: BLE001 - a job that died outside the notebook
+            res = {"uid": u.uid, "ok": False, "message": f"submitit job {job.job_id} failed: {exc}"}
+            write_json_atomic(u.run_dir(Path(out_dir)) / ERROR, {"unit": u.uid, "message": res["message"]})
+        results.append(res)
+        on_done(res)
+    return results
+
+
+def execute(kind: str, params_path: str, out_dir: str, todo: Iterable[Unit], p: Params, jobs: int,
+            on_done: Callable[[dict], None]) -> list[dict]:
+    todo = list(todo)
+    if not todo:
+        return []
+    if kind == "local":
+        return run_local(params_path, out_dir, todo, jobs, on_done)
+    return run_submitit(params_path, out_dir, todo, p, on_done,
+                        cluster=os.environ.get("PROXYGAP_SUBMITIT_CLUSTER"))

@@ -1,0 +1,166 @@
+"""Stage 1: the model pair, the held-out eval tokens and the activation stores of a grid.
+
+Embedded grids: text -> tokenizer -> two tiny GPT-NeoX models, trained here and cached under
+``<results>/.cache/models/<hash>`` (keyed by corpus, tokenizer and model config), copied to
+``<out>/models/<role>/``. Hub grids: the Pythia checkpoints by name; activations come from the online
+source at training time, so no store is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data, models
+from .activations import StoreError, remove_store, store_dir, verify_store, write_store
+from .files import read_json, write_json_atomic
+from .params import ROLES, Params, short_hash
+
+EVAL_TOKENS = "data/eval_tokens.npy"
+MODEL_META = "proxygap_model.json"
+
+
+def cache_root(out_dir: Path) -> Path:
+    return Path(os.environ.get("PROXYGAP_CACHE") or Path(out_dir).resolve().parent / ".cache")
+
+
+def model_source(p: Params, out_dir: Path, role: str) -> str:
+    """What ``models.load_hf`` takes for a role: the local dir (embedded) or the hub name."""
+    m = p.models[role]
+    return str(Path(out_dir) / "models" / role) if m.source == "embedded" else m.name
+
+
+def model_name(p: Params, role: str) -> str:
+    return p.models[role].name
+
+
+def _tokenized(p: Params, out_dir: Path, progress: bool):
+    """Corpus, tokenizer dir (cached) and the token streams of both splits."""
+    d = p.data
+    corpus = data.load_corpus(d.eval_fraction, d.max_chars)
+    key = short_hash({"corpus": corpus.content_hash, "vocab": d.vocab_size, "v": 1})
+    tok_dir = cache_root(out_dir) / "tokenizers" / key
+    if not (tok_dir / "tokenizer.json").is_file():
+        tmp = tok_dir.with_name(key + f".tmp{os.getpid()}")
+        data.train_tokenizer(corpus.train_text, d.vocab_size, tmp)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        os.replace(tmp, tok_dir)
+    tok = models.load_tokenizer(str(tok_dir))
+    return corpus, tok_dir, tok, data.encode(tok, corpus.train_text), data.encode(tok, corpus.eval_text)
+
+
+def _train_pair(p: Params, out_dir: Path, corpus, tok_dir: Path, tok, train_ids, eval_seqs, progress: bool):
+    """Train (or reuse from cache) each role's model and copy it to ``<out>/models/<role>``."""
+    d = p.data
+    train_seqs = data.to_sequences(train_ids, d.context_size)
+    metas = {}
+    for role in ROLES:
+        m = p.models[role]
+        key = short_hash({"corpus": corpus.content_hash, "tok": tok_dir.name, "model": m.model_dump(),
+                          "ctx": d.context_size, "seed": d.seed, "torch": torch.__version__, "v": 1})
+        cached = cache_root(out_dir) / "models" / key
+        if not (cached / MODEL_META).is_file():
+            t0 = time.time()
+            lm, log = models.train_lm(m, len(tok), train_seqs, seed=d.seed, desc=f"train {role} LM",
+                                      progress=progress)
+            tmp = cached.with_name(key + f".tmp{os.getpid()}")
+            lm.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            meta = {"role": role, "name": m.name, "config": m.model_dump(), "cache_key": key,
+                    "train_seconds": time.time() - t0, "train_log": log,
+                    "train_tokens_available": int(train_seqs.size),
+                    "eval_loss": models.lm_eval_loss(lm, eval_seqs), "corpus_hash": corpus.content_hash}
+            write_json_atomic(tmp / MODEL_META, meta)
+            shutil.rmtree(cached, ignore_errors=True)
+            os.replace(tmp, cached)
+        dest = Path(out_dir) / "models" / role
+        if not (dest / MODEL_META).is_file() or read_json(dest / MODEL_META)["cache_key"] != key:
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(cached, dest)
+        metas[role] = read_json(dest / MODEL_META)
+    return metas
+
+
+def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = True) -> dict:
+    """Make everything later stages read; idempotent (a complete, intact store is kept)."""
+    out_dir = Path(out_dir)
+    d = p.data
+    t0 = time.time()
+    if not p.embedded:
+        tok = models.load_tokenizer(p.models["small"].name, p.models["small"].revision)
+        rows = data.pile_sequences(d.pile_dataset, tok, d.context_size, split="validation")
+        eval_seqs = np.stack([next(rows) for _ in range(d.eval_sequences)])
+        _save_eval(out_dir, eval_seqs)
+        return {"eval_tokens_hash": data.token_hash(eval_seqs), "stores": {}, "seconds": time.time() - t0}
+
+    corpus, tok_dir, tok, train_ids, eval_ids = _tokenized(p, out_dir, progress)
+    eval_seqs = data.to_sequences(eval_ids, d.context_size, d.eval_sequences)
+    if len(eval_seqs) < d.eval_sequences:
+        print(f"note: the eval split holds only {len(eval_seqs)} sequences of {d.context_size} tokens "
+              f"(data.eval_sequences = {d.eval_sequences})", file=sys.stderr)
+    _save_eval(out_dir, eval_seqs)
+    model_metas = _train_pair(p, out_dir, corpus, tok_dir, tok, train_ids, eval_seqs, progress)
+
+    all_rows = data.to_sequences(train_ids, d.context_size)
+    n_rows = min(len(all_rows), -(-p.store_tokens // d.context_size))
+    pick = np.sort(np.random.default_rng(d.seed).permutation(len(all_rows))[:n_rows])
+    store_seqs = all_rows[pick]
+    tokens_hash = data.token_hash(store_seqs)
+    stores = {}
+    for role in ROLES:
+        sdir = store_dir(out_dir, role)
+        expect = {"tokens_hash": tokens_hash, "hook": p.hook(role), "model_key": model_metas[role]["cache_key"],
+                  "dtype": d.store_dtype}
+        try:
+            stores[role] = verify_store(sdir, expect)
+            continue
+        except StoreError as e:
+            if (sdir / "meta.json").exists() or (sdir / "acts.bin").exists():
+                print(f"rebuilding activation store: {e}", file=sys.stderr)
+            remove_store(sdir)
+        lm = models.load_hf(model_source(p, out_dir, role), device=device)
+        stores[role] = write_store(lm, p.layer(role), store_seqs, sdir, dtype=d.store_dtype, progress=progress,
+                                   meta={"role": role, "model": model_source(p, out_dir, role), **expect,
+                                         "model_name": model_name(p, role)})
+    return {"corpus_hash": corpus.content_hash, "train_files": len(corpus.train_files),
+            "eval_files": len(corpus.eval_files), "train_tokens": int(len(train_ids)),
+            "eval_tokens_hash": data.token_hash(eval_seqs), "eval_sequences": int(len(eval_seqs)),
+            "models": {r: {k: v for k, v in m.items() if k != "train_log"} for r, m in model_metas.items()},
+            "stores": {r: {k: s[k] for k in ("shape", "dtype", "content_hash", "hook")} for r, s in stores.items()},
+            "seconds": time.time() - t0}
+
+
+def _save_eval(out_dir: Path, eval_seqs: np.ndarray) -> None:
+    path = Path(out_dir) / EVAL_TOKENS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("eval_tokens.tmp.npy")
+    np.save(tmp, eval_seqs.astype(np.int32))
+    os.replace(tmp, path)
+
+
+def load_eval_tokens(out_dir: Path) -> np.ndarray:
+    path = Path(out_dir) / EVAL_TOKENS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the extract stage (notebooks/01_extract) first")
+    return np.load(path, allow_pickle=False)
+
+
+def online_source(p: Params, out_dir: Path, role: str, device: str):
+    """Activations streamed from the model over the Pile (reference grid; needs internet).
+
+    The text stream is the same for every seed; the SAE's seed drives the shuffle buffer.
+    """
+    from .activations import OnlineSource
+
+    m = p.models[role]
+    revision = getattr(m, "revision", "main")
+    lm = models.load_hf(model_source(p, out_dir, role), revision, device)
+    tok = models.load_tokenizer(model_source(p, out_dir, role), revision)
+    return OnlineSource(lm, p.layer(role),
+                        lambda seed: data.pile_sequences(p.data.pile_dataset, tok, p.data.context_size))

@@ -1,0 +1,157 @@
+"""Units of work of a grid, keyed by the parameters that shape them, and their state on disk.
+
+Stages run in order; units within a stage are independent:
+
+1. ``extract``            notebooks/01_extract   models, eval tokens, activation stores
+2. ``sae-<role>-k<k>``    02_train, 03_evaluate  every seed and budget of one (role, k)
+3. ``aggregate``          04_aggregate           tables, leaderboard, claims
+4. ``report``             05_report              reports/<grid>/report.html
+
+A unit's id ends in a hash of exactly the resolved parameters that shape its outputs, so changing the SAE
+learning rate gives new ``sae-*`` ids (and new SAE ids) while changing the report title only renames
+``report``. A unit is complete when ``runs/<unit id>/done.json`` exists (written last, atomically) and its
+outputs are present. Executed notebooks stay in ``runs/<unit id>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .files import read_json
+from .params import ROLES, Params, load_params, short_hash
+from .runlock import _alive
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+DONE, ERROR, RUNNING = "done.json", "error.json", "running.json"
+
+
+@dataclass
+class Unit:
+    """One unit of work: which notebooks run, with which injected parameters, and what it produces."""
+
+    uid: str
+    stage: str
+    notebooks: tuple[str, ...]
+    parameters: dict = field(default_factory=dict)
+    sae_ids: tuple[str, ...] = ()
+    tokens: int = 0  # SAE training tokens (for plan and progress)
+
+    def run_dir(self, out_dir: Path) -> Path:
+        return Path(out_dir) / "runs" / self.uid
+
+
+def default_out(p: Params) -> Path:
+    return Path("results") / p.name
+
+
+def resolve(params_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> tuple[Params, Path]:
+    """Params and output directory as every notebook and command sees them.
+
+    A relative ``params_path`` is looked up from the working directory, then from the repository root
+    (so notebooks run from ``notebooks/`` find ``params/smoke.yaml``); the default output directory is
+    ``results/<grid name>`` under the repository root.
+    """
+    path = Path(params_path)
+    if not path.is_absolute() and not path.exists() and (NOTEBOOKS.parent / path).exists():
+        path = NOTEBOOKS.parent / path
+    p = load_params(path)
+    out = Path(out_dir) if out_dir else NOTEBOOKS.parent / default_out(p)
+    return p, out.resolve()
+
+
+def units(p: Params, out_dir: Path, params_file: Path) -> list[Unit]:
+    """All units of the grid in dependency order."""
+    base = {"params_path": str(params_file), "out_dir": str(out_dir)}
+    out = [Unit(f"extract-{p.extract_hash}", "extract", ("01_extract",), dict(base))]
+    for role in ROLES:
+        for k in p.sae.k:
+            specs = p.sae_specs(role=role, k=k)
+            ids = tuple(s.sae_id for s in specs)
+            h = short_hash({"saes": ids, "eval": p.eval_hash})
+            out.append(Unit(f"sae-{role}-k{k}-{h}", "sae", ("02_train", "03_evaluate"),
+                            {**base, "role": role, "k": k}, ids, _train_tokens(p, specs)))
+    out.append(Unit("aggregate", "aggregate", ("04_aggregate",), dict(base)))
+    out.append(Unit("report", "report", ("05_report",), dict(base)))
+    return out
+
+
+def _train_tokens(p: Params, specs) -> int:
+    if p.sae.budget_mode == "separate":
+        return sum(s.tokens for s in specs)
+    return sum(max(s.tokens for s in specs if s.seed == seed) for seed in p.sae.seeds)
+
+
+def metrics_path(out_dir: Path, sae_id: str) -> Path:
+    return Path(out_dir) / "runs" / sae_id / "metrics.json"
+
+
+def aggregate_inputs_hash(p: Params, out_dir: Path) -> str:
+    """Hash of every finished metrics.json plus the stats/claims params: what the aggregate depends on."""
+    h = hashlib.sha256(json.dumps({"stats": p.stats.model_dump(), "claims": p.claims}, sort_keys=True).encode())
+    for path in sorted((Path(out_dir) / "runs").glob("*/metrics.json")):
+        h.update(path.parent.name.encode() + path.read_bytes())
+    return h.hexdigest()[:8]
+
+
+def report_inputs_hash(p: Params, out_dir: Path) -> str:
+    h = hashlib.sha256(json.dumps(p.report.model_dump(), sort_keys=True).encode())
+    agg = Path(out_dir) / "aggregate"
+    for path in sorted(agg.glob("*.csv")) + sorted(agg.glob("*.json")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:8]
+
+
+def input_hash(p: Params, out_dir: Path, unit: Unit) -> str | None:
+    """For aggregate/report: the hash of their inputs now (their uid carries no hash: inputs appear late)."""
+    if unit.stage == "aggregate":
+        return aggregate_inputs_hash(p, out_dir)
+    if unit.stage == "report":
+        return report_inputs_hash(p, out_dir)
+    return None
+
+
+def is_complete(p: Params, out_dir: Path, unit: Unit) -> bool:
+    done = unit.run_dir(out_dir) / DONE
+    if not done.is_file():
+        return False
+    try:
+        rec = read_json(done)
+    except ValueError:
+        return False
+    if unit.stage == "sae" and not all(metrics_path(out_dir, s).is_file() for s in unit.sae_ids):
+        return False
+    if unit.stage in ("aggregate", "report"):
+        return rec.get("input_hash") == input_hash(p, out_dir, unit)
+    return True
+
+
+def state(p: Params, out_dir: Path, unit: Unit) -> tuple[str, str]:
+    """(done | failed | running | pending, detail) of a unit."""
+    rd = unit.run_dir(out_dir)
+    if is_complete(p, out_dir, unit):
+        rec = read_json(rd / DONE)
+        return "done", f"{rec.get('wall_seconds', 0):.1f}s wall, {100 * rec.get('overhead_fraction', 0):.0f}% overhead"
+    if (rd / RUNNING).is_file():
+        info = read_json(rd / RUNNING)
+        if _alive(info.get("pid", -1)) and info.get("host") == os.uname().nodename:
+            return "running", f"pid {info['pid']} since {info.get('start', '?')}"
+    if (rd / ERROR).is_file():
+        return "failed", read_json(rd / ERROR).get("message", "?")
+    return "pending", ""
+
+
+def setup(params_path: str, out_dir: str | None = None, threads: int = 0) -> tuple[Params, Path, str]:
+    """What each notebook does first: params, output dir, torch threads (0 = leave as is), device."""
+    import torch
+
+    from .models import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    p, out = resolve(params_path, out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return p, out, resolve_device(p.device)

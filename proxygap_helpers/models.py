@@ -1,0 +1,189 @@
+"""Language models: the embedded tiny GPT-NeoX pair, and the one loader for hub names and local dirs.
+
+All model loading lives here (TransformerLens 3.9 deprecates ``HookedTransformer`` in favour of
+``TransformerBridge``: that switch should touch this file only).
+
+Two views of one checkpoint:
+
+* ``load_hf`` -> ``GPTNeoXForCausalLM``: the fast path (fused attention) used for extraction and
+  evaluation, with a forward hook on ``gpt_neox.layers[L]`` whose output[0] is ``blocks.L.hook_resid_post``.
+* ``load_hooked`` -> ``HookedTransformer``: TransformerLens' view with its hook names, used by the
+  SAELens evaluator and as the cross-check in tests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .params import EmbeddedModel
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# --------------------------------------------------------------------------- embedded pair: training
+def neox_config(m: EmbeddedModel, vocab_size: int, context_size: int):
+    """A Pythia-architecture config: parallel residual, partial rotary, untied embeddings, GELU MLP 4x."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, intermediate_size=4 * m.d_model, hidden_act="gelu",
+        max_position_embeddings=context_size, use_parallel_residual=True, tie_word_embeddings=False,
+        rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": m.rotary_pct, "rope_type": "default"},
+        bos_token_id=0, eos_token_id=0, pad_token_id=1, architectures=["GPTNeoXForCausalLM"],
+    )
+
+
+def lr_at(step: int, total: int, lr: float, warmup_frac: float = 0.05, floor: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``floor * lr``."""
+    warm = max(1, int(warmup_frac * total))
+    if step < warm:
+        return lr * (step + 1) / warm
+    prog = (step - warm) / max(1, total - warm)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def train_lm(m: EmbeddedModel, vocab_size: int, train_seqs: np.ndarray, seed: int,
+             desc: str = "LM", progress: bool = True):
+    """Train a tiny GPT-NeoX on rows of ``train_seqs`` (sampled by a seeded generator) for ``m.train_tokens``.
+
+    Deterministic on CPU for the same inputs, seed and thread count. Returns (model, log rows).
+    """
+    from tqdm.auto import tqdm
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    ctx = train_seqs.shape[1]
+    model = GPTNeoXForCausalLM(neox_config(m, vocab_size, ctx))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=m.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    steps = max(1, m.train_tokens // (m.batch_size * ctx))
+    gen = torch.Generator().manual_seed(seed)
+    seqs = torch.from_numpy(train_seqs.astype(np.int64))
+    log = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0)
+    t0 = time.time()
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, m.lr)
+        idx = torch.randint(len(seqs), (m.batch_size,), generator=gen)
+        batch = seqs[idx]
+        loss = model(input_ids=batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 20 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.append({"step": step, "tokens": (step + 1) * m.batch_size * ctx, "loss": loss.item(),
+                        "seconds": time.time() - t0})
+    model.eval()
+    return model, log
+
+
+@torch.no_grad()
+def lm_eval_loss(model, seqs: np.ndarray, batch: int = 16) -> float:
+    """Mean next-token CE over every prediction of every row (ctx - 1 per row)."""
+    tot, n = 0.0, 0
+    for i in range(0, len(seqs), batch):
+        x = torch.from_numpy(seqs[i:i + batch].astype(np.int64)).to(model.device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                               reduction="sum")
+        tot += ce.item()
+        n += x[:, 1:].numel()
+    return tot / n
+
+
+# --------------------------------------------------------------------------- loading
+def load_hf(source: str, revision: str = "main", device: str = "cpu", dtype=torch.float32):
+    """``GPTNeoXForCausalLM`` from a local HF-format dir or a hub name (the latter needs internet)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {} if Path(source).is_dir() else {"revision": revision}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    return model.to(device).eval()
+
+
+def load_tokenizer(source: str, revision: str = "main"):
+    from transformers import AutoTokenizer
+
+    kw = {} if Path(source).is_dir() else {"revision": revision}
+    return AutoTokenizer.from_pretrained(source, **kw)
+
+
+def load_hooked(source: str, revision: str = "main", device: str = "cpu", dtype=torch.float32, hf_model=None):
+    """``HookedTransformer`` for a local HF-format dir or a hub name, through one code path.
+
+    ``HookedTransformer.from_pretrained`` does not take a local directory, so the config and state dict
+    are built from the HF model with TransformerLens' own converters; no weight processing (no LN
+    folding, no centering), so hook activations equal the HF hidden states.
+    """
+    from transformer_lens import HookedTransformer, loading_from_pretrained as lfp
+
+    hf = hf_model if hf_model is not None else load_hf(source, revision, "cpu", dtype)
+    name = source if Path(source).is_dir() else source
+    cfg = lfp.get_pretrained_model_config(name, hf_cfg=hf.config.to_dict(), fold_ln=False, device=device,
+                                          dtype=dtype, default_prepend_bos=False)
+    model = HookedTransformer(cfg, load_tokenizer(source, revision), move_to_device=False)
+    sd = lfp.get_pretrained_state_dict(name, cfg, hf)
+    model.load_and_process_state_dict(sd, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                      fold_value_biases=False)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- the fast hook
+class _Stop(Exception):
+    pass
+
+
+def _layers(model):
+    return model.gpt_neox.layers
+
+
+@torch.no_grad()
+def resid_post(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """``blocks.{layer}.hook_resid_post`` via the HF model, stopping after that layer. [batch, ctx, d]."""
+    out = {}
+
+    def grab(_mod, _inp, output):
+        out["x"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    h = _layers(model)[layer].register_forward_hook(grab)
+    try:
+        model.gpt_neox(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return out["x"]
+
+
+@contextmanager
+def patched(model, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, the output of layer ``layer`` (its resid_post) is replaced by ``fn(resid_post)``."""
+
+    def hook(_mod, _inp, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+
+    h = _layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()

@@ -1,0 +1,367 @@
+"""Typed, validated study parameters (YAML -> pydantic), and every value derived from them.
+
+Everything that other modules need to know about a grid is computed here, once: the model roles, each
+role's hook and layer, d_in and d_sae, the SAE specs and their ids, and the hashes that key units of
+work. Bad input raises :class:`ParamsError`, a one-paragraph message that names the key, the value and
+what is allowed; the command line turns it into exit code 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROLES = ("small", "large")
+
+# Architecture facts of the Pythia family (from the model cards), so that a hub grid can be validated
+# and planned without network access.  name -> (n_layers, d_model, n_heads)
+PYTHIA_SHAPES: dict[str, tuple[int, int, int]] = {
+    "pythia-14m": (6, 128, 4),
+    "pythia-31m": (6, 256, 8),
+    "pythia-70m": (6, 512, 8),
+    "pythia-160m": (12, 768, 12),
+    "pythia-410m": (24, 1024, 16),
+    "pythia-1b": (16, 2048, 8),
+    "pythia-1.4b": (24, 2048, 16),
+    "pythia-2.8b": (32, 2560, 32),
+    "pythia-6.9b": (32, 4096, 32),
+    "pythia-12b": (36, 5120, 40),
+}
+
+
+class ParamsError(ValueError):
+    """A parameter problem, phrased for the person who wrote the params file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedModel(_Strict):
+    """A tiny GPT-NeoX (Pythia architecture) trained here on the embedded text."""
+
+    source: Literal["embedded"]
+    d_model: int = Field(ge=8, le=4096)
+    n_layers: int = Field(ge=1, le=48)
+    n_heads: int = Field(ge=1, le=64)
+    rotary_pct: float = Field(default=0.25, gt=0, le=1)
+    train_tokens: int = Field(gt=0)
+    lr: float = Field(default=1e-3, gt=0, lt=1)
+    batch_size: int = Field(default=32, ge=1)
+    layer: int | Literal["mid"] = "mid"
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "EmbeddedModel":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"tiny-neox-d{self.d_model}-l{self.n_layers}"
+
+
+class HubModel(_Strict):
+    """A Pythia checkpoint from the Hugging Face hub (needs internet, realistically a GPU)."""
+
+    source: Literal["hub"]
+    name: str
+    revision: str = "main"
+    layer: int | Literal["mid"] = "mid"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        base = v.split("/")[-1].removesuffix("-deduped")
+        if base not in PYTHIA_SHAPES:
+            raise ValueError(f"unknown model {v!r}; known Pythia models: {', '.join(PYTHIA_SHAPES)}")
+        return v
+
+    @property
+    def n_layers(self) -> int:
+        return PYTHIA_SHAPES[self.name.split("/")[-1].removesuffix("-deduped")][0]
+
+    @property
+    def d_model(self) -> int:
+        return PYTHIA_SHAPES[self.name.split("/")[-1].removesuffix("-deduped")][1]
+
+
+class DataParams(_Strict):
+    source: Literal["stdlib", "pile"] = "stdlib"
+    pile_dataset: str = "monology/pile-uncopyrighted"
+    context_size: int = Field(default=128, ge=8, le=8192)
+    vocab_size: int = Field(default=4096, ge=260, le=65536)
+    eval_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    eval_sequences: int = Field(default=64, ge=1)
+    max_chars: int | None = Field(default=None, ge=10_000)
+    store_tokens: int | None = Field(default=None, gt=0)
+    store_dtype: Literal["float32", "float16"] = "float32"
+    allow_epochs: bool = True
+    seed: int = 0
+
+
+class SAEParams(_Strict):
+    architecture: Literal["topk"] = "topk"
+    expansion: int = Field(default=32, ge=1)
+    k: list[int] = Field(min_length=1)
+    tokens: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    budget_mode: Literal["separate", "ladder"] = "separate"
+    batch_size: int = Field(default=4096, ge=1)
+    lr: float | None = Field(default=None, gt=0, lt=1)
+    lr_warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    lr_decay_fraction: float = Field(default=0.2, ge=0, lt=1)
+    ladder_warmup_tokens: int = Field(default=20_000, ge=0)
+    aux_k_coefficient: float = Field(default=1 / 32, ge=0)
+    dead_tokens_window: int = Field(default=100_000, gt=0)
+    normalize_activations: Literal["expected_average_only_in", "none"] = "expected_average_only_in"
+    norm_estimate_batches: int = Field(default=8, ge=1)
+    decoder_init_norm: float | None = Field(default=0.1, gt=0)
+    log_every: int = Field(default=10, ge=1)
+
+    @field_validator("k", "tokens")
+    @classmethod
+    def _positive(cls, v: list[int], info) -> list[int]:
+        bad = [x for x in v if x < 1]
+        if bad:
+            what = "k must be >= 1" if info.field_name == "k" else "a token budget must be > 0"
+            raise ValueError(f"{what}; got {bad[0]}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be distinct; got {v}")
+        return sorted(v)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct integers >= 0; got {v}")
+        return sorted(v)
+
+    def lr_for(self, d_sae: int) -> float:
+        """Gao et al. (2024): lr = 2e-4 / sqrt(n_latents / 2**14) unless given."""
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+class EvalParams(_Strict):
+    ce_rec: Literal["relative", "zero_norm"] = "relative"
+    batch_sequences: int = Field(default=16, ge=1)
+    exclude_special_tokens: bool = False
+    swd: bool = True
+
+
+class StatsParams(_Strict):
+    ci: float = Field(default=0.95, gt=0.5, lt=1)
+    bootstrap: int = Field(default=0, ge=0)
+    seed: int = 0
+
+
+class SlurmParams(_Strict):
+    partition: str | None = None
+    time_min: int = Field(default=120, ge=1)
+    gpus_per_node: int = Field(default=0, ge=0)
+    mem_gb: int = Field(default=16, ge=1)
+    cpus_per_task: int = Field(default=4, ge=1)
+    array_parallelism: int = Field(default=16, ge=1)
+
+
+class ExecutorParams(_Strict):
+    kind: Literal["local", "submitit"] = "local"
+    jobs: int = Field(default=1, ge=1, le=64)
+    slurm: SlurmParams = SlurmParams()
+
+
+class ReportParams(_Strict):
+    title: str = "proxygap: do SAE reconstruction proxies agree with behaviour as models grow?"
+    reference_table: bool = False
+
+
+class Params(_Strict):
+    """The whole study. ``models`` maps the two roles ``small`` and ``large`` to a model."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataParams = DataParams()
+    models: dict[Literal["small", "large"], Annotated[EmbeddedModel | HubModel, Field(discriminator="source")]]
+    sae: SAEParams
+    evaluation: EvalParams = EvalParams()
+    stats: StatsParams = StatsParams()
+    claims: dict[str, Any] = Field(default_factory=dict)
+    executor: ExecutorParams = ExecutorParams()
+    report: ReportParams = ReportParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        if set(self.models) != set(ROLES):
+            raise ValueError("models must define exactly the two roles 'small' and 'large'")
+        sources = {m.source for m in self.models.values()}
+        if len(sources) != 1:
+            raise ValueError("both models must have the same source ('embedded' or 'hub')")
+        if "embedded" in sources and self.data.source != "stdlib":
+            raise ValueError("embedded models are trained on the embedded text: data.source must be 'stdlib'")
+        if "hub" in sources and self.data.source != "pile":
+            raise ValueError("hub (Pythia) models are evaluated on the Pile: data.source must be 'pile'")
+        return self
+
+    # ---- derived values (the one place they are computed) ----
+    def layer(self, role: str) -> int:
+        m = self.models[role]
+        return m.n_layers // 2 if m.layer == "mid" else m.layer
+
+    def hook(self, role: str) -> str:
+        return f"blocks.{self.layer(role)}.hook_resid_post"
+
+    def d_in(self, role: str) -> int:
+        return self.models[role].d_model
+
+    def d_sae(self, role: str) -> int:
+        return self.sae.expansion * self.d_in(role)
+
+    @property
+    def embedded(self) -> bool:
+        return self.models["small"].source == "embedded"
+
+    @property
+    def store_tokens(self) -> int:
+        """Tokens of activations kept on disk per role (default: the largest budget plus the batches used to
+        estimate the activation norm, so that no budget needs a second epoch)."""
+        return self.data.store_tokens or max(self.sae.tokens) + self.sae.norm_estimate_batches * self.sae.batch_size
+
+    @cached_property
+    def extract_hash(self) -> str:
+        """Everything that shapes the models, the text and the activation stores."""
+        return short_hash({"data": self.data.model_dump(), "models": {r: m.model_dump() for r, m in self.models.items()},
+                           "store_tokens": self.store_tokens})
+
+    def sae_hash(self, role: str, k: int, tokens: int, seed: int) -> str:
+        """Everything that shapes one SAE's weights. In ladder mode the schedule does not depend on the budget,
+        so the checkpoint at T is the same whatever the largest budget is."""
+        sae = self.sae.model_dump(exclude={"k", "tokens", "seeds", "log_every"})
+        return short_hash({"extract": self.extract_hash, "role": role, "k": k, "tokens": tokens, "seed": seed,
+                           "sae": sae, "lr": self.sae.lr_for(self.d_sae(role))})
+
+    def sae_id(self, role: str, k: int, tokens: int, seed: int) -> str:
+        return f"{role}-k{k}-t{format_tokens(tokens)}-s{seed}-{self.sae_hash(role, k, tokens, seed)}"
+
+    def sae_specs(self, role: str | None = None, k: int | None = None) -> list["SAESpec"]:
+        return [SAESpec(r, kk, t, s, self.sae_id(r, kk, t, s))
+                for r in ROLES if role in (None, r)
+                for kk in self.sae.k if k in (None, kk)
+                for s in self.sae.seeds for t in self.sae.tokens]
+
+    @cached_property
+    def eval_hash(self) -> str:
+        return short_hash({"evaluation": self.evaluation.model_dump(), "extract": self.extract_hash})
+
+    def params_hash(self) -> str:
+        return short_hash(self.model_dump(mode="json"))
+
+
+class SAESpec:
+    """One SAE of the grid: its role, sparsity, budget, seed and readable id."""
+
+    __slots__ = ("role", "k", "tokens", "seed", "sae_id")
+
+    def __init__(self, role: str, k: int, tokens: int, seed: int, sae_id: str):
+        self.role, self.k, self.tokens, self.seed, self.sae_id = role, k, tokens, seed, sae_id
+
+    def __repr__(self) -> str:
+        return f"SAESpec({self.sae_id})"
+
+
+def format_tokens(n: int) -> str:
+    """1_000_000 -> '1M', 250_000 -> '250k', 1500 -> '1500'."""
+    for unit, div in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= div and n % div == 0:
+            return f"{n // div}{unit}"
+    return str(n)
+
+
+def short_hash(obj: Any, n: int = 8) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith(("EmbeddedModel", "HubModel"))))
+    value = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key `{key}` (check its spelling; the allowed keys are listed in README.md 'Params')"
+    if err["type"] == "missing":
+        return f"required key `{key}` is missing"
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    return f"key `{key or '(top level)'}` = {shown}: {msg}"
+
+
+def _check_model_dependent(p: Params) -> None:
+    for role in ROLES:
+        m = p.models[role]
+        if m.layer != "mid" and not 0 <= m.layer < m.n_layers:
+            raise ParamsError(f"key `models.{role}.layer` = {m.layer}: the hook layer must be 'mid' or an integer "
+                              f"in [0, {m.n_layers - 1}] for a model with {m.n_layers} layers")
+        for k in p.sae.k:
+            if k >= p.d_sae(role):
+                raise ParamsError(f"key `sae.k` = {k}: k must be smaller than d_sae = expansion x d_model = "
+                                  f"{p.sae.expansion} x {m.d_model} = {p.d_sae(role)} for the {role} model")
+    if p.embedded and p.data.vocab_size > 65536:
+        raise ParamsError("key `data.vocab_size` too large")
+    largest = max(p.sae.tokens)
+    if not p.data.allow_epochs and p.store_tokens < largest:
+        raise ParamsError(f"key `sae.tokens` = {largest}: this budget is larger than the activation store "
+                          f"(`data.store_tokens` = {p.store_tokens}) and `data.allow_epochs` is false; raise "
+                          "store_tokens, lower the budget or allow epochs")
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader: never constructs Python objects (``!!python/...`` tags are refused)."""
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate a params file; raise ParamsError (one paragraph) on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {str(path)!r} does not exist (give a YAML file such as params/smoke.yaml)")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_SafeLoader)
+    except yaml.constructor.ConstructorError as e:
+        raise ParamsError(f"{path}: refused to load a YAML tag that would construct an object ({e.problem}); "
+                          "params files hold plain values only") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return validate_params(raw, source=str(path))
+
+
+def validate_params(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        p = Params.model_validate(raw)
+    except ValidationError as e:
+        errs = e.errors()
+        first = _describe(errs[0])
+        more = f" ({len(errs) - 1} more problem(s) after this one)" if len(errs) > 1 else ""
+        raise ParamsError(f"{source}: {first}{more}. Nothing was run or written.") from None
+    try:
+        _check_model_dependent(p)
+    except ParamsError as e:
+        raise ParamsError(f"{source}: {e}. Nothing was run or written.") from None
+    return p
+
+
+def dump_resolved(p: Params) -> str:
+    return yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,505 @@
+"""Figures of the report: each function takes aggregate frames and returns a ``matplotlib.figure.Figure``.
+
+Figures are built with ``matplotlib.figure.Figure`` directly, not through ``pyplot``: nothing is registered
+in pyplot's global figure list (so a notebook shows a figure once, when it is displayed or is the cell's
+value, and ``plt.close(fig)`` is harmless), and no function changes rcParams. The one global step is
+``set_theme()``, which a notebook calls once at the top.
+
+Every function tolerates empty frames, missing optional columns, NaN values and n = 1 cells: what cannot
+be drawn is shown as a "pending" note in the panel rather than raising. Each figure carries its caption as
+``fig.proxygap_caption`` (also drawn under the figure when ``caption=True``); ``CAPTIONS`` holds the texts.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from proxygap_helpers.stats import mean_ci
+
+TOKENS_LABEL = "SAE training tokens (log scale)"
+ROLE_ORDER = ("small", "large")
+ROLE_COLORS = {"small": "#0072B2", "large": "#D55E00"}
+SCHEME_MARKERS = {"leave-one-budget-out": "o", "leave-one-k-out": "^"}
+MISMATCH_COLOR = "#d62728"
+PENDING_COLOR = "0.45"
+
+METRIC_LABELS = {
+    "ce_rec": "CE_rec (relative; 1 = clean CE)",
+    "ce_rec_relative": "CE_rec (relative; 1 = clean CE)",
+    "ce_rec_zero_norm": "CE_rec (zero-ablation normalised)",
+    "r2": "R² (fraction of variance explained)",
+    "cosine": "cosine(x, x̂)",
+    "rel_err_norm": "‖x − x̂‖ / ‖x‖",
+    "kl": "KL(clean ‖ patched) (nats/token)",
+    "swd": "SWD (nats/token)",
+    "l0": "L0 (active latents/token)",
+    "dead_frac": "dead latent fraction",
+}
+PROXY_LABELS = {
+    "d_r2": "ΔR²",
+    "d_cosine": "Δcosine",
+    "d_rel_err_norm": "Δrel. error norm",
+    "d_kl": "ΔKL (behavioural reference)",
+    "d_swd": "ΔSWD (pullback proxy)",
+    "d_dead_frac": "Δdead-latent fraction",
+}
+
+CAPTIONS = {
+    "sign_flip": (
+        "Paired gaps (large − small) against the SAE training budget, one column per k. Lines: mean over seeds "
+        "with its 95% Student-t interval (band); hollow markers: cells with n = 1 (directional only, no "
+        "interval); dots: individual seeds (jittered slightly along log x); grey 'pending' marks a budget "
+        "without a complete pair. Red bands: budgets where the mismatch rate (share of seeds with ΔR² > 0 "
+        "while ΔCE_rec < 0) is above 0, darker = higher rate. Dashed line: T*, the budget where mean ΔCE_rec "
+        "changes sign (interpolated in log T), with its seed-bootstrap interval shaded grey when available."),
+    "per_model": (
+        "Per-model SAE quality against the SAE training budget. Colour: model role; line style and marker: k. "
+        "Points are means over seeds; error bars are 95% Student-t intervals (none when n = 1). Markers are "
+        "offset slightly along log x per k so that bars do not overlap."),
+    "leaderboard": (
+        "Held-out prediction of ΔCE_rec from each proxy's delta (a line fitted on the other cells, "
+        "leave-one-budget-out ● and leave-one-k-out ▲). Dashed diagonal: perfect prediction; grey lines: "
+        "zero, so points in the off-diagonal quadrants have the wrong sign. Titles: MAE and sign accuracy of the "
+        "pooled scheme, and whether the proxy beats ΔR² (95% CI of the MAE gain above 0)."),
+    "reference": (
+        "Our phase-2 table beside the study's published one (Pythia-70M vs 410M): mean gaps with 95% "
+        "intervals per k against the SAE training budget; hollow markers: n = 1 (directional)."),
+}
+
+
+# ---------------------------------------------------------------- theme and small helpers
+
+
+def set_theme(context: str = "notebook") -> None:
+    """The report's seaborn theme (white grid, colour-blind palette, readable sizes). Global: call once."""
+    sns.set_theme(context=context, style="whitegrid", palette="colorblind", font="DejaVu Sans",
+                  rc={"figure.dpi": 100, "savefig.dpi": 110, "axes.titlesize": "medium",
+                      "axes.titleweight": "bold", "legend.frameon": False, "axes.spines.top": False,
+                      "axes.spines.right": False, "grid.linewidth": 0.6})
+    enable_notebook_display()
+
+
+def format_tokens(x: float) -> str:
+    """1e7 -> '10M', 3.16e7 -> '31.6M', 2.5e5 -> '250k', NaN -> 'n/a'."""
+    if x is None or not np.isfinite(x):
+        return "n/a" if x is None or np.isnan(x) else ("∞" if x > 0 else "-∞")
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _col(df: pd.DataFrame | None, name: str) -> pd.Series:
+    """``df[name]`` as float, or all-NaN when the frame or the column is absent."""
+    if df is None or name not in df.columns:
+        return pd.Series(np.nan, index=(df.index if df is not None else pd.RangeIndex(0)), dtype=float)
+    return pd.to_numeric(df[name], errors="coerce").astype(float)
+
+
+def _frame(df: pd.DataFrame | None) -> pd.DataFrame:
+    return df.copy() if df is not None else pd.DataFrame()
+
+
+def _new_figure(nrows: int, ncols: int, panel: tuple[float, float], legend: float = 0.0,
+                **kw: Any) -> tuple[Figure, np.ndarray]:
+    """A constrained-layout figure of ``nrows x ncols`` panels of size ``panel`` (inches), ``legend`` inches
+    wider for a legend outside on the right, and room under the panels for the caption."""
+    fig = Figure(figsize=(max(panel[0] * ncols, 6.0) + legend, panel[1] * nrows + 1.3), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False, **kw))
+    return fig, axes
+
+
+def _pending(ax: Axes, text: str = "pending: no data yet") -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color=PENDING_COLOR,
+            fontsize="large", style="italic", wrap=True)
+
+
+def enable_notebook_display() -> bool:
+    """Make IPython show a ``Figure`` (that is the value of a cell or passed to ``display``) as a PNG.
+
+    The inline backend registers that formatter only once pyplot has created a figure; these figures
+    bypass pyplot, so the first one of a session would otherwise print as ``<Figure size ...>``. Does nothing
+    outside IPython or when a formatter is already registered. Returns True when figures will display."""
+    try:
+        from IPython import get_ipython
+        from IPython.core.pylabtools import print_figure
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None or not hasattr(shell, "display_formatter"):
+        return False
+    png = shell.display_formatter.formatters["image/png"]
+    try:
+        png.lookup_by_type(Figure)
+    except KeyError:
+        png.for_type(Figure, lambda fig: print_figure(fig, "png", bbox_inches="tight"))
+    return True
+
+
+def _finish(fig: Figure, name: str, title: str, caption: bool) -> Figure:
+    enable_notebook_display()
+    fig.suptitle(title, fontweight="bold")
+    fig.proxygap_caption = CAPTIONS[name]  # type: ignore[attr-defined]
+    if caption:
+        width_chars = max(60, int(fig.get_figwidth() * 100 / 7.5))
+        text = textwrap.fill(CAPTIONS[name], width_chars)
+        lines = text.count("\n") + 1
+        height = fig.get_figheight()
+        bottom = min(0.4, (lines * 0.16 + 0.15) / height)
+        fig.get_layout_engine().set(rect=(0, bottom, 1, 1 - bottom))
+        fig.text(0.01, bottom - 0.02 / height, text, ha="left", va="top", fontsize=8, color="0.25")
+    return fig
+
+
+def _log_jitter(n: int, key: Iterable[Any], dex: float = 0.025) -> np.ndarray:
+    """Deterministic multiplicative jitter ``10**u``, u uniform in [-dex, dex], seeded by ``key``."""
+    seed = [abs(int(v)) % (2**32) for v in key]
+    return 10.0 ** np.random.default_rng(seed).uniform(-dex, dex, size=n)
+
+
+def _budget_halfwidth(budgets: Sequence[float]) -> float:
+    """Half-width (in dex) of a band around a budget: a third of the smallest gap, at most 0.15 dex."""
+    logs = np.log10(np.asarray(sorted(set(budgets)), dtype=float))
+    gaps = np.diff(logs)
+    return float(min(0.15, gaps.min() / 3)) if gaps.size else 0.15
+
+
+def _set_log_x(ax: Axes, budgets: Sequence[float]) -> None:
+    ax.set_xscale("log")
+    budgets = [b for b in budgets if np.isfinite(b) and b > 0]
+    if budgets:
+        lo, hi = min(budgets), max(budgets)
+        pad = 10 ** max(0.25, 0.08 * np.log10(hi / lo))
+        ax.set_xlim(lo / pad, hi * pad)
+        ax.set_xticks(sorted(set(budgets)))
+        ax.set_xticklabels([format_tokens(b) for b in sorted(set(budgets))], fontsize="small")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+# ---------------------------------------------------------------- sign flip
+
+
+def _plot_gap_row(ax: Axes, cells: pd.DataFrame, seeds: pd.DataFrame, metric: str, k: Any,
+                  color: str) -> None:
+    """Mean line, CI band, hollow n = 1 markers and jittered seed points for one k and one delta."""
+    if len(seeds) and f"d_{metric}" in seeds.columns:
+        y = _col(seeds, f"d_{metric}").to_numpy()
+        x = seeds["tokens"].to_numpy(float) * _log_jitter(len(seeds), [int(k), len(metric)])
+        ax.scatter(x, y, s=14, color=color, alpha=0.45, linewidths=0, zorder=3)
+    if not len(cells):
+        return
+    x = cells["tokens"].to_numpy(float)
+    mean = _col(cells, f"d_{metric}_mean").to_numpy()
+    lo, hi = _col(cells, f"d_{metric}_lo").to_numpy(), _col(cells, f"d_{metric}_hi").to_numpy()
+    ok = np.isfinite(mean)
+    if not ok.any():
+        return
+    ax.plot(x[ok], mean[ok], color=color, lw=1.8, zorder=4)
+    band = ok & np.isfinite(lo) & np.isfinite(hi)
+    if band.any():
+        ax.fill_between(x[band], lo[band], hi[band], color=color, alpha=0.18, lw=0, zorder=2)
+    single = _col(cells, "n").to_numpy() == 1
+    ax.scatter(x[ok & ~single], mean[ok & ~single], s=36, color=color, zorder=5)
+    ax.scatter(x[ok & single], mean[ok & single], s=40, facecolors="white", edgecolors=color, linewidths=1.5,
+               zorder=5)
+
+
+def sign_flip_figure(pairs: pd.DataFrame | None, table: pd.DataFrame | None, sign_flip: pd.DataFrame | None,
+                     caption: bool = True) -> Figure:
+    """ΔCE_rec (top row) and ΔR² (bottom row) against the budget, one column per k (see ``CAPTIONS``)."""
+    pairs, table, flips = _frame(pairs), _frame(table), _frame(sign_flip)
+    ks = sorted({*pairs.get("k", pd.Series(dtype=float)).dropna().astype(int),
+                 *table.get("k", pd.Series(dtype=float)).dropna().astype(int)})
+    title = "Behavioural gap vs reconstruction proxy across SAE training budgets"
+    if not ks:
+        fig, axes = _new_figure(1, 1, (6.0, 3.2))
+        _pending(axes[0, 0], "pending: no complete small/large pairs yet")
+        axes[0, 0].set(xlabel=TOKENS_LABEL, ylabel="ΔCE_rec (large − small)")
+        return _finish(fig, "sign_flip", title, caption)
+
+    budgets = sorted({*pairs.get("tokens", pd.Series(dtype=float)).dropna().astype(float),
+                      *table.get("tokens", pd.Series(dtype=float)).dropna().astype(float)})
+    half = _budget_halfwidth(budgets)
+    fig, axes = _new_figure(2, len(ks), (4.2, 3.0), legend=3.4, sharex=True, sharey="row")
+    rows = (("ce_rec", "ΔCE_rec (large − small)", "C0"), ("r2", "ΔR² (large − small)", "C2"))
+    any_mismatch = any_single = any_tstar = any_band = any_pending = False
+    for j, k in enumerate(ks):
+        cells = table[table["k"] == k].sort_values("tokens") if "k" in table else table
+        seeds = pairs[pairs["k"] == k] if "k" in pairs else pairs
+        seen = set(cells["tokens"].astype(float)) if "tokens" in cells else set()
+        if len(seeds):
+            seen |= set(seeds["tokens"].astype(float))
+        flip = flips[flips["k"] == k].iloc[0] if "k" in flips and (flips["k"] == k).any() else None
+        for i, (metric, ylabel, color) in enumerate(rows):
+            ax = axes[i, j]
+            ax.axhline(0.0, color="0.15", lw=0.9, zorder=1)
+            rates = _col(cells, "mismatch_rate").to_numpy()
+            for t, rate in zip(cells.get("tokens", []), rates):
+                if np.isfinite(rate) and rate > 0:
+                    ax.axvspan(t / 10**half, t * 10**half, color=MISMATCH_COLOR, alpha=0.08 + 0.22 * rate,
+                               lw=0, zorder=0)
+                    any_mismatch = True
+            _plot_gap_row(ax, cells, seeds, metric, k, color)
+            any_single |= bool((_col(cells, "n").to_numpy() == 1).any())
+            for t in budgets:
+                if t not in seen:
+                    ax.text(t, 0.03, "pending", transform=ax.get_xaxis_transform(), rotation=90, ha="center",
+                            va="bottom", fontsize=8, color=PENDING_COLOR, style="italic")
+                    any_pending = True
+            if flip is not None and np.isfinite(_num(flip.get("t_star"))) and _num(flip.get("t_star")) > 0:
+                t_star = _num(flip["t_star"])
+                lo, hi = _num(flip.get("t_star_lo")), _num(flip.get("t_star_hi"))
+                if not (np.isnan(lo) or np.isnan(hi)):  # censored bounds (0 / inf) run to the panel edge
+                    a = max(lo, budgets[0] / 10**0.6)
+                    b = min(hi, budgets[-1] * 10**0.6)
+                    ax.axvspan(a, b, color="0.5", alpha=0.15, lw=0, zorder=0)
+                    any_band = True
+                ax.axvline(t_star, color="0.2", ls="--", lw=1.2, zorder=4)
+                any_tstar = True
+                if i == 0:
+                    interval = ("" if np.isnan(lo) or np.isnan(hi)
+                                else f" [{format_tokens(lo)}, {format_tokens(hi)}]")
+                    ax.annotate(f"T* = {format_tokens(t_star)}{interval}", (t_star, 0.97),
+                                xycoords=ax.get_xaxis_transform(), ha="left", va="top", fontsize=8,
+                                xytext=(3, 0), textcoords="offset points")
+            if i == 0:
+                status = "" if flip is None else f" ({flip.get('status')})" if flip.get("status") != "crossing" else ""
+                ax.set_title(f"k = {k}{status}")
+            if j == 0:
+                ax.set_ylabel(ylabel)
+            _set_log_x(ax, budgets)
+            if i == 1:
+                ax.set_xlabel(TOKENS_LABEL)
+    handles = [Line2D([], [], color="C0", lw=1.8, marker="o", label="mean ΔCE_rec ± 95% CI"),
+               Line2D([], [], color="C2", lw=1.8, marker="o", label="mean ΔR² ± 95% CI"),
+               Line2D([], [], color="0.4", lw=0, marker="o", alpha=0.5, markersize=4, label="one seed (pair)")]
+    if any_single:
+        handles.append(Line2D([], [], color="0.3", lw=0, marker="o", markerfacecolor="white",
+                              label="n = 1 (directional)"))
+    if any_mismatch:
+        handles.append(Patch(color=MISMATCH_COLOR, alpha=0.25, label="mismatch rate > 0 (ΔR² > 0, ΔCE_rec < 0)"))
+    if any_tstar:
+        handles.append(Line2D([], [], color="0.2", ls="--", label="T* (sign change of mean ΔCE_rec)"))
+    if any_band:
+        handles.append(Patch(color="0.5", alpha=0.25, label="T* bootstrap 95% interval"))
+    if any_pending:
+        handles.append(Line2D([], [], lw=0, label="'pending' = no complete pair at that budget"))
+    fig.legend(handles=handles, loc="outside right center", fontsize="small")
+    return _finish(fig, "sign_flip", title, caption)
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+# ---------------------------------------------------------------- per model
+
+
+def _summarise(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean and 95% t-interval of ``metric`` over seeds per (model_role, k, tokens)."""
+    rows = []
+    for (role, k, tokens), g in df.groupby(["model_role", "k", "tokens"], sort=True):
+        mean, lo, hi = mean_ci(_col(g, metric))
+        rows.append({"model_role": role, "k": k, "tokens": float(tokens), "mean": mean, "lo": lo, "hi": hi,
+                     "n": int(_col(g, metric).notna().sum())})
+    return pd.DataFrame(rows, columns=["model_role", "k", "tokens", "mean", "lo", "hi", "n"])
+
+
+def per_model_figure(sae_metrics: pd.DataFrame | None, metrics: Sequence[str] = ("ce_rec", "r2"),
+                     caption: bool = True) -> Figure:
+    """One panel per metric: per-role means over seeds (error bars: 95% t-intervals) against the budget;
+    colour = model role, line style / marker = k."""
+    df = _frame(sae_metrics)
+    fig, axes = _new_figure(1, len(metrics), (5.2, 3.6), legend=1.4)
+    title = "SAE quality per model against the training budget"
+    needed = {"model_role", "k", "tokens"}
+    ks = sorted(df["k"].dropna().astype(int).unique()) if needed <= set(df.columns) else []
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    budgets = sorted(df["tokens"].dropna().astype(float).unique()) if "tokens" in df else []
+    offsets = {k: 10 ** (0.02 * (i - (len(ks) - 1) / 2)) for i, k in enumerate(ks)}
+    roles = [r for r in ROLE_ORDER if "model_role" in df and (df["model_role"] == r).any()]
+    roles += sorted(set(df.get("model_role", pd.Series(dtype=str)).dropna()) - set(roles))
+    for ax, metric in zip(axes[0], metrics):
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_xlabel(TOKENS_LABEL)
+        ax.set_title(METRIC_LABELS.get(metric, metric).split(" (")[0] + " per model")
+        if not needed <= set(df.columns) or metric not in df.columns or _col(df, metric).isna().all():
+            _pending(ax, f"pending: no {metric} values yet")
+            ax.set_xscale("log")
+            continue
+        summary = _summarise(df[df[metric].notna()], metric)
+        for role in roles:
+            for i, k in enumerate(ks):
+                s = summary[(summary["model_role"] == role) & (summary["k"] == k)].sort_values("tokens")
+                if s.empty:
+                    continue
+                x = s["tokens"].to_numpy() * offsets[k]
+                err = np.vstack([s["mean"] - s["lo"], s["hi"] - s["mean"]])
+                ax.errorbar(x, s["mean"], yerr=np.nan_to_num(err), color=ROLE_COLORS.get(role, f"C{i}"),
+                            ls=styles[i % len(styles)], marker=markers[i % len(markers)], ms=5, lw=1.5,
+                            capsize=3, label=f"{role}, k={k}")
+        _set_log_x(ax, budgets)
+    handles = [Line2D([], [], color=ROLE_COLORS.get(r, "0.3"), lw=2, label=f"{r} model") for r in roles]
+    handles += [Line2D([], [], color="0.3", ls=styles[i % len(styles)], marker=markers[i % len(markers)],
+                       label=f"k = {k}") for i, k in enumerate(ks)]
+    if handles:
+        fig.legend(handles=handles, loc="outside right center", fontsize="small", title="role / k")
+    return _finish(fig, "per_model", title, caption)
+
+
+# ---------------------------------------------------------------- leaderboard
+
+
+def _board_row(board: pd.DataFrame, proxy: str) -> pd.Series | None:
+    if board.empty or not {"scheme", "proxy"} <= set(board.columns):
+        return None
+    rows = board[board["proxy"] == proxy]
+    for scheme in ("pooled", *SCHEME_MARKERS):
+        hit = rows[(rows["scheme"] == scheme) & _col(rows, "mae").notna()]
+        if len(hit):
+            return hit.iloc[0]
+    return None
+
+
+def _proxy_order(preds: pd.DataFrame, board: pd.DataFrame) -> list[str]:
+    proxies = list(dict.fromkeys(preds["proxy"])) if "proxy" in preds else []
+    def key(p: str) -> tuple[float, int]:
+        row = _board_row(board, p)
+        mae = _num(row["mae"]) if row is not None else np.nan
+        return (mae if np.isfinite(mae) else np.inf, proxies.index(p))
+    return sorted(proxies, key=key)
+
+
+def leaderboard_figure(predictions: pd.DataFrame | None, leaderboard: pd.DataFrame | None,
+                       caption: bool = True, max_cols: int = 3) -> Figure:
+    """Held-out predicted vs actual ΔCE_rec, one panel per proxy (ordered by pooled MAE), both schemes
+    distinguished by marker; identity and zero lines; MAE and sign accuracy in each title."""
+    preds, board = _frame(predictions), _frame(leaderboard)
+    title = "Held-out prediction of ΔCE_rec from each proxy"
+    ok = {"proxy", "actual", "predicted"} <= set(preds.columns)
+    if ok:
+        preds = preds[_col(preds, "actual").notna() & _col(preds, "predicted").notna()]
+    if not ok or preds.empty:
+        fig, axes = _new_figure(1, 1, (6.0, 3.4))
+        _pending(axes[0, 0], "pending: no held-out predictions yet\n(needs >= 2 cells per scheme)")
+        axes[0, 0].set(xlabel="actual ΔCE_rec (held out)", ylabel="predicted ΔCE_rec")
+        return _finish(fig, "leaderboard", title, caption)
+    proxies = _proxy_order(preds, board)
+    ncols = min(max_cols, len(proxies))
+    nrows = math.ceil(len(proxies) / ncols)
+    fig, axes = _new_figure(nrows, ncols, (3.8, 3.6), legend=2.0, sharex=True, sharey=True)
+    vals = np.concatenate([_col(preds, "actual").to_numpy(), _col(preds, "predicted").to_numpy()])
+    lo, hi = float(np.nanmin(vals)), float(np.nanmax(vals))
+    pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi), 1e-3) * 0.5
+    lim = (min(lo, 0.0) - pad, max(hi, 0.0) + pad)
+    schemes = [s for s in dict.fromkeys(preds.get("scheme", pd.Series(["held out"] * len(preds))))]
+    for idx, ax in enumerate(axes.flat):
+        if idx >= len(proxies):
+            ax.set_visible(False)
+            continue
+        proxy = proxies[idx]
+        sub = preds[preds["proxy"] == proxy]
+        ax.plot(lim, lim, ls="--", color="0.3", lw=1, zorder=1)
+        ax.axhline(0, color="0.6", lw=0.8, zorder=1)
+        ax.axvline(0, color="0.6", lw=0.8, zorder=1)
+        for s_idx, scheme in enumerate(schemes):
+            part = sub[sub["scheme"] == scheme] if "scheme" in sub else sub
+            ax.scatter(_col(part, "actual"), _col(part, "predicted"), marker=SCHEME_MARKERS.get(scheme, "o"),
+                       s=26, alpha=0.75, color=f"C{s_idx}", edgecolors="white", linewidths=0.4, zorder=3,
+                       label=scheme)
+        row = _board_row(board, proxy)
+        name = PROXY_LABELS.get(proxy, proxy)
+        if row is None:
+            ax.set_title(f"{name}\nscores pending", fontsize="small")
+        else:
+            beats = ("baseline" if proxy == "d_r2"
+                     else "beats ΔR²" if bool(row.get("beats_r2", False)) else "not better than ΔR²")
+            ax.set_title(f"{name}\nMAE {_num(row['mae']):.4f} · sign acc {_num(row.get('sign_acc')):.2f}\n{beats}",
+                         fontsize="small")
+        ax.set_xlim(lim)
+        ax.set_ylim(lim)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+        ax.tick_params(labelsize="small")
+        ax.set_aspect("equal", adjustable="box")
+        if idx % ncols == 0:
+            ax.set_ylabel("predicted ΔCE_rec")
+        if idx // ncols == nrows - 1 or idx + ncols >= len(proxies):
+            ax.set_xlabel("actual ΔCE_rec (held out)")
+            ax.xaxis.set_tick_params(labelbottom=True)
+    handles = [Line2D([], [], lw=0, marker=SCHEME_MARKERS.get(s, "o"), color=f"C{i}", label=s)
+               for i, s in enumerate(schemes)]
+    handles.append(Line2D([], [], ls="--", color="0.3", label="predicted = actual"))
+    fig.legend(handles=handles, loc="outside right center", fontsize="small", title="held-out scheme")
+    return _finish(fig, "leaderboard", title, caption)
+
+
+# ---------------------------------------------------------------- reference
+
+
+def reference_figure(ours_table: pd.DataFrame | None, reference_table: pd.DataFrame | None = None,
+                     caption: bool = True) -> Figure:
+    """Our ΔCE_rec and ΔR² per (k, T) beside the study's published table (``stats.reference_table()``
+    when ``reference_table`` is None), one column per k."""
+    if reference_table is None:
+        try:
+            from proxygap_helpers.stats import reference_table as load_reference
+            reference_table = load_reference()
+        except (ImportError, FileNotFoundError, OSError):
+            reference_table = None
+    tables = {"this run": _frame(ours_table), "study (published)": _frame(reference_table)}
+    colors = {"this run": "C0", "study (published)": "0.35"}
+    markers = {"this run": "o", "study (published)": "s"}
+    ks = sorted({int(k) for t in tables.values() if "k" in t for k in t["k"].dropna()})
+    title = "This run beside the study's phase-2 table"
+    if not ks:
+        fig, axes = _new_figure(1, 1, (6.0, 3.2))
+        _pending(axes[0, 0], "pending: no table to compare")
+        return _finish(fig, "reference", title, caption)
+    budgets = sorted({float(b) for t in tables.values() if "tokens" in t for b in t["tokens"].dropna()})
+    fig, axes = _new_figure(2, len(ks), (4.4, 3.0), legend=2.0, sharex=True, sharey="row")
+    for j, k in enumerate(ks):
+        for i, (metric, label) in enumerate((("d_ce_rec", "ΔCE_rec (large − small)"), ("d_r2", "ΔR² (large − small)"))):
+            ax = axes[i, j]
+            ax.axhline(0, color="0.15", lw=0.9)
+            for s_idx, (name, t) in enumerate(tables.items()):
+                if "k" not in t:
+                    continue
+                cells = t[t["k"] == k].sort_values("tokens")
+                mean = _col(cells, f"{metric}_mean").to_numpy()
+                if cells.empty or not np.isfinite(mean).any():
+                    continue
+                x = cells["tokens"].to_numpy(float) * 10 ** (0.03 * (s_idx - 0.5))
+                lo, hi = _col(cells, f"{metric}_lo").to_numpy(), _col(cells, f"{metric}_hi").to_numpy()
+                err = np.nan_to_num(np.vstack([mean - lo, hi - mean]))
+                ax.errorbar(x, mean, yerr=err, color=colors[name], marker=markers[name], lw=1.4, capsize=3,
+                            label=name)
+                single = _col(cells, "n").to_numpy() == 1
+                ax.scatter(x[single], mean[single], marker=markers[name], s=40, facecolors="white",
+                           edgecolors=colors[name], zorder=5)
+            if i == 0:
+                ax.set_title(f"k = {k}")
+            else:
+                ax.set_xlabel(TOKENS_LABEL)
+            if j == 0:
+                ax.set_ylabel(label)
+            _set_log_x(ax, budgets)
+    handles = [Line2D([], [], color=colors[n], marker=markers[n], label=n) for n in tables]
+    handles.append(Line2D([], [], lw=0, marker="o", markerfacecolor="white", color="0.3", label="n = 1 (directional)"))
+    fig.legend(handles=handles, loc="outside right center", fontsize="small")
+    return _finish(fig, "reference", title, caption)

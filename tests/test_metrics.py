@@ -1,0 +1,343 @@
+"""Tests of proxygap_helpers.metrics on a tiny GPT-NeoX and a briefly trained TopK SAE.
+
+Cross-checks: hand-worked reconstruction numbers, SAELens' own evaluator (``run_evals`` on a
+HookedTransformer), a TransformerLens splice, a dense-Jacobian SWD, the KL -> SWD limit, and batching.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from proxygap_helpers import metrics as M
+from proxygap_helpers.models import load_hf, load_hooked, neox_config, patched, resid_post
+from proxygap_helpers.params import EmbeddedModel
+
+D, LAYERS, HEADS, VOCAB, CTX = 32, 2, 4, 128, 16
+LAYER = 0  # one block, the final LN and the unembedding lie downstream
+HOOK = f"blocks.{LAYER}.hook_resid_post"
+EOT = 0
+
+
+def _patterned(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Arithmetic progressions mod VOCAB (start, step in 1..3) with EOT (id 0) at random spots: learnable."""
+    start = rng.integers(0, VOCAB, (n, 1))
+    step = rng.integers(1, 4, (n, 1))
+    seq = (start + step * np.arange(CTX)[None]) % VOCAB
+    seq[rng.random(seq.shape) < 0.08] = EOT
+    return seq.astype(np.int64)
+
+
+def _save_tokenizer(out_dir) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|padding|>": 1, **{f"t{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            unk_token="<|endoftext|>", pad_token="<|padding|>").save_pretrained(out_dir)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and does not spin against other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, _one_thread):
+    """A tiny GPT-NeoX (trained 60 steps on patterned sequences), its HF dir, eval tokens and a TopK SAE."""
+    from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    cfg = neox_config(EmbeddedModel(source="embedded", d_model=D, n_layers=LAYERS, n_heads=HEADS, train_tokens=1),
+                      VOCAB, CTX)
+    model = GPTNeoXForCausalLM(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        batch = torch.from_numpy(_patterned(rng, 32))
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model_dir = tmp_path_factory.mktemp("tiny_neox")
+    model.save_pretrained(model_dir)
+    _save_tokenizer(model_dir)
+    hf = load_hf(str(model_dir))
+
+    eval_tokens = _patterned(rng, 8)
+    eval_tokens[0, 0] = EOT  # make sure a special id sits at an input and a target position
+    eval_tokens[1, 5] = EOT
+
+    # TopK SAE, a few hundred Adam steps on activations of other sequences (so it is not trivial)
+    acts = resid_post(hf, torch.from_numpy(_patterned(rng, 32)), LAYER).reshape(-1, D)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=8 * D, k=8, metadata=SAEMetadata(hook_name=HOOK)))
+    sopt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss = (sae.decode(sae.encode(acts)) - acts).pow(2).sum(-1).mean()
+        sopt.zero_grad()
+        loss.backward()
+        sopt.step()
+    sae_dir = tmp_path_factory.mktemp("sae")
+    sae.save_model(sae_dir)
+    loaded = SAE.load_from_disk(sae_dir).eval()
+    metrics = M.evaluate_sae(hf, LAYER, loaded, eval_tokens, batch_sequences=4, progress=False)
+    return {"dir": str(model_dir), "hf": hf, "tokens": eval_tokens, "sae": loaded, "sae_dir": str(sae_dir),
+            "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def hooked(world):
+    return load_hooked(world["dir"], hf_model=world["hf"])
+
+
+class IdentitySAE:
+    """A perfect "SAE": encode and decode return their input."""
+
+    def encode(self, x):
+        return x
+
+    def decode(self, f):
+        return f
+
+
+class ScaledErrorSAE:
+    """x_hat = x + eps * (sae(x) - x): the SAE's error direction scaled by eps."""
+
+    def __init__(self, sae, eps):
+        self.sae, self.eps = sae, eps
+
+    def encode(self, x):
+        return x
+
+    def decode(self, x):
+        return x + self.eps * (self.sae.decode(self.sae.encode(x)).to(x.dtype) - x)
+
+
+# --------------------------------------------------------------------------- pure reconstruction metrics
+def test_reconstruction_stats_hand_worked():
+    # x = (2,0), (0,2), (2,2); x_hat = (2,0), (0,1), (2,0)
+    # mean(x) = (4/3, 4/3); deviations (2/3,-4/3), (-4/3,2/3), (2/3,2/3): squared norms 20/9, 20/9, 8/9
+    #   -> SST = 48/9 = 16/3
+    # errors (0,0), (0,1), (0,2): squared norms 0, 1, 4 -> SSE = 5; r2 = 1 - 5/(16/3) = 1 - 15/16 = 1/16
+    # cos: (2,0).(2,0)/(2*2) = 1; (0,2).(0,1)/(2*1) = 1; (2,2).(2,0)/(2*sqrt2*2) = 1/sqrt2 -> mean (2 + 1/sqrt2)/3
+    # ||err||/||x||: 0/2, 1/2, 2/(2*sqrt2) = 1/sqrt2 -> mean (1/2 + 1/sqrt2)/3; mse = 5/3
+    x = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    x_hat = torch.tensor([[2.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    s = M.reconstruction_stats(x, x_hat)
+    assert s["r2"] == pytest.approx(1 / 16, abs=1e-12)
+    assert s["cosine"] == pytest.approx((2 + 1 / math.sqrt(2)) / 3, abs=1e-12)
+    assert s["rel_err_norm"] == pytest.approx((0.5 + 1 / math.sqrt(2)) / 3, abs=1e-12)
+    assert s["mse"] == pytest.approx(5 / 3, abs=1e-12)
+    assert s["n"] == 3
+
+
+def test_accumulator_batches_equal_one_shot():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, 7, generator=g, dtype=torch.float64) + 300.0  # large mean: cancellation-prone
+    x_hat = x + 0.3 * torch.randn(1000, 7, generator=g, dtype=torch.float64)
+    centred = x - x.mean(0)
+    r2_direct = 1 - (x - x_hat).pow(2).sum() / centred.pow(2).sum()
+    one = M.reconstruction_stats(x, x_hat)
+    for center in (None, x[:5].mean(0)):  # the centre changes rounding only, never the value
+        acc = M.ReconstructionAccumulator(center=center)
+        for chunk in (slice(0, 1), slice(1, 333), slice(333, 334), slice(334, 1000)):
+            acc.add(x[chunk], x_hat[chunk])
+        res = acc.result()
+        tol = 1e-7 if center is None else 1e-12  # without a centre, SST = E||x||^2 - ||Ex||^2 loses ~1e-9
+        assert res["r2"] == pytest.approx(r2_direct.item(), abs=tol)
+        for k in ("cosine", "rel_err_norm", "mse"):
+            assert res[k] == pytest.approx(one[k], rel=1e-12)
+    assert one["r2"] == pytest.approx(r2_direct.item(), abs=1e-12)
+
+
+def test_keys_and_counts(world):
+    m = world["metrics"]
+    assert tuple(m) == M.METRIC_KEYS
+    assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
+    n_seq, ctx = world["tokens"].shape
+    assert m["eval_tokens"] == n_seq * ctx
+    assert m["eval_predictions"] == n_seq * (ctx - 1)
+    assert m["ce_rec_relative"] == pytest.approx(2 - m["ce_sae"] / m["ce_clean"], rel=1e-12)
+    # the model has learnt the pattern (ablations hurt); the SAE is imperfect but close
+    assert m["ce_clean"] < m["ce_mean_ablation"] < m["ce_zero"] and m["ce_sae"] < m["ce_mean_ablation"]
+    assert 0.3 < m["r2"] < 0.999 and m["kl"] > 1e-4 and m["swd"] > 1e-4
+    assert 0 < m["l0"] <= 8 and 0 <= m["dead_frac"] < 1
+
+
+# --------------------------------------------------------------------------- SAELens' evaluator
+class _TokenStore:
+    """The slice of ``ActivationsStore`` that ``sae_lens.evals.run_evals`` uses: fixed token batches in order."""
+
+    def __init__(self, tokens: np.ndarray, batch: int):
+        self.tokens = torch.from_numpy(tokens)
+        self.store_batch_size_prompts = batch
+        self.context_size = tokens.shape[1]
+        self._i = 0
+
+    def get_batch_tokens(self, n: int) -> torch.Tensor:
+        out = self.tokens[self._i:self._i + n]
+        self._i += n
+        return out
+
+    def reset_input_dataset(self) -> None:
+        self._i = 0
+
+
+def test_matches_saelens_run_evals(world, hooked):
+    """CE (clean / SAE / zero), ce_loss_score, explained variance, cossim and l0 equal SAELens' run_evals.
+
+    Options: exclude_special_tokens=False, no BOS (the HookedTransformer has default_prepend_bos=False and
+    SAELens passes token tensors), identity ActivationScaler, all 8 eval sequences in 2 batches of 4.
+    SAELens' explained_variance = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) is our r2 exactly; its
+    cossim is our cosine. SAELens runs the HookedTransformer (unfused attention), we run HF: the
+    differences are float32 rounding (~1e-6).
+    """
+    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    toks = world["tokens"]
+    cfg = EvalConfig(batch_size_prompts=4, n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=2,
+                     compute_kl=True, compute_ce_loss=True, compute_sparsity_metrics=True,
+                     compute_variance_metrics=True)
+    ref, _ = run_evals(world["sae"], _TokenStore(toks, 4), hooked, ActivationScaler(), cfg,
+                       exclude_special_tokens=False)
+    m = world["metrics"]
+    perf = ref["model_performance_preservation"]
+    assert m["ce_clean"] == pytest.approx(perf["ce_loss_without_sae"], abs=1e-5)
+    assert m["ce_sae"] == pytest.approx(perf["ce_loss_with_sae"], abs=1e-5)
+    assert m["ce_zero"] == pytest.approx(perf["ce_loss_with_ablation"], abs=1e-5)
+    assert m["ce_rec_zero_norm"] == pytest.approx(perf["ce_loss_score"], abs=1e-5)
+    rq = ref["reconstruction_quality"]
+    assert m["r2"] == pytest.approx(rq["explained_variance"], abs=1e-6)
+    assert m["cosine"] == pytest.approx(rq["cossim"], abs=1e-6)
+    assert m["l0"] == pytest.approx(ref["sparsity"]["l0"], abs=1e-9)
+    # SAELens' kl_div_with_sae averages over all ctx positions (the last one too); ours over the ctx - 1
+    # positions that have a target. On the same positions the per-token KLs agree:
+    from sae_lens.evals import get_recons_loss
+
+    per_tok = get_recons_loss(world["sae"], hooked, ActivationScaler(), torch.from_numpy(toks),
+                              compute_kl=True, compute_ce_loss=False)["kl_div_with_sae"]
+    assert per_tok.shape == toks.shape
+    assert m["kl"] == pytest.approx(per_tok[:, :-1].double().mean().item(), rel=1e-4, abs=1e-7)
+
+
+def test_hf_fast_path_equals_transformerlens(world, hooked):
+    toks = torch.from_numpy(world["tokens"])
+    sae = world["sae"]
+
+    def splice(act, hook):
+        return sae.decode(sae.encode(act)).to(act.dtype)
+
+    with torch.no_grad():
+        clean = hooked(toks, return_type="loss", loss_per_token=True)
+        spliced = hooked.run_with_hooks(toks, return_type="loss", loss_per_token=True, fwd_hooks=[(HOOK, splice)])
+    m = world["metrics"]
+    assert m["ce_clean"] == pytest.approx(clean.double().mean().item(), abs=1e-4)
+    assert m["ce_sae"] == pytest.approx(spliced.double().mean().item(), abs=1e-4)
+
+
+# --------------------------------------------------------------------------- special cases and invariances
+def test_perfect_reconstruction(world):
+    m = M.evaluate_sae(world["hf"], LAYER, IdentitySAE(), world["tokens"], batch_sequences=4, progress=False)
+    assert m["ce_rec_relative"] == pytest.approx(1.0, abs=1e-6)
+    assert m["ce_rec_zero_norm"] == pytest.approx(1.0, abs=1e-6)
+    assert m["r2"] == pytest.approx(1.0, abs=1e-6)
+    assert m["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert m["rel_err_norm"] == pytest.approx(0.0, abs=1e-6)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["swd"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mean_ablation_and_zero_by_hand(world):
+    hf, toks = world["hf"], torch.from_numpy(world["tokens"])
+    with torch.no_grad():
+        x = resid_post(hf, toks, LAYER)
+        mean = x.double().reshape(-1, D).mean(0).float()
+        with patched(hf, LAYER, lambda out: mean.expand_as(out)):
+            ce_mean = M.next_token_ce(hf(input_ids=toks).logits, toks).double().mean().item()
+        with patched(hf, LAYER, torch.zeros_like):
+            ce_zero = M.next_token_ce(hf(input_ids=toks).logits, toks).double().mean().item()
+    assert world["metrics"]["ce_mean_ablation"] == pytest.approx(ce_mean, abs=1e-6)
+    assert world["metrics"]["ce_zero"] == pytest.approx(ce_zero, abs=1e-6)
+
+
+def test_exclude_special_tokens(world):
+    hf, toks_np, sae = world["hf"], world["tokens"], world["sae"]
+    toks = torch.from_numpy(toks_np)
+    m = M.evaluate_sae(hf, LAYER, sae, toks_np, batch_sequences=3, exclude_special_tokens=True,
+                       special_ids=[EOT], progress=False)
+    special = toks == EOT
+    keep_pred = ~special[:, :-1] & ~special[:, 1:]
+    assert special.any() and m["eval_predictions"] == keep_pred.sum().item() < toks[:, 1:].numel()
+    assert m["eval_tokens"] == (~special).sum().item()
+    with torch.no_grad():
+        ce = M.next_token_ce(hf(input_ids=toks).logits, toks)
+        x = resid_post(hf, toks, LAYER)
+        x_hat = sae.decode(sae.encode(x))
+    assert m["ce_clean"] == pytest.approx(ce[keep_pred].double().mean().item(), abs=1e-6)
+    xs, xh = x[~special].double(), x_hat[~special].double()
+    r2 = 1 - (xs - xh).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()
+    assert m["r2"] == pytest.approx(r2.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="special"):
+        M.evaluate_sae(hf, LAYER, sae, toks_np, exclude_special_tokens=True, progress=False)
+
+
+def test_batching_invariance(world):
+    a = M.evaluate_sae(world["hf"], LAYER, world["sae"], world["tokens"], batch_sequences=1, progress=False)
+    b = world["metrics"]  # batch_sequences=4
+    for k in M.METRIC_KEYS:
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6), k
+
+
+# --------------------------------------------------------------------------- SWD
+@pytest.fixture(scope="module")
+def world64(world):
+    from sae_lens import SAE
+
+    return copy.deepcopy(world["hf"]).double(), SAE.load_from_disk(world["sae_dir"], dtype="float64").eval()
+
+
+def test_swd_equals_dense_jacobian(world, world64):
+    model, sae = world64
+    toks = torch.from_numpy(world["tokens"][:1, :6])
+    m = M.evaluate_sae(model, LAYER, sae, toks, batch_sequences=1, progress=False)
+    with torch.no_grad():
+        x = resid_post(model, toks, LAYER)
+        e = sae.decode(sae.encode(x)) - x
+        p = torch.softmax(model(input_ids=toks).logits, -1)[0]  # [T, V]
+
+    def logits_of(h):
+        with patched(model, LAYER, lambda out: h):
+            return model(input_ids=toks).logits
+
+    jac = torch.autograd.functional.jacobian(logits_of, x.clone(), vectorize=True)  # [1, T, V, 1, T, d]
+    je = torch.einsum("atvbsd,bsd->tv", jac, e)  # [T, V]
+    quad = [0.5 * je[t] @ (torch.diag(p[t]) - torch.outer(p[t], p[t])) @ je[t] for t in range(toks.shape[1] - 1)]
+    swd_dense = torch.stack(quad).mean().item()
+    assert swd_dense > 0
+    assert m["swd"] == pytest.approx(swd_dense, rel=1e-6)
+
+
+def test_kl_over_eps_squared_tends_to_swd(world, world64):
+    model, sae = world64
+    toks = world["tokens"]
+    swd = M.evaluate_sae(model, LAYER, sae, toks, batch_sequences=4, progress=False)["swd"]
+    eps = 1e-2
+    kl = M.evaluate_sae(model, LAYER, ScaledErrorSAE(sae, eps), toks, batch_sequences=4, swd=False,
+                        progress=False)["kl"]
+    assert kl / eps**2 == pytest.approx(swd, rel=0.05)
+    # and the float32 SWD agrees with the float64 one
+    assert world["metrics"]["swd"] == pytest.approx(swd, rel=1e-3)
