@@ -28,7 +28,7 @@
 # %% tags=["parameters"]
 params_path = "params/smoke.yaml"  # relative paths resolve from the repository root
 out_dir = None  # default: results/<grid name>
-threads = 0  # torch threads, 0 = all; the runner sets it
+threads = 0  # torch threads: 0 keeps the default
 
 # %% tags=["imports"]
 import pandas as pd
@@ -36,6 +36,7 @@ import pandas as pd
 from proxygap_helpers import extract, grid
 
 # %%
+# NBVAL_IGNORE_OUTPUT  (progress bars; whether work ran or was found done)
 p, out, device = grid.setup(params_path, out_dir, threads)
 info = extract.run_extract(p, out, device=device)
 

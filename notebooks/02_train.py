@@ -30,7 +30,7 @@ out_dir = None
 role = None  # None: both roles
 k = None  # None: every k of the grid
 force = False
-threads = 0
+threads = 0  # torch threads: 0 keeps the default
 
 # %% tags=["imports"]
 import pandas as pd
@@ -40,6 +40,7 @@ from proxygap_helpers.activations import StoreSource, store_dir
 from proxygap_helpers.files import read_json
 
 # %%
+# NBVAL_IGNORE_OUTPUT  (progress bars; whether work ran or was found done)
 p, out, device = grid.setup(params_path, out_dir, threads)
 roles = [role] if role else ["small", "large"]
 ks = [k] if k else p.sae.k

@@ -31,7 +31,7 @@ out_dir = None
 role = None
 k = None
 force = False
-threads = 0
+threads = 0  # torch threads: 0 keeps the default
 
 # %% tags=["imports"]
 import pandas as pd
@@ -39,6 +39,7 @@ import pandas as pd
 from proxygap_helpers import evaluate, grid
 
 # %%
+# NBVAL_IGNORE_OUTPUT  (progress bars; whether work ran or was found done)
 p, out, device = grid.setup(params_path, out_dir, threads)
 records = []
 for r in [role] if role else ["small", "large"]:

@@ -26,7 +26,7 @@
 # %% tags=["parameters"]
 params_path = "params/smoke.yaml"
 out_dir = None
-threads = 0
+threads = 0  # torch threads: 0 keeps the default
 
 # %% tags=["imports"]
 from IPython.display import Markdown

@@ -67,3 +67,27 @@ def load_aggregate(out_dir: Path) -> dict[str, pd.DataFrame]:
         except (FileNotFoundError, pd.errors.EmptyDataError):
             res[name] = pd.DataFrame()
     return res
+
+
+PUBLISHED = ("phase2_table.csv", "phase2_table.md", "pairs.csv", "sae_metrics.csv", "proxy_leaderboard.csv",
+             "claims.csv", "sign_flip.csv", "heldout_predictions.csv")
+
+
+def publish(p: Params, out_dir: Path, executed_report: Path) -> Path:
+    """Render the executed report notebook to ``<report dir>/report.html`` and copy the aggregate tables
+    beside it. Returns the HTML path."""
+    import shutil
+
+    from .grid import report_dir
+    from .report import render_html
+
+    dest = report_dir(p, out_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    html = render_html(executed_report, dest / "report.html", title=p.report.title)
+    for name in PUBLISHED:
+        src = Path(out_dir) / "aggregate" / name
+        if src.is_file():
+            tmp = dest / (name + ".tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dest / name)
+    return html

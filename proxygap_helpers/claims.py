@@ -36,7 +36,8 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     # `tokens` (None = the lowest)
     "C4": {"k": None, "tokens": None},
     # one of `proxies` has beats_r2 in leaderboard scheme `scheme`, with >= min_cells held-out cells
-    "C5": {"proxies": ["d_swd", "d_kl"], "scheme": "pooled", "min_cells": 4},
+    # (d_kl is reported on the leaderboard but is not a geometry proxy: it is measured with the patch in place)
+    "C5": {"proxies": ["d_swd"], "scheme": "pooled", "min_cells": 4},
     # the per-pair dimensionality delta `column` correlates with d_ce_rec (|Spearman| >= min_abs_rho, p < alpha)
     "C6": {"column": "d_dim", "min_abs_rho": 0.5, "alpha": 0.05, "min_pairs": 6},
 }
@@ -124,7 +125,8 @@ def _c2_optimisation_dominant(table: pd.DataFrame, pairs: pd.DataFrame, board: p
     thr = opt["max_mismatch_rate_at_highest"]
     rule = (f"for k in {list(ks) if opt['k'] is not None else 'the two smallest k'}: supported if mean ΔCE_rec "
             f"rises from the lowest to the highest budget and the mismatch rate at the highest budget is <= {thr} "
-            f"for every k; rejected if for some k it neither rises nor clears; pending otherwise or if a needed "
+            f"for every k (and some k shows a mismatch at the lowest budget); rejected if for some k it neither "
+            f"rises nor clears; pending otherwise or if a needed "
             f"cell is missing or has n < {MIN_N}")
     budgets = sorted(table["tokens"].unique())
     if len(budgets) < 2 or not len(ks):
@@ -142,6 +144,8 @@ def _c2_optimisation_dominant(table: pd.DataFrame, pairs: pd.DataFrame, board: p
                      f"{b['d_ce_rec_mean']:+.3f} ({format_tokens(int(hi_t))}), mismatch rate "
                      f"{a['mismatch_rate']:.2f} -> {b['mismatch_rate']:.2f}")
     evidence = "; ".join(lines)
+    if all(cells[_where(k, lo_t)]["mismatch_rate"] <= thr for k in ks):
+        return "pending", f"{evidence}; no mismatch at the lowest budget, so there is none to remove", rule
     if all(r and c for r, c in verdicts):
         return "supported", evidence, rule
     return ("rejected" if any(not r and not c for r, c in verdicts) else "pending"), evidence, rule
@@ -182,7 +186,7 @@ def _c4_boundary(table: pd.DataFrame, pairs: pd.DataFrame, board: pd.DataFrame |
             f"n < {MIN_N}")
     if table.empty:
         return "pending", "no cells", rule
-    ks = sorted(table["k"].unique())
+    ks = sorted(int(k) for k in table["k"].unique())
     above_low = ks[2:]
     big = opt["k"] or (32 if 32 in above_low else (above_low[-1] if above_low else None))
     if big is None:

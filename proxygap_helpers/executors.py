@@ -68,6 +68,10 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
                 cwd=str(NOTEBOOKS), progress_bar=progress, log_output=False, kernel_name="python3",
             )
             compute += _compute_seconds(nb)
+        if unit.stage == "report":
+            from .aggregate import publish
+
+            publish(p, out, rd / "05_report.ipynb")
     except BaseException as exc:  # noqa: BLE001 - recorded, then the runner moves on
         rec = {"unit": unit.uid, "message": _error_message(exc), "notebook": notebooks[-1] if notebooks else None,
                "traceback": traceback.format_exc(limit=5), "start": start, "end": provenance.now(),

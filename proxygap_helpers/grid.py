@@ -155,3 +155,11 @@ def setup(params_path: str, out_dir: str | None = None, threads: int = 0) -> tup
     p, out = resolve(params_path, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return p, out, resolve_device(p.device)
+
+
+def report_dir(p: Params, out_dir: Path) -> Path:
+    """Where a grid's report is published: ``reports/<grid>/`` for the default output directory, else
+    ``<out>/reports/`` (so that test and scratch runs never overwrite the published report)."""
+    if Path(out_dir).resolve() == (NOTEBOOKS.parent / default_out(p)).resolve():
+        return NOTEBOOKS.parent / "reports" / p.name
+    return Path(out_dir) / "reports"

@@ -200,14 +200,18 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
         if set(self.models) != set(ROLES):
-            raise ValueError("models must define exactly the two roles 'small' and 'large'")
+            raise ValueError(f"key `models` defines {sorted(self.models)}: it must define exactly the two roles "
+                             "'small' and 'large'")
         sources = {m.source for m in self.models.values()}
         if len(sources) != 1:
-            raise ValueError("both models must have the same source ('embedded' or 'hub')")
+            raise ValueError(f"key `models.<role>.source`: both models must have the same source ('embedded' or "
+                             f"'hub'); got {sorted(sources)}")
         if "embedded" in sources and self.data.source != "stdlib":
-            raise ValueError("embedded models are trained on the embedded text: data.source must be 'stdlib'")
+            raise ValueError("key `data.source`: embedded models are trained on the embedded text: data.source "
+                             "must be 'stdlib'")
         if "hub" in sources and self.data.source != "pile":
-            raise ValueError("hub (Pythia) models are evaluated on the Pile: data.source must be 'pile'")
+            raise ValueError("key `data.source`: hub (Pythia) models are evaluated on the Pile: data.source must "
+                             "be 'pile'")
         return self
 
     # ---- derived values (the one place they are computed) ----
@@ -288,16 +292,46 @@ def short_hash(obj: Any, n: int = 8) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+_MODEL_TAGS = {"embedded": EmbeddedModel, "hub": HubModel}
+
+
+def _key_path(loc: tuple) -> tuple[str, ...]:
+    """The dotted key of an error location, without pydantic's discriminator tag (``models.small.embedded.x``)."""
+    parts = [str(p) for p in loc]
+    if len(parts) >= 3 and parts[0] == "models" and parts[2] in _MODEL_TAGS:
+        del parts[2]
+    return tuple(p for p in parts if not p.startswith(("EmbeddedModel", "HubModel")))
+
+
+def _allowed_keys(loc: tuple) -> list[str] | None:
+    """The keys allowed beside the unknown key at ``loc`` (None where the model cannot be told)."""
+    model: Any = Params
+    parts = [str(p) for p in loc[:-1]]
+    if len(parts) >= 3 and parts[0] == "models" and parts[2] in _MODEL_TAGS:
+        return sorted(_MODEL_TAGS[parts[2]].model_fields)
+    for part in parts:
+        field = getattr(model, "model_fields", {}).get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return sorted(model.model_fields)
+
+
 def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith(("EmbeddedModel", "HubModel"))))
+    key = ".".join(_key_path(err["loc"]))
     value = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        return f"unknown key `{key}` (check its spelling; the allowed keys are listed in README.md 'Params')"
+        allowed = _allowed_keys(err["loc"])
+        where = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key `{key}` (check its spelling{where})"
     if err["type"] == "missing":
         return f"required key `{key}` is missing"
+    if not key:  # a cross-check of the whole file: its message names the keys
+        return msg
     shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-    return f"key `{key or '(top level)'}` = {shown}: {msg}"
+    return f"key `{key}` = {shown}: {msg}"
 
 
 def _check_model_dependent(p: Params) -> None:
@@ -358,9 +392,23 @@ def validate_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ParamsError(f"{source}: {first}{more}. Nothing was run or written.") from None
     try:
         _check_model_dependent(p)
+        _check_claims(p)
     except ParamsError as e:
         raise ParamsError(f"{source}: {e}. Nothing was run or written.") from None
     return p
+
+
+def _check_claims(p: Params) -> None:
+    """The ``claims:`` overrides must name known rules and options (``claims.resolve_rules`` says which)."""
+    if not p.claims:
+        return
+    from .claims import resolve_rules  # imported here: claims pulls in pandas/scipy
+
+    try:
+        resolve_rules(p.claims)
+    except ValueError as e:
+        msg = str(e)
+        raise ParamsError(msg if msg.startswith("claims") else f"key `claims`: {msg}") from None
 
 
 def dump_resolved(p: Params) -> str:

@@ -22,11 +22,14 @@ EVAL_FORWARD_EQUIV = 7.0  # forwards per eval token: clean, SAE, zero, mean pass
 
 
 def _time_it(fn, reps: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
+    """Best of ``reps`` timed calls after two warm-up calls (the best is the least disturbed by other load)."""
+    fn(), fn()
+    best = float("inf")
     for _ in range(reps):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / reps
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _calibrate_sae(p: Params, role: str) -> float:
@@ -39,7 +42,7 @@ def _calibrate_sae(p: Params, role: str) -> float:
     x = torch.randn(bs, p.d_in(role))
     sae = make_sae(p, role, p.sae.k[0], 0, "calibration", p.data.context_size)
     tr = make_trainer(p, sae, 10 * bs, "cpu", iter(()))
-    return bs / _time_it(lambda: tr.step(x), 3)
+    return bs / _time_it(lambda: tr.step(x), 5)
 
 
 def _lm_config(p: Params, role: str):
@@ -65,7 +68,7 @@ def _calibrate_lm(p: Params, role: str) -> dict:
     ctx = min(p.data.context_size, 256)
     x = torch.randint(0, cfg.vocab_size, (4, ctx))
     with torch.no_grad():
-        fwd = x.numel() / _time_it(lambda: model(input_ids=x), 2)
+        fwd = x.numel() / _time_it(lambda: model(input_ids=x), 5)
     out = {"forward_tok_s": fwd}
     if p.models[role].source == "embedded":
         m = p.models[role]
@@ -76,7 +79,7 @@ def _calibrate_lm(p: Params, role: str) -> dict:
             model(input_ids=xb, labels=xb).loss.backward()
             opt.step()
             opt.zero_grad()
-        out["train_tok_s"] = xb.numel() / _time_it(step, 2)
+        out["train_tok_s"] = xb.numel() / _time_it(step, 5)
     return out
 
 

@@ -197,10 +197,10 @@ def _sae_caveats(m: pd.DataFrame) -> list[str]:
                 out.append(f"{nan} of {n} SAEs have no {proxy.upper()} value: the {proxy.upper()} proxy is scored "
                            "on the remaining pairs only.")
     ts = _col(m, "tokens").dropna()
-    if len(ts) and ts.max() < STUDY_LOW_BUDGET:
-        out.append(f"All SAE budgets here ({fmt_tokens(ts.min())}-{fmt_tokens(ts.max())}) lie below the study's "
-                   f"lowest ({fmt_tokens(STUDY_LOW_BUDGET)}): compare the regime (direction and trend), not the "
-                   "numbers.")
+    if len(ts) and ts.max() <= STUDY_LOW_BUDGET:
+        out.append(f"All SAE budgets here ({fmt_tokens(ts.min())}-{fmt_tokens(ts.max())}) are at or below the "
+                   f"study's lowest ({fmt_tokens(STUDY_LOW_BUDGET)}): compare the regime (direction and trend), not "
+                   "the numbers.")
     if {"model_role", "model_name"} <= set(m.columns):
         names = {r: sorted(set(m.loc[m["model_role"] == r, "model_name"].dropna().astype(str)))
                  for r in ("small", "large")}
@@ -515,20 +515,24 @@ _OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
 """
+_URL = r"(?P<url>(?:https?:)?//[^\"'\s>)]+)"
 _EXTERNAL = [
-    re.compile(r"<script\b[^>]*\bsrc\s*=\s*[\"']?\s*(?:https?:)?//[^\"'\s>]+", re.I),
-    re.compile(r"<link\b[^>]*\bhref\s*=\s*[\"']?\s*(?:https?:)?//[^\"'\s>]+", re.I),
-    re.compile(r"<(?:img|iframe|embed|source|video|audio)\b[^>]*\bsrc\s*=\s*[\"']?\s*(?:https?:)?//[^\"'\s>]+", re.I),
-    re.compile(r"@import\s+(?:url\()?\s*[\"']?\s*(?:https?:)?//[^\"')\s;]+", re.I),
-    re.compile(r"url\(\s*[\"']?\s*(?:https?:)?//[^\"')\s]+", re.I),
-    re.compile(r"\bimport\s+[^;]*?from\s+[\"'](?:https?:)?//[^\"']+", re.I),
+    re.compile(r"<script\b[^>]*\bsrc\s*=\s*[\"']?\s*" + _URL, re.I),
+    re.compile(r"<link\b[^>]*\bhref\s*=\s*[\"']?\s*" + _URL, re.I),
+    re.compile(r"<(?:img|iframe|embed|source|video|audio|object)\b[^>]*\b(?:src|data)\s*=\s*[\"']?\s*" + _URL, re.I),
+    re.compile(r"@import\s+[\"']\s*" + _URL, re.I),
+    re.compile(r"url\(\s*[\"']?\s*" + _URL, re.I),
+    re.compile(r"\bimport\s+[^;]*?from\s+[\"']" + _URL, re.I),
+    re.compile(r"\bimport\(\s*[\"']" + _URL, re.I),
 ]
 
 
 def external_resources(html: str) -> list[str]:
-    """Resources the page would fetch over the network to display (scripts, stylesheets, images, CSS
-    ``url()``/``@import``, ES-module imports). Plain ``<a href>`` links are not resources."""
-    return [m.group(0) for pattern in _EXTERNAL for m in pattern.finditer(html)]
+    """URLs the page would fetch over the network to display: script/stylesheet/image/frame sources, CSS
+    ``url()`` and ``@import``, ES-module imports; each once, in order. Plain ``<a href>`` links are not
+    resources and are not listed."""
+    found = sorted(((m.start("url"), m.group("url")) for p in _EXTERNAL for m in p.finditer(html)))
+    return list(dict.fromkeys(url for _, url in found))
 
 
 def _errors(nb: Any) -> list[str]:
@@ -592,10 +596,14 @@ class ChromiumNotFound(RuntimeError):
     """No headless Chromium on this machine."""
 
 
+CHROMIUM_PATHS = ("/usr/bin/chromium",)
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
 def chromium_path() -> str:
-    """Path of the Chromium binary ($PROXYGAP_CHROMIUM, /usr/bin/chromium, or on PATH); ChromiumNotFound."""
-    candidates = [os.environ.get("PROXYGAP_CHROMIUM"), "/usr/bin/chromium",
-                  *(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))]
+    """Path of the Chromium binary: ``$PROXYGAP_CHROMIUM``, else ``CHROMIUM_PATHS``, else ``CHROMIUM_NAMES``
+    on PATH. Raises ChromiumNotFound with the install command when there is none."""
+    candidates = [os.environ.get("PROXYGAP_CHROMIUM"), *CHROMIUM_PATHS, *(shutil.which(n) for n in CHROMIUM_NAMES)]
     for c in candidates:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return c
@@ -604,7 +612,9 @@ def chromium_path() -> str:
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio")
+                  "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
+                  # no host name resolves: the page is rendered exactly as it looks offline
+                  "--host-resolver-rules=MAP * ~NOTFOUND")
 
 
 def _run_chromium(args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
@@ -620,12 +630,14 @@ def _run_chromium(args: Sequence[str], timeout: float) -> subprocess.CompletedPr
 
 def screenshot(html: Path | str, png: Path | str, width: int = 1400, height: int = 12000, trim: bool = True,
                timeout: float = 120.0) -> Path:
-    """PNG of the page as headless Chromium renders it at ``width`` x ``height`` CSS pixels.
+    """PNG of the page as headless Chromium renders it at ``width`` x ``height`` CSS pixels, offline (no host
+    name resolves, so anything the page would fetch from the network is missing from the picture).
 
     The window is tall (default 12000 px) so that the whole report fits; with ``trim`` the blank
     background below the content is cut off (keeping a 40 px margin). Raises ChromiumNotFound (with the
     ``apt-get install chromium`` hint) when Chromium is missing, RuntimeError when it produced no image.
     """
+    chromium_path()  # fail first, and clearly, when Chromium is missing
     html, png = Path(html).resolve(), Path(png).resolve()
     if not html.is_file():
         raise FileNotFoundError(html)
@@ -641,16 +653,15 @@ def screenshot(html: Path | str, png: Path | str, width: int = 1400, height: int
 
 
 def _trim_bottom(png: Path, margin: int = 40) -> None:
+    """Cut the uniform background (the colour of the bottom-right pixel) below the last drawn row."""
     from PIL import Image
 
     with Image.open(png) as img:
         rgb = np.asarray(img.convert("RGB"))
-    background = rgb[-1, -1]
-    rows = np.flatnonzero((np.abs(rgb.astype(int) - background).sum(axis=2) > 0).any(axis=1))
-    last = int(rows[-1]) + 1 + margin if rows.size else min(rgb.shape[0], 200)
+    drawn = np.flatnonzero((rgb != rgb[-1, -1]).any(axis=(1, 2)))
+    last = int(drawn[-1]) + 1 + margin if drawn.size else min(rgb.shape[0], 200)
     if last < rgb.shape[0]:
-        from PIL import Image as _Image
-        _Image.fromarray(rgb[:last]).save(png)
+        Image.fromarray(rgb[:last]).save(png)
 
 
 def dump_dom(html: Path | str, timeout: float = 120.0) -> str:

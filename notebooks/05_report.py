@@ -1,0 +1,92 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters", "remove"]
+params_path = "params/smoke.yaml"
+out_dir = None
+threads = 0  # torch threads: 0 keeps the default
+
+# %% tags=["imports", "remove"]
+from IPython.display import Markdown
+
+from proxygap_helpers import aggregate, grid, plots, report
+from proxygap_helpers import summary as sections
+
+# %% tags=["remove"]
+p, out, device = grid.setup(params_path, out_dir, threads)
+agg = aggregate.load_aggregate(out)
+plots.set_theme()
+summary = sections.run_summary(p, out, agg)
+
+# %%
+Markdown(summary["header"])
+
+# %%
+Markdown(report.narrative(agg["phase2_table"], agg["sign_flip"], agg["proxy_leaderboard"], agg["claims"]))
+
+# %% [markdown]
+# ## The phase-2 table
+# One row per sparsity k and SAE token budget T: n complete small/large pairs, the mean and Student-t 95% CI
+# of ΔCE_rec (the primary endpoint; large minus small, positive = the large model's SAE preserves behaviour
+# better) and of ΔR² (tertiary), and the mismatch rate: the fraction of seeds with ΔR² > 0 and ΔCE_rec < 0.
+# Rows with n = 1 are *directional*; cells with no complete pair are *pending*.
+
+# %%
+report.style_table(agg["phase2_table"])
+
+# %%
+Markdown(summary["study_table"])
+
+# %% [markdown]
+# ## Sign flip: does the gap close with more SAE training?
+
+# %%
+plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"])
+
+# %%
+sections.sign_flip_frame(agg["sign_flip"])
+
+# %% [markdown]
+# ## Each model on its own: CE_rec and R² against the budget
+
+# %%
+plots.per_model_figure(agg["sae_metrics"])
+
+# %% [markdown]
+# ## Gate D2: which proxy predicts held-out ΔCE_rec?
+# Each proxy's delta is fitted (least squares) to ΔCE_rec on the training cells and predicts the cells held
+# out — every budget in turn (leave-one-budget-out) and every k in turn (leave-one-k-out). Scores: sign
+# accuracy, Spearman correlation and mean absolute error of the predictions; `MAE gain vs ΔR²` is ΔR²'s MAE
+# minus the proxy's (positive = better than R²), with a paired bootstrap 95% CI over cells.
+
+# %%
+sections.leaderboard_frame(agg["proxy_leaderboard"])
+
+# %%
+plots.leaderboard_figure(agg["heldout_predictions"], agg["proxy_leaderboard"])
+
+# %% [markdown]
+# ## Claims
+# Each claim is an explicit rule evaluated on the tables above (thresholds in `proxygap_helpers/claims.py`,
+# overridable in the params file). Too little data (missing cells, n < 2) gives *pending*, never *supported*.
+
+# %%
+report.style_claims(agg["claims"])
+
+# %% [markdown]
+# ## Caveats
+
+# %%
+Markdown("\n".join(f"- {c}" for c in report.caveats(agg["phase2_table"], agg["sae_metrics"])))
+
+# %%
+Markdown(summary["footer"])

@@ -1,0 +1,111 @@
+"""The report's framing sections (what was run, the study's table, scope) and readable tables.
+
+``run_summary`` reads the grid's params, ``aggregate/summary.json`` and the units' ``done.json`` records;
+everything it writes is derived from them (no timestamps beyond the provenance it quotes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .files import read_json
+from .params import ROLES, Params, format_tokens
+
+
+CE_REC_TEXT = {"relative": "2 − CE_sae / CE_clean (the study's relative definition)",
+               "zero_norm": "(CE_zero − CE_sae) / (CE_zero − CE_clean) (SAELens' ce_loss_score)"}
+BUDGET_MODE_TEXT = {"separate": "each budget is its own run with its own learning-rate schedule, as in the study",
+                    "ladder": "one run per seed, checkpointed at each budget, schedule independent of T"}
+
+
+def _provenance(out_dir: Path) -> dict:
+    """Git commit(s), versions, machine and compute time over the units' done.json."""
+    recs = [read_json(f) for f in sorted((Path(out_dir) / "runs").glob("*/done.json"))]
+    metrics = [read_json(f) for f in sorted((Path(out_dir) / "runs").glob("*/metrics.json"))]
+    prov = [r["provenance"] for r in recs if "provenance" in r] + [m["provenance"] for m in metrics]
+    commits = sorted({f"{p.get('git_commit', '?')[:10]}{' (dirty)' if p.get('git_dirty') else ''}" for p in prov})
+    return {"commits": commits, "versions": prov[0]["versions"] if prov else {},
+            "machine": prov[0]["machine"] if prov else {},
+            "train_seconds": float(sum(m.get("train_seconds", 0) for m in metrics)),
+            "eval_seconds": float(sum(m.get("eval_seconds", 0) for m in metrics)), "n_metrics": len(metrics)}
+
+
+def run_summary(p: Params, out_dir: Path, agg: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """Markdown blocks: ``header`` (title, what was run, provenance), ``study_table``, ``footer`` (scope)."""
+    prov = _provenance(out_dir)
+    models = "\n".join(f"| {r} | `{p.models[r].name}` ({p.models[r].source}) | `{p.hook(r)}` | {p.d_in(r)} | "
+                       f"{p.d_sae(r)} |" for r in ROLES)
+    v = prov["versions"]
+    m = prov["machine"]
+    header = f"""# {p.report.title}
+
+{p.description}
+
+| role | model | hook | d_in | d_sae (TopK {p.sae.expansion}x) |
+|---|---|---|---|---|
+{models}
+
+**Grid:** k ∈ {{{', '.join(map(str, p.sae.k))}}}, SAE token budgets T ∈ {{{', '.join(format_tokens(t) for t in p.sae.tokens)}}},
+seeds {{{', '.join(map(str, p.sae.seeds))}}} — {len(p.sae_specs())} SAEs. **Budget mode:** `{p.sae.budget_mode}`
+({BUDGET_MODE_TEXT[p.sae.budget_mode]}).
+**Primary endpoint:** ΔCE_rec with CE_rec = {CE_REC_TEXT[p.evaluation.ce_rec]};
+Δ = large − small, so ΔCE_rec < 0 means the large model's SAE preserves behaviour *worse*. Evaluated on
+{p.data.eval_sequences} held-out sequences of {p.data.context_size} tokens.
+
+**Provenance:** params hash `{p.params_hash()}`, code {', '.join(f'`{c}`' for c in prov['commits']) or 'unknown'};
+python {v.get('python', '?')}, torch {v.get('torch', '?')}, sae-lens {v.get('sae-lens', '?')},
+transformer-lens {v.get('transformer-lens', '?')}; {m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores){', GPU ' + m['gpu'] if m.get('gpu') else ''};
+{prov['n_metrics']} SAEs evaluated, {prov['train_seconds'] / 60:.1f} min of SAE training and
+{prov['eval_seconds'] / 60:.1f} min of evaluation in total.
+"""
+    ref = stats.reference_table()
+    if p.report.reference_table:
+        intro = ("## Side by side with the study\nThe study's published aggregate (Pythia-70m vs Pythia-410m on "
+                 "the Pile) and ours, cell by cell:\n\n")
+    else:
+        intro = ("## The study's published table, for context\nThe numbers below are the study's (Pythia-70m vs "
+                 "Pythia-410m on the Pile, budgets 10M–100M tokens), not this grid's: this grid is a different, "
+                 "much smaller setting, so compare shapes (signs, trends), not values.\n\n")
+    footer = f"""## Scope and how to run the reference grid
+
+{'This report comes from the **embedded** setting: tiny GPT-NeoX models trained here on the Python standard '
+ "library's source code, with SAE budgets of thousands rather than millions of tokens. It tests whether the "
+ "study's *pattern* appears in a small, fully reproducible setting; it is not Pythia on the Pile. " if p.embedded else ''}
+The study's own grid is `params/phase2_pythia.yaml` (pythia-70m `blocks.3` vs pythia-410m `blocks.12`,
+k ∈ {{8, 16, 32}}, 10M/50M/100M tokens, 4 seeds). It needs internet and a GPU:
+`python -m proxygap_helpers run params/phase2_pythia.yaml` (README, "Reference grid"). Every number here is
+in `results/{p.name}/aggregate/` and, per SAE, in `results/{p.name}/runs/<sae id>/metrics.json`.
+"""
+    return {"header": header, "study_table": intro + stats.phase2_markdown(ref), "footer": footer}
+
+
+def sign_flip_frame(flips: pd.DataFrame) -> pd.DataFrame:
+    """Readable sign-flip table: T* and its bootstrap interval in tokens."""
+    if flips is None or not len(flips):
+        return pd.DataFrame({"status": ["pending: no complete pairs yet"]})
+    fmt = lambda x: "—" if pd.isna(x) else ("∞" if np.isinf(x) else format_tokens(int(round(x))))  # noqa: E731
+    return pd.DataFrame({"k": flips["k"], "status": flips["status"], "direction": flips["direction"].fillna("—"),
+                         "T*": flips["t_star"].map(fmt),
+                         "95% interval": [f"[{fmt(a)}, {fmt(b)}]" if pd.notna(a) else "—"
+                                          for a, b in zip(flips["t_star_lo"], flips["t_star_hi"])]}
+                        ).set_index("k")
+
+
+def leaderboard_frame(board: pd.DataFrame) -> pd.DataFrame:
+    """Readable D2 leaderboard: pooled scheme first, scores and MAE gain over ΔR² with its CI."""
+    if board is None or not len(board):
+        return pd.DataFrame({"status": ["pending: no complete pairs yet"]})
+    b = board.copy()
+    b["MAE gain vs ΔR² (95% CI)"] = [
+        "—" if pd.isna(d) else f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        for d, lo, hi in zip(b["mae_vs_r2"], b["mae_vs_r2_lo"], b["mae_vs_r2_hi"])]
+    b["scheme"] = pd.Categorical(b["scheme"], ["pooled", "leave-one-budget-out", "leave-one-k-out"], ordered=True)
+    b = b.sort_values(["scheme", "rank"])
+    cols = {"scheme": "scheme", "proxy": "proxy", "n_cells": "held-out cells", "sign_acc": "sign accuracy",
+            "spearman": "Spearman", "mae": "MAE", "MAE gain vs ΔR² (95% CI)": "MAE gain vs ΔR² (95% CI)",
+            "beats_r2": "beats ΔR²"}
+    return b[list(cols)].rename(columns=cols).round(4).set_index(["scheme", "proxy"])

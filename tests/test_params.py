@@ -1,0 +1,216 @@
+"""Params: a catalogue of bad params files run through the command line (exit 2, one paragraph naming the key
+and what is allowed, no traceback, nothing written), and the values derived from the good ones."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxygap_helpers.params import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params"
+SMOKE_RAW = yaml.safe_load((PARAMS / "smoke.yaml").read_text())
+PYTHIA_RAW = yaml.safe_load((PARAMS / "phase2_pythia.yaml").read_text())
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "proxygap_helpers", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _mutated(base: dict, fn) -> str:
+    raw = copy.deepcopy(base)
+    fn(raw)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _set(path: str, value):
+    def fn(raw):
+        node = raw
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return fn
+
+
+def _drop(path: str):
+    def fn(raw):
+        node = raw
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node[part]
+        del node[last]
+    return fn
+
+
+# id -> (params text, or None for "no such file"; substrings stderr must contain (key first, then allowed values))
+BAD: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "unknown-top-level-key": (_mutated(SMOKE_RAW, _set("bogus", 1)), ("bogus", "models", "sae")),
+    "misspelled-nested-key": (_mutated(SMOKE_RAW, _set("sae.expansoin", 32)), ("sae.expansoin", "expansion")),
+    "misspelled-model-key": (_mutated(SMOKE_RAW, _set("models.small.widht", 3)),
+                             ("models.small.widht", "d_model")),
+    "k-wrong-type": (_mutated(SMOKE_RAW, _set("sae.k", "eight")), ("sae.k", "list")),
+    "k-item-wrong-type": (_mutated(SMOKE_RAW, _set("sae.k", ["eight"])), ("sae.k", "integer")),
+    "k-below-1": (_mutated(SMOKE_RAW, _set("sae.k", [0, 8])), ("sae.k", ">= 1")),
+    "k-not-below-d_sae": (_mutated(SMOKE_RAW, _set("sae.k", [8, 1024])), ("sae.k", "d_sae", "1024")),
+    "expansion-below-1": (_mutated(SMOKE_RAW, _set("sae.expansion", 0)), ("sae.expansion", "1")),
+    "seeds-empty": (_mutated(SMOKE_RAW, _set("sae.seeds", [])), ("sae.seeds", "at least 1")),
+    "seeds-duplicated": (_mutated(SMOKE_RAW, _set("sae.seeds", [0, 1, 1])), ("sae.seeds", "distinct")),
+    "tokens-zero": (_mutated(SMOKE_RAW, _set("sae.tokens", [0, 8192])), ("sae.tokens", "> 0")),
+    "tokens-negative": (_mutated(SMOKE_RAW, _set("sae.tokens", [-100])), ("sae.tokens", "> 0")),
+    "layer-beyond-model": (_mutated(SMOKE_RAW, _set("models.small.layer", 9)), ("models.small.layer", "[0, 1]")),
+    "heads-do-not-divide": (_mutated(SMOKE_RAW, _set("models.large.n_heads", 3)), ("models.large", "n_heads")),
+    "ce_rec-unknown": (_mutated(SMOKE_RAW, _set("evaluation.ce_rec", "absolute")),
+                       ("evaluation.ce_rec", "relative", "zero_norm")),
+    "budget_mode-unknown": (_mutated(SMOKE_RAW, _set("sae.budget_mode", "staircase")),
+                            ("sae.budget_mode", "separate", "ladder")),
+    "context-too-small": (_mutated(SMOKE_RAW, _set("data.context_size", 4)), ("data.context_size", "8")),
+    "jobs-zero": (_mutated(SMOKE_RAW, _set("executor.jobs", 0)), ("executor.jobs", "1")),
+    "name-with-spaces": (_mutated(SMOKE_RAW, _set("name", "my grid")), ("name", "pattern")),
+    "yaml-syntax-error": ("name: smoke\nsae: {k: [8, 16\nmodels: ]\n", ("YAML syntax error", "line")),
+    "top-level-not-mapping": ("- 1\n- 2\n", ("mapping",)),
+    "missing-file": (None, ("does not exist", "params/smoke.yaml")),
+    "python-object-tag": ("name: !!python/object/apply:os.system ['touch {tmp}/PWNED']\n", ("construct",)),
+    "only-one-role": (_mutated(SMOKE_RAW, _drop("models.large")), ("models", "small", "large")),
+    "mixed-sources": (_mutated(SMOKE_RAW, _set("models.large", {"source": "hub", "name": "EleutherAI/pythia-70m"})),
+                      ("source", "embedded", "hub")),
+    "unknown-source": (_mutated(SMOKE_RAW, _set("models.large.source", "local")),
+                       ("models.large", "embedded", "hub")),
+    "unknown-hub-model": (_mutated(PYTHIA_RAW, _set("models.small.name", "EleutherAI/pythia-71m")),
+                          ("models.small.name", "pythia-70m", "pythia-410m")),
+    "hub-with-stdlib-data": (_mutated(PYTHIA_RAW, _set("data.source", "stdlib")), ("data.source", "pile")),
+    "budget-beyond-store-no-epochs": (_mutated(SMOKE_RAW, lambda r: (_set("data.allow_epochs", False)(r),
+                                                                      _set("data.store_tokens", 1000)(r))),
+                                      ("sae.tokens", "store_tokens", "allow_epochs")),
+    "claims-unknown-rule": (_mutated(SMOKE_RAW, _set("claims", {"C9": {}})), ("claims", "C9", "C1")),
+    "claims-unknown-option": (_mutated(SMOKE_RAW, _set("claims", {"C1": {"min_rate": 0.5}})),
+                              ("claims.C1", "min_rate", "min_mismatch_rate")),
+}
+
+
+def _assert_clean_refusal(res: subprocess.CompletedProcess, must: tuple[str, ...]) -> None:
+    err = res.stderr.strip()
+    assert res.returncode == 2, f"exit {res.returncode}, stderr:\n{res.stderr}\nstdout:\n{res.stdout}"
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr
+    assert err, "no message on stderr"
+    assert "\n\n" not in err and len(err.splitlines()) <= 3, f"not one paragraph:\n{err}"
+    for s in must:
+        assert s in err, f"{s!r} not in the message:\n{err}"
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_params_exit_2(case, tmp_path, capsys):
+    """``run`` in a subprocess (the real command line: exit code, stderr, nothing written); ``plan`` through the
+    same ``cli.main`` in-process (one Python start per case keeps the catalogue fast on 2 cores)."""
+    from proxygap_helpers import cli
+
+    text, must = BAD[case]
+    path = tmp_path / "params.yaml"
+    if text is not None:
+        path.write_text(text.replace("{tmp}", str(tmp_path)))
+    out = tmp_path / "out"
+    res = _cli("run", str(path), "--out", str(out))
+    _assert_clean_refusal(res, must)
+    assert not out.exists(), f"run wrote {list(out.rglob('*'))}"
+
+    capsys.readouterr()
+    code = cli.main(["plan", str(path), "--out", str(out)])
+    cap = capsys.readouterr()
+    _assert_clean_refusal(subprocess.CompletedProcess([], code, cap.out, cap.err), must)
+    assert not out.exists(), f"plan wrote {list(out.rglob('*'))}"
+    assert not (tmp_path / "PWNED").exists(), "a YAML tag executed a command"
+    # the library raises the same ParamsError (what the notebooks see)
+    with pytest.raises(ParamsError) as ei:
+        load_params(path)
+    assert must[0] in str(ei.value)
+
+
+def test_unwritable_out_dir_exit_2(tmp_path):
+    """``--out`` below a regular file cannot be created (even by root): exit 2, a clear message, no traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = blocker / "sub"
+    res = _cli("run", str(PARAMS / "smoke.yaml"), "--out", str(out))
+    _assert_clean_refusal(res, (str(out),))
+    assert blocker.read_text() == "not a directory"
+
+
+def test_overrides_are_validated(tmp_path):
+    with pytest.raises(ParamsError, match=r"sae\.budget_mode"):
+        load_params(PARAMS / "smoke.yaml", overrides={"sae.budget_mode": "staircase"})
+    p = load_params(PARAMS / "smoke.yaml", overrides={"sae.budget_mode": "ladder", "sae.k": [4]})
+    assert p.sae.budget_mode == "ladder" and p.sae.k == [4]
+
+
+# --------------------------------------------------------------------------- good params and derived values
+@pytest.mark.parametrize("name", ["smoke", "default", "phase2_pythia"])
+def test_params_files_load(name):
+    p = load_params(PARAMS / f"{name}.yaml")
+    assert p.name == name
+    assert set(p.models) == {"small", "large"}
+    assert p.d_in("small") < p.d_in("large")
+    specs = p.sae_specs()
+    ids = [s.sae_id for s in specs]
+    assert len(ids) == len(set(ids)) == 2 * len(p.sae.k) * len(p.sae.tokens) * len(p.sae.seeds)
+    for s in specs:
+        assert re.fullmatch(rf"{s.role}-k{s.k}-t[0-9]+[kMB]?-s{s.seed}-[0-9a-f]{{8}}", s.sae_id), s.sae_id
+        assert p.d_sae(s.role) == p.sae.expansion * p.d_in(s.role)
+        assert s.k < p.d_sae(s.role)
+        assert 0 <= p.layer(s.role) < p.models[s.role].n_layers
+
+
+def test_phase2_pythia_derived():
+    p = load_params(PARAMS / "phase2_pythia.yaml")
+    assert not p.embedded
+    assert p.hook("small") == "blocks.3.hook_resid_post"
+    assert p.hook("large") == "blocks.12.hook_resid_post"
+    assert (p.d_in("small"), p.d_in("large")) == (512, 1024)
+    assert (p.d_sae("small"), p.d_sae("large")) == (32 * 512, 32 * 1024)
+    assert p.sae.k == [8, 16, 32] and p.sae.tokens == [10_000_000, 50_000_000, 100_000_000]
+    ids = {s.sae_id for s in p.sae_specs()}
+    assert len(ids) == 72
+    assert any(i.startswith("small-k8-t10M-s0-") for i in ids)
+    assert any(i.startswith("large-k32-t100M-s3-") for i in ids)
+
+
+def test_embedded_mid_layer():
+    p = load_params(PARAMS / "smoke.yaml")
+    assert p.hook("small") == f"blocks.{p.models['small'].n_layers // 2}.hook_resid_post"
+    assert p.hook("large") == f"blocks.{p.models['large'].n_layers // 2}.hook_resid_post"
+
+
+def test_sae_ids_depend_on_what_shapes_the_sae():
+    base = load_params(PARAMS / "smoke.yaml")
+    ids = [s.sae_id for s in base.sae_specs()]
+    lr = load_params(PARAMS / "smoke.yaml", overrides={"sae.lr": 1e-3})
+    title = load_params(PARAMS / "smoke.yaml", overrides={"report.title": "another title"})
+    logs = load_params(PARAMS / "smoke.yaml", overrides={"sae.log_every": 7})
+    assert not set(ids) & {s.sae_id for s in lr.sae_specs()}, "changing sae.lr must change every SAE id"
+    assert ids == [s.sae_id for s in title.sae_specs()], "the report title must not change SAE ids"
+    assert ids == [s.sae_id for s in logs.sae_specs()], "the log interval must not change SAE ids"
+    assert base.params_hash() != title.params_hash()
+    assert base.extract_hash == lr.extract_hash == title.extract_hash
+    model = load_params(PARAMS / "smoke.yaml", overrides={"models.small.train_tokens": 123456})
+    assert model.extract_hash != base.extract_hash
+    assert not set(ids) & {s.sae_id for s in model.sae_specs()}
+
+
+def test_plan_phase2_pythia_offline():
+    res = _cli("plan", "params/phase2_pythia.yaml", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    out = res.stdout
+    assert "72 SAEs" in out, out
+    assert "k [8, 16, 32]" in out, out
+    assert "10M" in out and "50M" in out and "100M" in out, out
+    assert "blocks.3.hook_resid_post" in out and "blocks.12.hook_resid_post" in out, out
