@@ -41,7 +41,8 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
     preds = leaderboard.heldout_predictions(pairs) if len(pairs) else pd.DataFrame()
     board = leaderboard.proxy_leaderboard(pairs, n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed) \
         if len(pairs) else pd.DataFrame()
-    claim_table = claims.evaluate_claims(table, pairs, board if len(board) else None, p.claims)
+    claim_table = claims.evaluate_claims(table, pairs, board if len(board) else None, p.claims,
+                                         grid=(p.sae.k, p.sae.tokens))
     out = {"sae_metrics": kept, "dropped_duplicates": dropped, "unpaired": stats.unpaired(kept) if len(kept)
            else pd.DataFrame(), "pairs": pairs, "phase2_table": table, "sign_flip": flips,
            "heldout_predictions": preds, "proxy_leaderboard": board, "claims": claim_table}

@@ -13,7 +13,7 @@ e.g. ``claims: {C1: {min_mismatch_rate: 0.75}}`` (see ``resolve_rules``).
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -128,7 +128,8 @@ def _c2_optimisation_dominant(table: pd.DataFrame, pairs: pd.DataFrame, board: p
             f"for every k (and some k shows a mismatch at the lowest budget); rejected if for some k it neither "
             f"rises nor clears; pending otherwise or if a needed "
             f"cell is missing or has n < {MIN_N}")
-    budgets = sorted(table["tokens"].unique())
+    budgets = sorted(int(t) for t in table["tokens"].unique())
+    ks = [int(k) for k in ks]
     if len(budgets) < 2 or not len(ks):
         return "pending", f"needs >= 2 budgets and >= 1 low k; have budgets {budgets}, k {list(ks)}", rule
     lo_t, hi_t = budgets[0], budgets[-1]
@@ -260,13 +261,28 @@ CLAIMS: dict[str, tuple[str, str, Callable[..., Verdict]]] = {
 }
 
 
+def on_grid(table: pd.DataFrame, ks: Sequence[int], budgets: Sequence[int]) -> pd.DataFrame:
+    """The table with a row for every (k, T) of the planned grid; cells without pairs get n = 0 (so every rule
+    that needs them says pending) and NaN statistics."""
+    full = pd.MultiIndex.from_product([sorted(ks), sorted(budgets)], names=["k", "tokens"])
+    if not {"k", "tokens"} <= set(table.columns):
+        table = pd.DataFrame(columns=["k", "tokens", "n"])
+    out = table.set_index(["k", "tokens"]).reindex(full).reset_index()
+    out["n"] = pd.to_numeric(out["n"]).fillna(0).astype(int)
+    return out
+
+
 def evaluate_claims(table: pd.DataFrame, pairs: pd.DataFrame, leaderboard: pd.DataFrame | None,
-                    rules: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Evaluate every claim; ``rules`` = the params file's ``claims:`` overrides (see ``resolve_rules``).
+                    rules: dict[str, Any] | None = None,
+                    grid: tuple[Sequence[int], Sequence[int]] | None = None) -> pd.DataFrame:
+    """Evaluate every claim; ``rules`` = the params file's ``claims:`` overrides (see ``resolve_rules``);
+    ``grid`` = the planned (k values, budgets): cells of it that have no pairs yet count as missing.
 
     Returns one row per claim with columns ``claim, gate, statement, status, evidence, rule``.
     """
     resolved = resolve_rules(rules)
+    if grid is not None:
+        table = on_grid(table, *grid)
     rows = []
     for claim, (gate, statement, rule_fn) in CLAIMS.items():
         status, evidence, rule = rule_fn(table, pairs, leaderboard, resolved[claim])

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return _status(p, out, todo)
     try:
         with RunLock(out):
-            write_text_atomic(resolved, dump_resolved(p))
+            text = dump_resolved(p)
+            if not resolved.is_file() or resolved.read_text() != text:  # a no-op rerun changes no file
+                write_text_atomic(resolved, text)
             if args.command == "report":
                 todo = [u for u in todo if u.stage in ("aggregate", "report")]
                 return _run(p, out, resolved, todo, "local", 1, force=True)
@@ -104,6 +106,8 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
     if force:
         for u in todo:
             (u.run_dir(out) / "done.json").unlink(missing_ok=True)
+            if u.stage == "sae":  # the notebooks skip finished SAEs / metrics unless told to redo them
+                u.parameters["force"] = True
     total = len(todo)
     complete = [u for u in todo if is_complete(p, out, u)]
     if len(complete) == total:

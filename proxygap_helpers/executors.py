@@ -5,6 +5,10 @@
 in-notebook compute and kernel/IO overhead) or ``error.json`` (the failing cell's error, the executed
 notebook is kept). Executors: ``local`` (a process pool; torch threads divided among jobs) and
 ``submitit`` (Slurm job arrays, or submitit's local executor where there is no Slurm).
+
+Threads per unit: ``cpu_count // jobs`` (local) or ``slurm.cpus_per_task`` (Slurm), unless the environment
+sets ``PROXYGAP_THREADS`` (e.g. 1 on a shared, loaded machine, where OpenMP threads that outnumber the free
+cores slow every matmul down many times over; the tests use it).
 """
 
 from __future__ import annotations
@@ -95,6 +99,15 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
     return {"uid": unit.uid, "ok": True, **rec}
 
 
+def _threads(default: int) -> int:
+    """``$PROXYGAP_THREADS`` when set to a positive integer, else ``default``."""
+    try:
+        n = int(os.environ.get("PROXYGAP_THREADS", ""))
+    except ValueError:
+        return default
+    return n if n >= 1 else default
+
+
 def _worker_init() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
@@ -102,7 +115,7 @@ def _worker_init() -> None:
 def run_local(params_path: str, out_dir: str, todo: list[Unit], jobs: int,
               on_done: Callable[[dict], None]) -> list[dict]:
     """Run units in a process pool of ``jobs`` workers, each kernel with cpu_count // jobs threads."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = _threads(max(1, (os.cpu_count() or 1) // jobs))
     results = []
     if jobs == 1 or len(todo) == 1:
         for u in todo:
@@ -129,7 +142,8 @@ def run_submitit(params_path: str, out_dir: str, todo: list[Unit], p: Params,
                          name=f"proxygap-{p.name}")
     if s.partition and ex.cluster == "slurm":
         ex.update_parameters(slurm_partition=s.partition)
-    threads = s.cpus_per_task if ex.cluster == "slurm" else max(1, (os.cpu_count() or 1) // max(1, len(todo)))
+    # submitit's local cluster starts every job at once: they share the cores
+    threads = _threads(s.cpus_per_task if ex.cluster == "slurm" else max(1, (os.cpu_count() or 1) // len(todo)))
     jobs = ex.map_array(run_unit, [params_path] * len(todo), [out_dir] * len(todo), todo, [threads] * len(todo))
     results = []
     for job, u in zip(jobs, todo):

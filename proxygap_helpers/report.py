@@ -225,9 +225,14 @@ def _cell(table: pd.DataFrame, k: Any, t: Any) -> pd.Series | None:
     return rows.iloc[0] if len(rows) else None
 
 
+def _rate(x: Any) -> str:
+    x = _num(x)
+    return "pending" if np.isnan(x) else f"{x:.2f}"
+
+
 def _cell_text(c: pd.Series) -> str:
     n = int(_num(c.get("n")))
-    return (f"n = {n}{' (directional)' if n == 1 else ''}, mismatch rate {_num(c.get('mismatch_rate')):.2f}, "
+    return (f"n = {n}{' (directional)' if n == 1 else ''}, mismatch rate {_rate(c.get('mismatch_rate'))}, "
             f"ΔCE_rec {fmt_ci(c.get('d_ce_rec_mean'), c.get('d_ce_rec_lo'), c.get('d_ce_rec_hi'))}, "
             f"ΔR² {fmt_ci(c.get('d_r2_mean'), c.get('d_r2_lo'), c.get('d_r2_hi'))}")
 
@@ -240,7 +245,7 @@ def _section_mismatch(table: pd.DataFrame) -> tuple[str, str]:
     k, t = table["k"].min(), table["tokens"].min()
     c = _cell(table, k, t)
     study = "The study reports a mismatch rate of 1.00 at k=8, 10M tokens (ΔCE_rec −0.099 [−0.117, −0.082])."
-    if c is None or _num(c.get("n")) < 1:
+    if c is None or not _num(c.get("n")) >= 1:
         return head + f"Pending: the cell {_where(k, t)} has no complete pair yet. {study}", "pending"
     rate, hi, lo = _num(c.get("mismatch_rate")), _num(c.get("d_ce_rec_hi")), _num(c.get("d_ce_rec_lo"))
     n = int(_num(c.get("n")))
@@ -278,9 +283,10 @@ def _section_budget(table: pd.DataFrame, flips: pd.DataFrame) -> tuple[str, str]
     for k in sorted(table["k"].unique()):
         cells = table[table["k"] == k].sort_values("tokens")
         a, b = cells.iloc[0], cells.iloc[-1]
-        trend = (f"k={int(k)}: mean ΔCE_rec {_z(_num(a['d_ce_rec_mean'])):+.3f} at {fmt_tokens(a['tokens'])} → "
-                 f"{_z(_num(b['d_ce_rec_mean'])):+.3f} at {fmt_tokens(b['tokens'])}, mismatch rate "
-                 f"{_num(a.get('mismatch_rate')):.2f} → {_num(b.get('mismatch_rate')):.2f}")
+        trend = (f"k={int(k)}: mean ΔCE_rec {fmt_ci(a.get('d_ce_rec_mean'), np.nan, np.nan)} at "
+                 f"{fmt_tokens(a['tokens'])} → {fmt_ci(b.get('d_ce_rec_mean'), np.nan, np.nan)} at "
+                 f"{fmt_tokens(b['tokens'])}, mismatch rate {_rate(a.get('mismatch_rate'))} → "
+                 f"{_rate(b.get('mismatch_rate'))}")
         flip = flips[flips["k"] == k].iloc[0] if "k" in flips and (flips["k"] == k).any() else None
         means = _col(cells, "d_ce_rec_mean").dropna()
         if len(cells) < 2:
@@ -328,7 +334,7 @@ def _section_budget(table: pd.DataFrame, flips: pd.DataFrame) -> tuple[str, str]
     return body, verdict
 
 
-def _section_proxy(board: pd.DataFrame) -> tuple[str, str]:
+def _section_proxy(board: pd.DataFrame, verdict_detail: list[str]) -> tuple[str, str]:
     head = "**3. Which proxy predicts held-out ΔCE_rec best?** "
     if board.empty or not {"scheme", "proxy", "mae"} <= set(board.columns):
         return head + "Pending: no proxy leaderboard yet.", "pending"
@@ -343,23 +349,43 @@ def _section_proxy(board: pd.DataFrame) -> tuple[str, str]:
     ranking = ", ".join(f"{r.proxy} {_num(r.mae):.4f}" for r in rows.itertuples())
     text = (f"Scheme '{scheme}' ({n_cells} held-out cells, {int(_num(best.get('n_pred')))} predictions); MAE by "
             f"proxy: {ranking}. ")
+    beating = [r for r in rows.itertuples() if r.proxy != "d_r2" and bool(r.beats_r2)]
+    cheap_beating = [r.proxy for r in beating if r.proxy != "d_kl"]
     if best["proxy"] == "d_r2":
         text += (f"ΔR² itself has the lowest MAE ({_num(best['mae']):.4f}, sign accuracy "
                  f"{_num(best.get('sign_acc')):.2f}): no proxy predicts the behavioural gap better than R².")
-        verdict = "r2 best"
     else:
         gain = fmt_ci(best.get("mae_vs_r2"), best.get("mae_vs_r2_lo"), best.get("mae_vs_r2_hi"), digits=4)
-        beats = bool(best.get("beats_r2", False))
         text += (f"Best: **{best['proxy']}** with MAE {_num(best['mae']):.4f} and sign accuracy "
                  f"{_num(best.get('sign_acc')):.2f}; its MAE gain over ΔR² is {gain} (positive = better). "
-                 + ("The interval lies above 0, so it **beats ΔR²**." if beats else
+                 + ("The interval lies above 0, so it **beats ΔR²**." if bool(best.get("beats_r2", False)) else
                     "The interval includes 0 (or lies below it), so it does **not clearly beat ΔR²**."))
-        verdict = "beats r2" if beats else "not better"
     if best["proxy"] == "d_kl":
-        text += " Note that ΔKL is itself measured with the reconstruction patched in: it is a behavioural upper reference, not a cheap proxy."
+        text += (" ΔKL is itself measured with the reconstruction patched in: it is a behavioural upper reference, "
+                 "not a cheap proxy.")
+        cheap = rows[~rows["proxy"].isin(["d_kl", "d_r2"])]
+        if len(cheap):
+            c = cheap.iloc[0]
+            text += (f" The best of the other proxies is **{c['proxy']}** (MAE {_num(c['mae']):.4f}, gain over ΔR² "
+                     f"{fmt_ci(c.get('mae_vs_r2'), c.get('mae_vs_r2_lo'), c.get('mae_vs_r2_hi'), digits=4)}"
+                     f"{', beats ΔR²' if bool(c.get('beats_r2', False)) else ', not clearly better than ΔR²'}).")
+    if "d_swd" in set(rows["proxy"]):
+        swd = rows[rows["proxy"] == "d_swd"].iloc[0]
+        text += (f" The geometry-aware pullback proxy ΔSWD ranks {int(list(rows['proxy']).index('d_swd')) + 1} of "
+                 f"{len(rows)} (MAE {_num(swd['mae']):.4f}"
+                 f"{', beats ΔR²' if bool(swd.get('beats_r2', False)) else ', not clearly better than ΔR²'}).")
+    if cheap_beating:
+        verdict = "beats r2"
+    elif beating:
+        verdict = "only kl"
+    elif best["proxy"] == "d_r2":
+        verdict = "r2 best"
+    else:
+        verdict = "not better"
     if n_cells < 4:
         text += f" With only {n_cells} held-out cells this ranking is **pending** more cells."
         verdict = "pending"
+    verdict_detail[0] = ", ".join(cheap_beating)
     return head + text, verdict
 
 
@@ -385,7 +411,8 @@ def narrative(table: pd.DataFrame | None, sign_flip: pd.DataFrame | None, leader
         table = table.sort_values(["k", "tokens"]).reset_index(drop=True)
     s1, v1 = _section_mismatch(table)
     s2, v2 = _section_budget(table, flips)
-    s3, v3 = _section_proxy(board)
+    detail = [""]
+    s3, v3 = _section_proxy(board, detail)
     s4 = _section_claims(cl)
     if v1 == "reproduced" and v2 == "reverses":
         bottom = ("the study's headline — a low-budget mismatch that reverses with more SAE training — is "
@@ -395,11 +422,15 @@ def narrative(table: pd.DataFrame | None, sign_flip: pd.DataFrame | None, leader
                   + ("**not reproduced** within the tested budgets" if v2 in ("not reproduced", "shrinks")
                      else "**pending**"))
     elif v1 == "not reproduced":
-        bottom = ("the study's low-budget mismatch is **not reproduced** in this grid; the reconstruction proxy "
-                  "and behaviour point the same way at its smallest budget")
+        c = _cell(table, table["k"].min(), table["tokens"].min())
+        same = np.sign(_num(c.get("d_r2_mean"))) == np.sign(_num(c.get("d_ce_rec_mean")))
+        bottom = ("the study's low-budget mismatch is **not reproduced** in this grid; at its smallest budget "
+                  + ("ΔR² and ΔCE_rec point the same way" if same else
+                     "ΔR² and ΔCE_rec disagree the other way round (ΔR² ≤ 0 while ΔCE_rec ≥ 0)"))
     else:
         bottom = "the study's headline is **pending**: the cells it needs are missing or have n < 2"
-    d2 = {"beats r2": "a proxy beats ΔR² at held-out prediction (D2 supported by the leaderboard)",
+    d2 = {"beats r2": f"{detail[0]} beats ΔR² at held-out prediction",
+          "only kl": "only the behavioural reference ΔKL beats ΔR² at held-out prediction; no cheap proxy does",
           "not better": "no proxy clearly beats ΔR² at held-out prediction",
           "r2 best": "ΔR² is the best held-out predictor here",
           "pending": "the D2 comparison is pending"}[v3]

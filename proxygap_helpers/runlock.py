@@ -15,13 +15,20 @@ class LockError(RuntimeError):
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this host (a zombie, killed but not yet reaped, is not)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 class RunLock:

@@ -76,7 +76,9 @@ def make_trainer(p: Params, sae, total_tokens: int, device: str, data_provider):
     if s.budget_mode == "separate":
         warm, decay = int(s.lr_warmup_fraction * steps), int(s.lr_decay_fraction * steps)
     else:
-        warm, decay = min(steps, s.ladder_warmup_tokens // s.batch_size), 0
+        # not capped at `steps`: the schedule must not depend on the largest budget (a warm-up longer than the
+        # run just ends the run while still warming up, exactly like the same steps of a longer run)
+        warm, decay = s.ladder_warmup_tokens // s.batch_size, 0
     lr = s.lr_for(sae.cfg.d_sae)
     window = max(1, s.dead_tokens_window // s.batch_size)
     cfg = SAETrainerConfig(

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "params" / "smoke.yaml"
 
 # Set at import time (before any test module runs) so that subprocesses started by the tests inherit it too.
-_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="proxygap-test-cache-"))
+# PROXYGAP_TEST_CACHE (optional) keeps trained models between sessions while developing tests.
+_SESSION_CACHE = Path(os.environ.get("PROXYGAP_TEST_CACHE") or tempfile.mkdtemp(prefix="proxygap-test-cache-"))
 os.environ["PROXYGAP_CACHE"] = str(_SESSION_CACHE)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

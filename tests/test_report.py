@@ -2,7 +2,6 @@
 end-to-end render of an executed notebook checked in headless Chromium (screenshot not blank, DOM holds the
 table, page self-contained)."""
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -256,3 +255,11 @@ def test_missing_chromium_says_how_to_install(tmp_path, monkeypatch):
         report.screenshot(tmp_path / "p.html", tmp_path / "p.png")
     with pytest.raises(report.ChromiumNotFound):
         report.dump_dom(tmp_path / "p.html")
+
+
+def test_narrative_survives_nan_cells(agg):
+    table = agg["table"].copy()
+    table.loc[table.k == 16, ["d_ce_rec_mean", "d_ce_rec_lo", "d_ce_rec_hi", "mismatch_rate"]] = np.nan
+    table.loc[table.index[-1], "n"] = np.nan
+    text = report.narrative(table, None, agg["board"].query("scheme != 'pooled'"), None)
+    assert "nan" not in text.lower() and "Scheme 'leave-one-budget-out'" in text

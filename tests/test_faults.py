@@ -1,0 +1,116 @@
+"""Faults survived with nothing lost: a disk that fills mid-write, a kernel that dies, a partial grid.
+
+(Bad params, corrupted stores, half-written SAE dirs and NaN activations are in test_params.py,
+test_activations.py and test_training.py; killed and concurrent runners in test_runner.py.)
+"""
+
+import errno
+import json
+import os
+
+import nbformat
+import pytest
+
+from proxygap_helpers import aggregate, executors, files
+from proxygap_helpers.grid import Unit
+from proxygap_helpers.params import load_params
+
+SMOKE = "params/smoke.yaml"
+
+
+def test_disk_full_mid_write_keeps_the_previous_result(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    files.write_json_atomic(path, {"ce_rec": 0.9})
+    real_dump = json.dump
+
+    def dump_then_fill(obj, f, **kw):
+        real_dump({"partial": True}, f)  # some bytes reach the disk, then it is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.json, "dump", dump_then_fill)
+    with pytest.raises(OSError, match="No space left"):
+        files.write_json_atomic(path, {"ce_rec": 0.1})
+    monkeypatch.setattr(files.json, "dump", real_dump)
+    assert json.loads(path.read_text()) == {"ce_rec": 0.9}, "the earlier result must be intact"
+
+
+def test_atomic_dir_failure_leaves_the_old_directory(tmp_path):
+    d = tmp_path / "saes" / "x"
+    with files.atomic_dir(d) as tmp:
+        (tmp / "cfg.json").write_text("{}")
+    with pytest.raises(OSError):
+        with files.atomic_dir(d) as tmp:
+            (tmp / "cfg.json").write_text('{"new": 1}')
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (d / "cfg.json").read_text() == "{}"
+    assert not (d.parent / "x.partial").exists()
+
+
+def _notebook(path, code):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("params_path = None\nout_dir = None\nthreads = 0",
+                                          metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.mark.parametrize("code, expect", [
+    ("import os\nos._exit(1)", "kernel"),  # the kernel dies
+    ("raise RuntimeError('store is corrupted: rebuild it')", "RuntimeError: store is corrupted"),
+])
+def test_a_failing_notebook_marks_only_its_unit_failed(tmp_path, monkeypatch, code, expect):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    _notebook(nbdir / "99_fault.ipynb", code)
+    monkeypatch.setattr(executors, "NOTEBOOKS", nbdir)
+    out = tmp_path / "out"
+    unit = Unit("fault-unit", "extract", ("99_fault",), {"params_path": SMOKE, "out_dir": str(out)})
+    res = executors.run_unit(SMOKE, str(out), unit, threads=1)
+    assert res["ok"] is False
+    err = json.loads((out / "runs" / "fault-unit" / "error.json").read_text())
+    assert expect.lower() in err["message"].lower(), err["message"]
+    assert not (out / "runs" / "fault-unit" / "done.json").exists()
+    assert not (out / "runs" / "fault-unit" / "running.json").exists()
+    assert (out / "runs" / "fault-unit" / "99_fault.ipynb").is_file(), "the executed notebook is kept"
+
+
+def _fake_metrics(spec, ce_rec, r2):
+    return {"sae_id": spec.sae_id, "model_role": spec.role, "model_name": "m", "hook": "h", "k": spec.k,
+            "tokens": spec.tokens, "seed": spec.seed, "d_in": 1, "d_sae": 2, "eval_tokens": 10, "ce_clean": 4.0,
+            "ce_sae": 4.0 * (2 - ce_rec), "ce_zero": 9.0, "ce_mean_ablation": 8.0, "ce_rec": ce_rec,
+            "ce_rec_relative": ce_rec, "ce_rec_zero_norm": 0.9, "r2": r2, "cosine": 0.9, "rel_err_norm": 0.3,
+            "kl": 0.1, "swd": 0.1, "l0": spec.k, "dead_frac": 0.1, "train_seconds": 1.0, "budget_mode": "separate",
+            "epochs_used": 1, "finished_at": "2026-01-01T00:00:00+00:00", "provenance": {"params_hash": "x"}}
+
+
+def test_aggregate_of_a_partial_grid_reports_missing_cells_as_pending(tmp_path):
+    p = load_params(SMOKE)
+    out = tmp_path / "out"
+    # only the smallest budget has both roles, and only for k = 8
+    for s in p.sae_specs(k=8):
+        if s.tokens == min(p.sae.tokens):
+            files.write_json_atomic(out / "runs" / s.sae_id / "metrics.json",
+                                    _fake_metrics(s, 0.9 if s.role == "small" else 0.8 + 0.01 * s.seed,
+                                                  0.5 if s.role == "small" else 0.6))
+    agg = aggregate.run_aggregate(p, out)
+    table = agg["phase2_table"]
+    assert list(zip(table["k"], table["tokens"])) == [(8, min(p.sae.tokens))]
+    assert table["mismatch_rate"].iloc[0] == 1.0 and table["n"].iloc[0] == len(p.sae.seeds)
+    status = dict(zip(agg["claims"]["claim"], agg["claims"]["status"]))
+    assert "supported" not in {status["C2"], status["C3"], status["C4"], status["C5"]}
+    assert status["C2"] == "pending"  # needs a second budget
+    for name in aggregate.TABLES:
+        assert (out / "aggregate" / f"{name}.csv").is_file()
+
+
+def test_aggregate_ignores_metrics_of_other_params(tmp_path):
+    p = load_params(SMOKE)
+    out = tmp_path / "out"
+    s = p.sae_specs()[0]
+    stale = _fake_metrics(s, 0.5, 0.5) | {"sae_id": "small-k8-t8192-s0-deadbeef"}
+    files.write_json_atomic(out / "runs" / stale["sae_id"] / "metrics.json", stale)
+    agg = aggregate.run_aggregate(p, out)
+    assert len(agg["sae_metrics"]) == 0 and len(agg["phase2_table"]) == 0
+    assert (agg["claims"]["status"] == "pending").all()
+    assert os.path.isfile(out / "aggregate" / "phase2_table.md")

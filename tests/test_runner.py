@@ -1,0 +1,443 @@
+"""The grid runner end to end, through its command line (``python -m proxygap_helpers ...``) in subprocesses.
+
+A *micro* grid (params/smoke.yaml made smaller: 1 k, 2 budgets, 2 seeds, tiny LMs) runs once into a baseline
+output directory (session fixture). The other tests work on copies of it, or on copies that keep only the
+extract stage, so that the whole file costs about four grid runs:
+
+* end to end: every unit done, provenance, executed notebooks, metrics, aggregate; a second run is a no-op;
+* SIGKILL mid-grid (runner and kernels), then resume: finished units reused untouched, same numbers, stale
+  lock recognised;
+* failure isolation: one unit fails (a corrupted SAE weight file), the others finish, exit 1, error.json and
+  the executed notebook kept; after removing the cause only that unit (+ aggregate, report) runs again;
+* the lock: a live lock refuses (exit 2, nothing written), a dead one is replaced;
+* ``--force`` and parameter-change invalidation (``sae.lr`` -> new unit and SAE ids, ``report.title`` -> only
+  ``report``);
+* the submitit executor (its local cluster really starts processes) gives the same numbers;
+* stdout that is not a terminal: one plain line per finished unit.
+
+``PROXYGAP_CACHE`` points at a session directory (the tiny LMs train once) and ``PROXYGAP_THREADS=1`` keeps
+every kernel on one thread: results are then bit-identical across executors and processes, and a loaded
+2-core machine is not oversubscribed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from proxygap_helpers.grid import units
+from proxygap_helpers.params import load_params
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = "runner-test-micro"
+RUN_TIMEOUT = 1800  # seconds per command; the micro grid takes a few minutes on 2 loaded cores
+MICRO = {
+    "name": GRID,
+    "data.max_chars": 400_000,
+    "models.small.train_tokens": 60_000,
+    "models.large.train_tokens": 60_000,
+    "sae.k": [8],
+    "sae.tokens": [2048, 4096],
+    "sae.seeds": [0, 1],
+    "stats.bootstrap": 50,
+    "executor.jobs": 2,
+}
+PROVENANCE_KEYS = ("params_hash", "git_commit", "git_dirty", "versions", "machine")
+TIMING_KEYS = ("start", "end", "wall_seconds", "peak_rss_mb", "compute_seconds", "overhead_fraction")
+METRIC_KEYS = ("sae_id", "model_role", "model_name", "hook", "k", "tokens", "seed", "d_in", "d_sae", "eval_tokens",
+               "ce_clean", "ce_sae", "ce_zero", "ce_mean_ablation", "ce_rec", "ce_rec_relative", "ce_rec_zero_norm",
+               "r2", "cosine", "rel_err_norm", "kl", "swd", "l0", "dead_frac", "train_seconds", "provenance")
+AGGREGATES = ("sae_metrics.csv", "pairs.csv", "phase2_table.csv", "phase2_table.md", "proxy_leaderboard.csv",
+              "claims.csv")
+UNIT_LINE = re.compile(r"^\[(\d+)/(\d+) +\d+s\] (done|FAILED) +(\S+?):?(\s|$)")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def write_params(path: Path, **overrides) -> Path:
+    """params/smoke.yaml with the micro-grid overrides and ``overrides`` (dotted keys, ``__`` for ``.``)."""
+    raw = yaml.safe_load((REPO / "params" / "smoke.yaml").read_text())
+    for dotted, value in {**MICRO, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def cli(env: dict, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m proxygap_helpers *args`` from the repository root; stdout/stderr captured (not a tty)."""
+    return subprocess.run([sys.executable, "-m", "proxygap_helpers", *map(str, args)], cwd=REPO,
+                          env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+
+
+def explain(res: subprocess.CompletedProcess) -> str:
+    return f"exit {res.returncode}\n--- stdout ---\n{res.stdout[-6000:]}\n--- stderr ---\n{res.stderr[-6000:]}"
+
+
+def grid_units(params: Path, out: Path):
+    p = load_params(params)
+    return p, units(p, out, out / "params.resolved.yaml")
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    """relative path -> (mtime_ns, sha256) of every file under ``root``."""
+    snap = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            snap[str(path.relative_to(root))] = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return snap
+
+
+def done_mtimes(out: Path) -> dict[str, int]:
+    return {d.parent.name: d.stat().st_mtime_ns for d in (out / "runs").glob("*/done.json")}
+
+
+def finished_lines(stdout: str) -> list[tuple[str, str]]:
+    """(status, unit id) of every per-unit progress line."""
+    return [(m.group(3), m.group(4)) for line in stdout.splitlines() if (m := UNIT_LINE.match(line))]
+
+
+def metric_values(out: Path, sae_ids) -> dict[str, dict[str, float]]:
+    """Every numeric value of each SAE's metrics.json except timings (which differ run to run)."""
+    res = {}
+    for sid in sae_ids:
+        rec = json.loads((out / "runs" / sid / "metrics.json").read_text())
+        res[sid] = {k: v for k, v in rec.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_seconds")}
+        assert len(res[sid]) >= 15, f"{sid}: too few numeric metrics: {sorted(res[sid])}"
+    return res
+
+
+def assert_same_numbers(out: Path, ref: Path, sae_ids) -> None:
+    assert metric_values(out, sae_ids) == metric_values(ref, sae_ids)
+    for table in ("pairs.csv", "phase2_table.csv"):
+        assert (out / "aggregate" / table).read_text() == (ref / "aggregate" / table).read_text(), table
+
+
+def copy_out(src: Path, dst: Path, extract_only: bool = False) -> Path:
+    """A copy of a finished output directory (mtimes kept); ``extract_only`` keeps just the extract stage."""
+    shutil.copytree(src, dst, symlinks=True)
+    if extract_only:
+        for name in ("saes", "aggregate"):
+            shutil.rmtree(dst / name, ignore_errors=True)
+        for run in (dst / "runs").iterdir():
+            if not run.name.startswith("extract-"):
+                shutil.rmtree(run)
+    return dst
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the runner's process group and every descendant (papermill kernels run in their own sessions)."""
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for kid in kids:
+        try:
+            kid.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(kids, timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("proxygap-cache")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("PROXYGAP_")}
+    e.update(PROXYGAP_CACHE=str(cache), PROXYGAP_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    return e
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory) -> Path:
+    return write_params(tmp_path_factory.mktemp("params") / "micro.yaml")
+
+
+@pytest.fixture(scope="session")
+def baseline(env, micro, tmp_path_factory):
+    """One uninterrupted run of the micro grid (local executor, 2 jobs)."""
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    t0 = time.time()
+    res = cli(env, "run", micro, "--out", out)
+    return {"out": out, "res": res, "wall": time.time() - t0}
+
+
+@pytest.fixture
+def base_out(baseline) -> Path:
+    if baseline["res"].returncode != 0:
+        pytest.fail("the baseline run of the micro grid failed:\n" + explain(baseline["res"]))
+    return baseline["out"]
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_end_to_end_provenance_and_noop_rerun(env, micro, baseline, base_out):
+    out = base_out
+    p, us = grid_units(micro, out)
+    assert [u.stage for u in us] == ["extract", "sae", "sae", "aggregate", "report"]
+    assert (out / "params.resolved.yaml").is_file() and (out / "data" / "eval_tokens.npy").is_file()
+    for role in ("small", "large"):
+        assert (out / "models" / role / "config.json").is_file()
+        assert (out / "activations" / role / "meta.json").is_file()
+    for u in us:
+        rd = u.run_dir(out)
+        rec = json.loads((rd / "done.json").read_text())
+        flat = {**rec, **rec.get("provenance", {})}
+        missing = [k for k in PROVENANCE_KEYS + TIMING_KEYS if k not in flat]
+        assert not missing, f"{u.uid}: done.json lacks {missing}"
+        assert flat["params_hash"] == p.params_hash()
+        assert re.fullmatch(r"[0-9a-f]{40}|unknown", flat["git_commit"])
+        assert isinstance(flat["git_dirty"], bool) or flat["git_dirty"] is None
+        for pkg in ("torch", "sae-lens", "transformer-lens", "papermill"):
+            assert flat["versions"].get(pkg), f"{u.uid}: no version of {pkg}"
+        assert flat["machine"]["host"] == socket.gethostname() and flat["machine"]["cpu"]
+        assert flat["wall_seconds"] > 0 and flat["peak_rss_mb"] > 0
+        assert 0 < flat["compute_seconds"] <= flat["wall_seconds"] and 0 <= flat["overhead_fraction"] < 1
+        assert not (rd / "error.json").exists() and not (rd / "running.json").exists()
+        for nb_name in u.notebooks:  # the executed notebooks are kept, without error outputs
+            nb = json.loads((rd / f"{nb_name}.ipynb").read_text())
+            assert "papermill" in nb["metadata"], f"{u.uid}/{nb_name}.ipynb was not executed by papermill"
+            errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+            assert not errors, f"{u.uid}/{nb_name}.ipynb has error outputs: {errors[:1]}"
+    specs = p.sae_specs()
+    assert len(specs) == 8
+    for s in specs:
+        assert (out / "saes" / s.sae_id / "cfg.json").is_file()
+        rec = json.loads((out / "runs" / s.sae_id / "metrics.json").read_text())
+        assert not [k for k in METRIC_KEYS if k not in rec], s.sae_id
+        assert (rec["sae_id"], rec["model_role"], rec["k"], rec["tokens"], rec["seed"]) == \
+            (s.sae_id, s.role, s.k, s.tokens, s.seed)
+        assert rec["l0"] == pytest.approx(8.0)
+    for name in AGGREGATES:
+        assert (out / "aggregate" / name).is_file(), name
+    assert len((out / "aggregate" / "pairs.csv").read_text().strip().splitlines()) == 1 + 4  # (k, T, seed)
+    table = (out / "aggregate" / "phase2_table.csv").read_text().splitlines()
+    assert table[0].startswith("k,tokens,n,d_ce_rec_mean,d_ce_rec_lo,d_ce_rec_hi,d_r2_mean") and len(table) == 3
+    assert not (out / ".proxygap.lock").exists()
+
+    # a second run finds everything complete and touches nothing
+    before = snapshot(out)
+    res = cli(env, "run", micro, "--out", out)
+    assert res.returncode == 0, explain(res)
+    assert "complete" in res.stdout and "nothing to do" in res.stdout, res.stdout
+    assert not finished_lines(res.stdout)
+    assert snapshot(out) == before
+
+    res = cli(env, "status", micro, "--out", out)
+    assert res.returncode == 0, explain(res)
+    rows = {line.split()[1]: line.split()[0] for line in res.stdout.splitlines() if len(line.split()) > 1
+            and line.split()[0] in ("done", "failed", "running", "pending")}
+    assert rows == {u.uid: "done" for u in us}, res.stdout
+    assert f"{len(us)} done" in res.stdout
+
+
+def test_output_without_terminal_is_one_plain_line_per_unit(micro, baseline, base_out):
+    res = baseline["res"]
+    for stream in (res.stdout, res.stderr):
+        assert "\r" not in stream and "\x1b[" not in stream, "progress bar / ANSI escapes in captured output"
+    _, us = grid_units(micro, base_out)
+    lines = [line for line in res.stdout.splitlines() if UNIT_LINE.match(line)]
+    counters = [int(UNIT_LINE.match(line).group(1)) for line in lines]
+    assert counters == list(range(1, len(us) + 1)), res.stdout
+    assert all(int(UNIT_LINE.match(line).group(2)) == len(us) for line in lines)
+    assert sorted(finished_lines(res.stdout)) == sorted(("done", u.uid) for u in us), res.stdout
+
+
+def test_resume_after_sigkill_reuses_finished_units(env, micro, base_out, tmp_path):
+    out = copy_out(base_out, tmp_path / "out", extract_only=True)
+    p, us = grid_units(micro, out)
+    log_out, log_err = open(tmp_path / "killed.out", "w"), open(tmp_path / "killed.err", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "proxygap_helpers", "run", str(micro), "--out", str(out),
+                             "--jobs", "1"], cwd=REPO, env=env, stdout=log_out, stderr=log_err,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + RUN_TIMEOUT
+        while not list((out / "runs").glob("sae-*/done.json")):
+            assert proc.poll() is None, f"runner exited ({proc.returncode}) before any SAE unit finished: " + \
+                (tmp_path / "killed.err").read_text()[-3000:]
+            assert time.time() < deadline, "no SAE unit finished in time"
+            time.sleep(0.2)
+        assert proc.poll() is None, "the runner finished before it could be killed mid-grid"
+    finally:
+        kill_tree(proc)
+        log_out.close()
+        log_err.close()
+    lock = json.loads((out / ".proxygap.lock").read_text())
+    assert lock["pid"] == proc.pid  # the killed runner's lock is left behind (stale)
+    finished = done_mtimes(out)
+    assert any(u.startswith("sae-") for u in finished) and len(finished) < len(us)
+    reused_saes = [s for u in us if u.uid in finished for s in u.sae_ids]
+    weights = {s: snapshot(out / "saes" / s) for s in reused_saes}
+
+    res = cli(env, "run", micro, "--out", out)
+    assert res.returncode == 0, explain(res)
+    assert "stale lock" in res.stdout + res.stderr and str(proc.pid) in res.stdout + res.stderr
+    assert f"{len(finished)}/{len(us)} units already complete" in res.stdout, res.stdout
+    rerun = {uid for _, uid in finished_lines(res.stdout)}
+    assert rerun == {u.uid for u in us} - set(finished), res.stdout
+    after = done_mtimes(out)
+    assert {u: after[u] for u in finished} == finished  # completed units untouched
+    assert {s: snapshot(out / "saes" / s) for s in reused_saes} == weights
+    assert set(after) == {u.uid for u in us}
+    assert not list((out / "runs").glob("*/running.json")) and not (out / ".proxygap.lock").exists()
+    assert_same_numbers(out, base_out, [s.sae_id for s in p.sae_specs()])
+
+
+def test_failed_unit_is_isolated_and_retried_alone(env, micro, base_out, tmp_path):
+    """A new ``sae.lr`` gives new SAE units (extract reused); one SAE's weight file is corrupt, so its unit
+    fails in 03_evaluate while every other unit finishes; removing the file makes a rerun retry only it."""
+    out = copy_out(base_out, tmp_path / "out")
+    params = write_params(tmp_path / "lr.yaml", sae__lr=0.002)
+    p_old, old_units = grid_units(micro, out)
+    p, us = grid_units(params, out)
+    old_sae = {u.uid for u in old_units if u.stage == "sae"}
+    new_sae = [u for u in us if u.stage == "sae"]
+    assert us[0].uid == old_units[0].uid  # extract: same id
+    assert not old_sae & {u.uid for u in new_sae}
+    assert not {s.sae_id for s in p_old.sae_specs()} & {s.sae_id for s in p.sae_specs()}
+    victim_unit = next(u for u in new_sae if "-small-" in u.uid)
+    victim = victim_unit.sae_ids[0]
+    shutil.copytree(out / "saes" / p_old.sae_specs(role="small")[0].sae_id, out / "saes" / victim)
+    (out / "saes" / victim / "sae_weights.safetensors").write_bytes(b"not a safetensors file")
+    extract_done = (us[0].run_dir(out) / "done.json").stat().st_mtime_ns
+
+    res = cli(env, "run", params, "--out", out)
+    assert res.returncode == 1, explain(res)
+    assert (us[0].run_dir(out) / "done.json").stat().st_mtime_ns == extract_done  # extract reused
+    assert victim_unit.uid in res.stderr and "failed" in res.stderr, res.stderr
+    assert ("FAILED", victim_unit.uid) in finished_lines(res.stdout), res.stdout
+    err = json.loads((victim_unit.run_dir(out) / "error.json").read_text())
+    assert err["message"] and err["notebook"], err
+    executed = out / err["notebook"]
+    assert executed.is_file()
+    assert any(o.get("output_type") == "error" for c in json.loads(executed.read_text())["cells"]
+               for o in c.get("outputs", []))
+    assert not (victim_unit.run_dir(out) / "done.json").exists()
+    others = [u for u in us if u.uid != victim_unit.uid]
+    for u in others:
+        assert (u.run_dir(out) / "done.json").is_file(), f"{u.uid} did not finish beside the failed unit"
+    for s in next(u for u in new_sae if u is not victim_unit).sae_ids:
+        assert (out / "runs" / s / "metrics.json").is_file()
+    status = cli(env, "status", params, "--out", out)
+    assert re.search(rf"^failed +{re.escape(victim_unit.uid)}", status.stdout, re.M), status.stdout
+
+    # remove the cause: only the failed unit runs again, then aggregate and report (their inputs changed)
+    shutil.rmtree(out / "saes" / victim)
+    before = done_mtimes(out)
+    res = cli(env, "run", params, "--out", out)
+    assert res.returncode == 0, explain(res)
+    assert {uid for _, uid in finished_lines(res.stdout)} == {victim_unit.uid, "aggregate", "report"}, res.stdout
+    after = done_mtimes(out)
+    for u in us[:3]:
+        if u is not victim_unit:
+            assert after[u.uid] == before[u.uid], f"{u.uid} was redone"
+    assert not (victim_unit.run_dir(out) / "error.json").exists()
+    assert len((out / "aggregate" / "pairs.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+def test_live_lock_refuses_and_dead_lock_is_replaced(env, micro, base_out, tmp_path):
+    out = tmp_path / "locked"
+    out.mkdir()
+    lock = out / ".proxygap.lock"
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "start": "earlier"}))
+        res = cli(env, "run", micro, "--out", out)
+        assert res.returncode == 2, explain(res)
+        assert str(lock) in res.stderr and f"pid {sleeper.pid}" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".proxygap.lock"]  # nothing written
+        assert json.loads(lock.read_text())["pid"] == sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+    # another host's lock is never judged from here
+    done = copy_out(base_out, tmp_path / "done")
+    (done / ".proxygap.lock").write_text(json.dumps({"pid": sleeper.pid, "host": "elsewhere.invalid"}))
+    res = cli(env, "run", micro, "--out", done)
+    assert res.returncode == 2 and "elsewhere.invalid" in res.stderr, explain(res)
+
+    # the same lock with the (now dead) pid on this host is stale: replaced, and the run proceeds
+    (done / ".proxygap.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+    res = cli(env, "run", micro, "--out", done)
+    assert res.returncode == 0, explain(res)
+    assert "stale lock" in res.stdout and "nothing to do" in res.stdout, res.stdout
+    assert not (done / ".proxygap.lock").exists()
+
+
+def test_param_change_invalidates_only_what_it_shapes(env, micro, base_out, tmp_path):
+    out = copy_out(base_out, tmp_path / "out")
+    _, us = grid_units(micro, out)
+    # sae.lr: extract stays done, both SAE units get new ids (pending); not run here (see the failure test)
+    lr = write_params(tmp_path / "lr.yaml", sae__lr=0.002)
+    res = cli(env, "status", lr, "--out", out)
+    assert res.returncode == 0, explain(res)
+    rows = dict(line.split()[:2][::-1] for line in res.stdout.splitlines()
+                if line.split()[:1] in (["done"], ["pending"], ["failed"]))
+    _, lr_units = grid_units(lr, out)
+    assert rows[us[0].uid] == "done" and lr_units[0].uid == us[0].uid
+    for u in lr_units[1:3]:
+        assert rows[u.uid] == "pending" and u.uid not in {v.uid for v in us}
+
+    # report.title: only the report runs again
+    before = done_mtimes(out)
+    title = write_params(tmp_path / "title.yaml", report__title="another title")
+    res = cli(env, "run", title, "--out", out)
+    assert res.returncode == 0, explain(res)
+    assert finished_lines(res.stdout) == [("done", "report")], res.stdout
+    after = done_mtimes(out)
+    assert {u: t for u, t in after.items() if u != "report"} == {u: t for u, t in before.items() if u != "report"}
+    assert after["report"] != before["report"]
+
+
+def test_force_with_submitit_reruns_every_unit_with_identical_results(env, micro, base_out, tmp_path):
+    """``--force`` redoes every unit (SAEs retrained, not just their notebooks re-executed); the SAE units go
+    through submitit (``cluster='local'`` starts real processes) and reproduce the local executor's numbers."""
+    out = copy_out(base_out, tmp_path / "out")
+    p, us = grid_units(micro, out)
+    before = done_mtimes(out)
+    sae_ids = [s.sae_id for s in p.sae_specs()]
+    weights = {s: (out / "saes" / s / "sae_weights.safetensors").stat().st_mtime_ns for s in sae_ids}
+    res = cli(env, "run", micro, "--out", out, "--executor", "submitit", "--force",
+              extra_env={"PROXYGAP_SUBMITIT_CLUSTER": "local"})
+    assert res.returncode == 0, explain(res)
+    assert "submitit" in res.stdout
+    assert sorted(uid for _, uid in finished_lines(res.stdout)) == sorted(u.uid for u in us), res.stdout
+    after = done_mtimes(out)
+    assert all(after[u.uid] != before[u.uid] for u in us), "--force left some done.json untouched"
+    assert all((out / "saes" / s / "sae_weights.safetensors").stat().st_mtime_ns != weights[s] for s in sae_ids)
+    for s in sae_ids:  # retrained in another process, by another executor: the same bytes
+        assert (out / "saes" / s / "sae_weights.safetensors").read_bytes() == \
+            (base_out / "saes" / s / "sae_weights.safetensors").read_bytes(), s
+    assert list((out / "submitit").rglob("*_result.pkl")), "no submitit job ran"
+    assert_same_numbers(out, base_out, sae_ids)
