@@ -75,6 +75,9 @@ def verify_store(store_dir: Path, expect: dict | None = None, full_hash: bool = 
         meta = read_json(store_dir / META)
     except ValueError as e:
         raise StoreError(f"{store_dir}/{META} is not valid JSON: {e}") from None
+    required = ("shape", "dtype", "bytes", "content_hash", "context_size")
+    if not isinstance(meta, dict) or any(k not in meta for k in required):
+        raise StoreError(f"{store_dir}/{META} lacks some of {', '.join(required)} (written by another version?)")
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise StoreError(f"{store_dir}: {key} is {meta.get(key)!r}, expected {want!r} (stale store)")

@@ -43,8 +43,9 @@ def _writable(out: Path) -> None:
     probe = out
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ParamsError(f"output directory {str(out)!r} is not writable (nearest existing parent {str(probe)!r}); "
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not a directory" if not probe.is_dir() else "is not writable"
+        raise ParamsError(f"output directory {str(out)!r} cannot be created: {str(probe)!r} {what}; "
                           "choose another with --out")
 
 
@@ -147,14 +148,14 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
         print("proxygap: fix the cause and rerun the same command: only failed and missing units run again.",
               file=sys.stderr)
         return 1
-    print(f"proxygap: grid '{p.name}' complete in {wall:.0f}s; report: {_report_path(p)}")
+    print(f"proxygap: grid '{p.name}' complete in {wall:.0f}s; report: {_report_path(p, out)}")
     return 0
 
 
-def _report_path(p) -> Path:
-    from .grid import NOTEBOOKS
+def _report_path(p, out: Path) -> Path:
+    from .grid import report_dir
 
-    return NOTEBOOKS.parent / "reports" / p.name / "report.html"
+    return report_dir(p, out) / "report.html"
 
 
 if __name__ == "__main__":

@@ -456,7 +456,7 @@ def style_claims(claims: pd.DataFrame | None):
         return [f"background-color: {bg}; color: {fg}; font-weight: bold" if col == "status"
                 else f"background-color: {bg}" for col in row.index]
 
-    styler = df.style.apply(row_style, axis=1).hide(axis="index")
+    styler = df.style.set_uuid("claims").apply(row_style, axis=1).hide(axis="index")
     wide = [c for c in ("statement", "evidence", "rule") if c in df.columns]
     styler = styler.set_properties(subset=wide, **{"white-space": "normal", "text-align": "left",
                                                    "min-width": "16em"})
@@ -522,7 +522,7 @@ def style_table(table: pd.DataFrame | None, fill_grid: bool = True):
         rate = _num(value)
         return "color: #a71d2a; font-weight: bold" if rate > 0 else ""
 
-    styler = shown.style.apply(row_style, axis=1).hide(axis="index")
+    styler = shown.style.set_uuid("phase2").apply(row_style, axis=1).hide(axis="index")
     if "mismatch rate" in shown.columns:
         styler = styler.map(rate_style, subset=["mismatch rate"])
     styler = styler.set_table_styles([

@@ -18,12 +18,21 @@ SMOKE = REPO / "params" / "smoke.yaml"
 
 # Set at import time (before any test module runs) so that subprocesses started by the tests inherit it too.
 # PROXYGAP_TEST_CACHE (optional) keeps trained models between sessions while developing tests.
+_OWN_CACHE = not os.environ.get("PROXYGAP_TEST_CACHE")
 _SESSION_CACHE = Path(os.environ.get("PROXYGAP_TEST_CACHE") or tempfile.mkdtemp(prefix="proxygap-test-cache-"))
 os.environ["PROXYGAP_CACHE"] = str(_SESSION_CACHE)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def pytest_unconfigure(config):
+    """Remove the session cache this conftest created (never one given through PROXYGAP_TEST_CACHE)."""
+    if _OWN_CACHE:
+        import shutil
+
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

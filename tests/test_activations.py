@@ -112,6 +112,13 @@ def test_truncated_and_corrupted_stores_are_detected_and_rebuilt(smoke_copy, smo
     assert (large / ACTS).stat().st_size == size
     with pytest.raises(StoreError, match="corrupted"):
         verify_store(large)
+    # a meta.json that is not JSON, or lacks fields, is refused (not a KeyError)
+    meta_text = (small / META).read_text()
+    for bad in ('{"shape": [', "{}", "[1, 2]"):
+        (small / META).write_text(bad)
+        with pytest.raises(StoreError, match=META):
+            verify_store(small)
+    (small / META).write_text(meta_text)
     # a stale store (another model or token set) is refused too
     with pytest.raises(StoreError, match="stale"):
         verify_store(store_dir(smoke_copy, "small"), {"tokens_hash": "something else"})
@@ -184,7 +191,7 @@ def test_store_source_on_smoke_store(smoke_out, smoke_params):
     b = next(src.batches(64, 640, seed=0))
     assert b.shape == (64, smoke_params.d_in("large")) and torch.isfinite(b).all()
     arr = open_store(store_dir(smoke_out, "large"))
-    rows = torch.from_numpy(np.asarray(arr))
+    rows = torch.from_numpy(np.array(arr))
     dist = torch.cdist(b, rows, compute_mode="donot_use_mm_for_euclid_dist")
     assert dist.min(dim=1).values.max() == 0, "every batch row is a store row"
 

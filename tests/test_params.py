@@ -8,9 +8,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from proxygap_helpers.params import ParamsError, load_params
@@ -205,12 +207,35 @@ def test_sae_ids_depend_on_what_shapes_the_sae():
     assert not set(ids) & {s.sae_id for s in model.sae_specs()}
 
 
-def test_plan_phase2_pythia_offline():
-    res = _cli("plan", "params/phase2_pythia.yaml", timeout=300)
+def test_plan_phase2_pythia_offline(tmp_path, monkeypatch):
+    """``plan`` of the reference grid works offline (no hub, no Pile) and lists the 72 SAEs.
+
+    The machine calibration of a pythia-410m-shaped model costs ~2 CPU minutes here, so it is pre-seeded
+    (through plan's own cache, with made-up throughputs); the command itself runs for real in a subprocess."""
+    from proxygap_helpers import plan
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PROXYGAP_CACHE", str(cache))
+    monkeypatch.setattr(plan, "_calibrate_sae", lambda p, role: 1e6)
+    monkeypatch.setattr(plan, "_calibrate_lm", lambda p, role: {"forward_tok_s": 1e6})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the calibration key includes torch's thread count
+    p = load_params(PARAMS / "phase2_pythia.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plan.calibration(p, tmp_path / "out")
+    finally:
+        torch.set_num_threads(threads)
+    assert (cache / "calibration.json").is_file()
+    t0 = time.time()
+    res = _cli("plan", "params/phase2_pythia.yaml", "--out", str(tmp_path / "out"))
+    print(f"plan took {time.time() - t0:.1f}s")
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     out = res.stdout
     assert "72 SAEs" in out, out
     assert "k [8, 16, 32]" in out, out
-    assert "10M" in out and "50M" in out and "100M" in out, out
+    assert "'10M', '50M', '100M'" in out, out
     assert "blocks.3.hook_resid_post" in out and "blocks.12.hook_resid_post" in out, out
+    assert "d_sae 16384" in out and "d_sae 32768" in out, out
+    assert not (tmp_path / "out").exists(), "plan writes nothing"

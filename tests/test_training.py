@@ -215,8 +215,16 @@ def test_no_unpickling_in_the_package():
             if "weights_only=True" not in call:
                 offenders.append(f"{f.name}: {call}")
         for pat in (r"^\s*import pickle", r"^\s*from pickle", r"\bpickle\.loads?\(", r"allow_pickle\s*=\s*True",
-                    r"\bdill\b", r"\bjoblib\.load", r"yaml\.load\((?![^)]*Loader=_SafeLoader)", r"yaml\.unsafe_load",
-                    r"weights_only\s*=\s*False"):
+                    r"\bdill\b", r"\bjoblib\.load", r"yaml\.unsafe_load", r"yaml\.full_load", r"FullLoader",
+                    r"UnsafeLoader", r"weights_only\s*=\s*False"):
             for m in re.finditer(pat, src, flags=re.M):
                 offenders.append(f"{f.name}: {m.group(0)!r}")
+        for line in src.splitlines():
+            if "yaml.load(" in line and "Loader=_SafeLoader" not in line:
+                offenders.append(f"{f.name}: {line.strip()}")
     assert not offenders, offenders
+    import yaml
+
+    from proxygap_helpers.params import _SafeLoader
+
+    assert issubclass(_SafeLoader, yaml.SafeLoader) and not issubclass(_SafeLoader, yaml.FullLoader)
