@@ -48,9 +48,10 @@ GRID = "runner-test-micro"
 RUN_TIMEOUT = 1800  # seconds per command; the micro grid takes a few minutes on 2 loaded cores
 MICRO = {
     "name": GRID,
-    "data.max_chars": 400_000,
-    "models.small.train_tokens": 60_000,
-    "models.large.train_tokens": 60_000,
+    "data.max_chars": 250_000,
+    "data.eval_sequences": 16,
+    "models.small.train_tokens": 30_000,
+    "models.large.train_tokens": 30_000,
     "sae.k": [8],
     "sae.tokens": [2048, 4096],
     "sae.seeds": [0, 1],
@@ -243,6 +244,10 @@ def test_end_to_end_provenance_and_noop_rerun(env, micro, baseline, base_out):
     table = (out / "aggregate" / "phase2_table.csv").read_text().splitlines()
     assert table[0].startswith("k,tokens,n,d_ce_rec_mean,d_ce_rec_lo,d_ce_rec_hi,d_r2_mean") and len(table) == 3
     assert not (out / ".proxygap.lock").exists()
+    html = out / "reports" / "report.html"  # published beside the results, never into the repo's reports/
+    assert html.is_file() and p.report.title in html.read_text()
+    assert str(html) in baseline["res"].stdout.strip().splitlines()[-1]
+    assert not (REPO / "reports" / GRID).exists()
 
     # a second run finds everything complete and touches nothing
     before = snapshot(out)
@@ -418,6 +423,7 @@ def test_param_change_invalidates_only_what_it_shapes(env, micro, base_out, tmp_
     after = done_mtimes(out)
     assert {u: t for u, t in after.items() if u != "report"} == {u: t for u, t in before.items() if u != "report"}
     assert after["report"] != before["report"]
+    assert "another title" in (out / "reports" / "report.html").read_text()
 
 
 def test_force_with_submitit_reruns_every_unit_with_identical_results(env, micro, base_out, tmp_path):
