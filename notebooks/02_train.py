@@ -21,7 +21,7 @@
 # run with its own schedule; in `ladder` mode one run per seed is checkpointed at each budget.
 #
 # SAEs are saved in SAELens format under `saes/<sae id>/` (`SAE.load_from_disk` loads them); a finished
-# SAE is never retrained unless `force` is set. Run by the grid runner with `role` and `k` set; a plain
+# SAE is never retrained unless `force` is set. Run by the grid runner with `role` and `seed` set; a plain
 # "Run All" trains every SAE of the grid.
 
 # %% tags=["parameters"]
@@ -29,6 +29,7 @@ params_path = "params/smoke.yaml"
 out_dir = None
 role = None  # None: both roles
 k = None  # None: every k of the grid
+seed = None  # None: every seed
 force = False
 threads = 0  # torch threads: 0 keeps the default
 
@@ -48,7 +49,7 @@ for r in roles:
     source = StoreSource(store_dir(out, r)) if p.embedded else extract.online_source(p, out, r, device)
     for kk in ks:
         training.train_unit(p, r, kk, source, out, extract.model_name(p, r), p.data.context_size,
-                            device=device, force=force)
+                            device=device, force=force, seed=seed)
 
 # %% [markdown]
 # ## The SAEs of this unit
@@ -59,7 +60,7 @@ for r in roles:
 # %%
 rows = []
 for s in p.sae_specs():
-    if s.role in roles and s.k in ks:
+    if s.role in roles and s.k in ks and seed in (None, s.seed):
         last = read_json(training.sae_dir(out, s.sae_id) / training.TRAIN_LOG)[-1]
         meta = read_json(training.sae_dir(out, s.sae_id) / training.TRAIN_META)
         rows.append({"role": s.role, "k": s.k, "tokens": s.tokens, "seed": s.seed, "steps": meta["steps"],

@@ -30,6 +30,7 @@ params_path = "params/smoke.yaml"
 out_dir = None
 role = None
 k = None
+seed = None
 force = False
 threads = 0  # torch threads: 0 keeps the default
 
@@ -44,7 +45,7 @@ p, out, device = grid.setup(params_path, out_dir, threads)
 records = []
 for r in [role] if role else ["small", "large"]:
     for kk in [k] if k else p.sae.k:
-        records += evaluate.evaluate_unit(p, r, kk, out, device=device, force=force)
+        records += evaluate.evaluate_unit(p, r, kk, out, device=device, force=force, seed=seed)
 
 # %% [markdown]
 # ## Metrics of this unit (`ce_rec` is the primary definition named in params)

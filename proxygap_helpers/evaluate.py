@@ -28,13 +28,14 @@ def is_evaluated(p: Params, out_dir: Path, sae_id: str) -> bool:
         return False
 
 
-def evaluate_unit(p: Params, role: str, k: int, out_dir: Path, device: str = "cpu", force: bool = False,
-                  progress: bool = True) -> list[dict]:
-    """Evaluate the SAEs of (role, k) that have no current metrics.json; return all their metrics."""
+def evaluate_unit(p: Params, role: str, k: int | None, out_dir: Path, device: str = "cpu", force: bool = False,
+                  progress: bool = True, seed: int | None = None) -> list[dict]:
+    """Evaluate the SAEs of ``role`` (and ``k`` / ``seed`` when given) that have no current metrics.json;
+    return all their metrics."""
     from .metrics import evaluate_sae
 
     out_dir = Path(out_dir)
-    specs = p.sae_specs(role=role, k=k)
+    specs = p.sae_specs(role=role, k=k, seed=seed)
     todo = [s for s in specs if force or not is_evaluated(p, out_dir, s.sae_id)]
     if todo:
         tokens = load_eval_tokens(out_dir)

@@ -3,7 +3,7 @@
 Stages run in order; units within a stage are independent:
 
 1. ``extract``            notebooks/01_extract   models, eval tokens, activation stores
-2. ``sae-<role>-k<k>``    02_train, 03_evaluate  every seed and budget of one (role, k)
+2. ``sae-<role>-s<seed>`` 02_train, 03_evaluate  every k and budget of one (role, seed)
 3. ``aggregate``          04_aggregate           tables, leaderboard, claims
 4. ``report``             05_report              reports/<grid>/report.html
 
@@ -68,21 +68,23 @@ def units(p: Params, out_dir: Path, params_file: Path) -> list[Unit]:
     base = {"params_path": str(params_file), "out_dir": str(out_dir)}
     out = [Unit(f"extract-{p.extract_hash}", "extract", ("01_extract",), dict(base))]
     for role in ROLES:
-        for k in p.sae.k:
-            specs = p.sae_specs(role=role, k=k)
+        for seed in p.sae.seeds:
+            specs = p.sae_specs(role=role, seed=seed)
             ids = tuple(s.sae_id for s in specs)
             h = short_hash({"saes": ids, "eval": p.eval_hash})
-            out.append(Unit(f"sae-{role}-k{k}-{h}", "sae", ("02_train", "03_evaluate"),
-                            {**base, "role": role, "k": k}, ids, _train_tokens(p, specs)))
+            out.append(Unit(f"sae-{role}-s{seed}-{h}", "sae", ("02_train", "03_evaluate"),
+                            {**base, "role": role, "seed": seed}, ids, _train_tokens(p, specs)))
     out.append(Unit("aggregate", "aggregate", ("04_aggregate",), dict(base)))
     out.append(Unit("report", "report", ("05_report",), dict(base)))
     return out
 
 
 def _train_tokens(p: Params, specs) -> int:
+    """SAE training tokens of a unit: every budget (separate) or the largest per (k, seed) run (ladder)."""
     if p.sae.budget_mode == "separate":
         return sum(s.tokens for s in specs)
-    return sum(max(s.tokens for s in specs if s.seed == seed) for seed in p.sae.seeds)
+    runs = {(s.k, s.seed) for s in specs}
+    return len(runs) * max(p.sae.tokens)
 
 
 def metrics_path(out_dir: Path, sae_id: str) -> Path:

@@ -254,11 +254,12 @@ class Params(_Strict):
     def sae_id(self, role: str, k: int, tokens: int, seed: int) -> str:
         return f"{role}-k{k}-t{format_tokens(tokens)}-s{seed}-{self.sae_hash(role, k, tokens, seed)}"
 
-    def sae_specs(self, role: str | None = None, k: int | None = None) -> list["SAESpec"]:
+    def sae_specs(self, role: str | None = None, k: int | None = None, seed: int | None = None) -> list["SAESpec"]:
+        """Every SAE of the grid (or those of one role / k / seed), ordered role, k, seed, budget."""
         return [SAESpec(r, kk, t, s, self.sae_id(r, kk, t, s))
                 for r in ROLES if role in (None, r)
                 for kk in self.sae.k if k in (None, kk)
-                for s in self.sae.seeds for t in self.sae.tokens]
+                for s in self.sae.seeds if seed in (None, s) for t in self.sae.tokens]
 
     @cached_property
     def eval_hash(self) -> str:

@@ -15,7 +15,7 @@ from . import provenance
 from .extract import cache_root
 from .files import read_json, write_json_atomic
 from .grid import units
-from .params import ROLES, PYTHIA_SHAPES, Params, format_tokens, short_hash
+from .params import PYTHIA_SHAPES, ROLES, Params, format_tokens, short_hash
 
 NOTEBOOK_OVERHEAD_S = 6.0  # kernel start + imports (torch, sae_lens) per executed notebook, measured here
 EVAL_FORWARD_EQUIV = 7.0  # forwards per eval token: clean, SAE, zero, mean passes + the JVP (~3 forwards)
@@ -32,54 +32,61 @@ def _time_it(fn, reps: int) -> float:
     return best
 
 
+SAE_GEMM_EFFICIENCY = 0.5  # SAE train-step FLOP rate / dense matmul rate at large shapes (benchmarks: 0.35-0.9)
+BIG = 2**24  # d_in * d_sae above which a shape is estimated from FLOPs instead of timed train steps
+
+
+def _gemm_rate(m: int, k: int, n: int) -> float:
+    """Dense matmul FLOP/s at [m, k] @ [k, n] on this machine."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return 2 * m * k * n / _time_it(lambda: a @ b, 5)
+
+
 def _calibrate_sae(p: Params, role: str) -> float:
-    """SAELens train-step throughput (tokens/s) at this role's d_in, d_sae, k and batch size."""
+    """SAELens train-step throughput (tokens/s) at this role's d_in, d_sae, k and batch size; shapes too big to
+    time quickly here (Pythia) are estimated as 12 d_in d_sae FLOPs per token at SAE_GEMM_EFFICIENCY of the
+    matmul rate."""
     import torch
 
     from .training import make_sae, make_trainer
 
+    d_in, d_sae = p.d_in(role), p.d_sae(role)
+    if d_in * d_sae > BIG:
+        return SAE_GEMM_EFFICIENCY * _gemm_rate(64, d_in, d_sae) / (12 * d_in * d_sae)
     bs = min(p.sae.batch_size, 1024)
-    x = torch.randn(bs, p.d_in(role))
+    x = torch.randn(bs, d_in)
     sae = make_sae(p, role, p.sae.k[0], 0, "calibration", p.data.context_size)
     tr = make_trainer(p, sae, 10 * bs, "cpu", iter(()))
     return bs / _time_it(lambda: tr.step(x), 5)
 
 
-def _lm_config(p: Params, role: str):
-    from transformers import GPTNeoXConfig
+def _calibrate_lm(p: Params, role: str) -> dict:
+    """LM forward (tokens/s) and, for embedded models, train-step throughput, timed on a randomly initialised
+    model of the same config; hub (Pythia) shapes are estimated from FLOPs (2 x parameters per token)."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
 
     from .models import neox_config
 
     m = p.models[role]
-    if m.source == "embedded":
-        return neox_config(m, p.data.vocab_size, p.data.context_size)
-    n_layers, d, heads = PYTHIA_SHAPES[m.name.split("/")[-1].removesuffix("-deduped")]
-    return GPTNeoXConfig(vocab_size=50304, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=heads,
-                         intermediate_size=4 * d, max_position_embeddings=p.data.context_size)
-
-
-def _calibrate_lm(p: Params, role: str) -> dict:
-    """LM forward (tokens/s) and, for embedded models, train-step throughput."""
-    import torch
-    from transformers import GPTNeoXForCausalLM
-
-    cfg = _lm_config(p, role)
-    model = GPTNeoXForCausalLM(cfg)
-    ctx = min(p.data.context_size, 256)
-    x = torch.randint(0, cfg.vocab_size, (4, ctx))
+    if m.source == "hub":
+        n_layers, d, _ = PYTHIA_SHAPES[m.name.split("/")[-1].removesuffix("-deduped")]
+        flops = 2 * (12 * n_layers * d * d + 2 * 50304 * d)
+        return {"forward_tok_s": _gemm_rate(512, d, 4 * d) / flops}
+    model = GPTNeoXForCausalLM(neox_config(m, p.data.vocab_size, p.data.context_size))
+    x = torch.randint(0, p.data.vocab_size, (4, min(p.data.context_size, 256)))
     with torch.no_grad():
-        fwd = x.numel() / _time_it(lambda: model(input_ids=x), 5)
-    out = {"forward_tok_s": fwd}
-    if p.models[role].source == "embedded":
-        m = p.models[role]
-        xb = torch.randint(0, cfg.vocab_size, (m.batch_size, p.data.context_size))
-        opt = torch.optim.AdamW(model.parameters())
+        out = {"forward_tok_s": x.numel() / _time_it(lambda: model(input_ids=x), 5)}
+    xb = torch.randint(0, p.data.vocab_size, (m.batch_size, p.data.context_size))
+    opt = torch.optim.AdamW(model.parameters())
 
-        def step():
-            model(input_ids=xb, labels=xb).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        out["train_tok_s"] = xb.numel() / _time_it(step, 5)
+    def step():
+        model(input_ids=xb, labels=xb).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out["train_tok_s"] = xb.numel() / _time_it(step, 5)
     return out
 
 

@@ -190,10 +190,11 @@ def runs_for(p: Params, specs: Iterable[SAESpec]) -> list[list[SAESpec]]:
     return list(groups.values())
 
 
-def train_unit(p: Params, role: str, k: int, source, out_dir: Path, model_name: str, context_size: int,
-               device: str = "cpu", force: bool = False, progress: bool = True) -> list[dict]:
-    """Train every missing SAE of (role, k) (all seeds and budgets). Finished SAEs are kept unless ``force``."""
-    todo = [s for s in p.sae_specs(role=role, k=k) if force or not is_trained(out_dir, s.sae_id)]
+def train_unit(p: Params, role: str, k: int | None, source, out_dir: Path, model_name: str, context_size: int,
+               device: str = "cpu", force: bool = False, progress: bool = True, seed: int | None = None) -> list[dict]:
+    """Train every missing SAE of ``role`` (and of ``k`` / ``seed`` when given; None = all). Finished SAEs are
+    kept unless ``force``."""
+    todo = [s for s in p.sae_specs(role=role, k=k, seed=seed) if force or not is_trained(out_dir, s.sae_id)]
     metas = []
     for run in runs_for(p, todo):
         metas += run_training(p, run, source, out_dir, model_name, context_size, device, progress)
