@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements.lock
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+	PROXYGAP_THREADS=1 $(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 report: $(STAMP)
 	$(PY) -m proxygap_helpers run $(PARAMS)

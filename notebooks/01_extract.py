@@ -36,7 +36,8 @@ import pandas as pd
 from proxygap_helpers import extract, grid
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (progress bars; whether work ran or was found done)
+# NBVAL_IGNORE_OUTPUT
+# (output is volatile: progress bars, and whether the work ran or was found already done)
 p, out, device = grid.setup(params_path, out_dir, threads)
 info = extract.run_extract(p, out, device=device)
 

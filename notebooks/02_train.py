@@ -41,7 +41,8 @@ from proxygap_helpers.activations import StoreSource, store_dir
 from proxygap_helpers.files import read_json
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (progress bars; whether work ran or was found done)
+# NBVAL_IGNORE_OUTPUT
+# (output is volatile: progress bars, and whether the work ran or was found already done)
 p, out, device = grid.setup(params_path, out_dir, threads)
 roles = [role] if role else ["small", "large"]
 ks = [k] if k else p.sae.k

@@ -40,7 +40,8 @@ import pandas as pd
 from proxygap_helpers import evaluate, grid
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (progress bars; whether work ran or was found done)
+# NBVAL_IGNORE_OUTPUT
+# (output is volatile: progress bars, and whether the work ran or was found already done)
 p, out, device = grid.setup(params_path, out_dir, threads)
 records = []
 for r in [role] if role else ["small", "large"]:

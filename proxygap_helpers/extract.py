@@ -63,7 +63,8 @@ def _train_pair(p: Params, out_dir: Path, corpus, tok_dir: Path, tok, train_ids,
     for role in ROLES:
         m = p.models[role]
         key = short_hash({"corpus": corpus.content_hash, "tok": tok_dir.name, "model": m.model_dump(),
-                          "ctx": d.context_size, "seed": d.seed, "torch": torch.__version__, "v": 1})
+                          "ctx": d.context_size, "seed": d.seed, "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "v": 1})  # CPU results depend on the thread count
         cached = cache_root(out_dir) / "models" / key
         if not (cached / MODEL_META).is_file():
             t0 = time.time()

@@ -147,11 +147,16 @@ def state(p: Params, out_dir: Path, unit: Unit) -> tuple[str, str]:
 
 
 def setup(params_path: str, out_dir: str | None = None, threads: int = 0) -> tuple[Params, Path, str]:
-    """What each notebook does first: params, output dir, torch threads (0 = leave as is), device."""
+    """What each notebook does first: params, output dir, torch threads, device.
+
+    ``threads`` 0 means ``$PROXYGAP_THREADS`` when set, else torch's default. CPU numbers are deterministic
+    for a given thread count (not across counts), which is why the thread count keys the model cache.
+    """
     import torch
 
     from .models import resolve_device
 
+    threads = threads or int(os.environ.get("PROXYGAP_THREADS") or 0)
     if threads:
         torch.set_num_threads(threads)
     p, out = resolve(params_path, out_dir)
