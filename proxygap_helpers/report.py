@@ -21,6 +21,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .plots import _col, _frame, _num  # the shared NaN-tolerant frame helpers
+from .plots import format_tokens as fmt_tokens
+
 MIN_N = 2
 STUDY_LOW_BUDGET = 10_000_000
 STATUS_COLORS = {"supported": ("#d4edda", "#1e7b34"), "pending": ("#fff3cd", "#8a6100"),
@@ -31,26 +34,6 @@ CHROMIUM_HINT = ("headless Chromium was not found (looked for $PROXYGAP_CHROMIUM
 
 
 # ---------------------------------------------------------------- small formatting helpers
-
-
-def _num(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def fmt_tokens(x: Any) -> str:
-    """1e7 -> '10M', 5.94e6 -> '5.94M', 0 -> '0', inf -> '∞', NaN -> 'n/a'."""
-    x = _num(x)
-    if np.isnan(x):
-        return "n/a"
-    if np.isinf(x):
-        return "∞" if x > 0 else "-∞"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.3g}"
 
 
 def _z(x: float, digits: int = 3) -> float:
@@ -79,16 +62,6 @@ def _fmt_sig(mean: Any, lo: Any, hi: Any) -> str:
 
 def _where(k: Any, tokens: Any) -> str:
     return f"k={int(k)}, T={fmt_tokens(tokens)}"
-
-
-def _col(df: pd.DataFrame | None, name: str) -> pd.Series:
-    if df is None or name not in df.columns:
-        return pd.Series(np.nan, index=df.index if df is not None else pd.RangeIndex(0), dtype=float)
-    return pd.to_numeric(df[name], errors="coerce").astype(float)
-
-
-def _frame(df: pd.DataFrame | None) -> pd.DataFrame:
-    return df.copy() if df is not None else pd.DataFrame()
 
 
 def _grid(table: pd.DataFrame, sae_metrics: pd.DataFrame | None = None) -> tuple[list[int], list[int]]:
