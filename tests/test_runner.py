@@ -204,7 +204,10 @@ def base_out(baseline) -> Path:
 def test_end_to_end_provenance_and_noop_rerun(env, micro, baseline, base_out):
     out = base_out
     p, us = grid_units(micro, out)
-    assert [u.stage for u in us] == ["extract", "sae", "sae", "aggregate", "report"]
+    # one SAE unit per (role, seed): every k and budget of that seed
+    assert [u.stage for u in us] == ["extract"] + ["sae"] * (2 * len(p.sae.seeds)) + ["aggregate", "report"]
+    assert {(u.parameters["role"], u.parameters["seed"]) for u in us if u.stage == "sae"} == \
+        {(r, s) for r in ("small", "large") for s in p.sae.seeds}
     assert (out / "params.resolved.yaml").is_file() and (out / "data" / "eval_tokens.npy").is_file()
     for role in ("small", "large"):
         assert (out / "models" / role / "config.json").is_file()
