@@ -25,6 +25,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev,bench]"  # the peer trainer (EleutherAI sparsify)
 	$(PY) benchmarks/run.py
 
 sync: $(STAMP)

@@ -48,7 +48,9 @@ WORK = ROOT / "results" / "bench"
 GRID = HERE / "grid.yaml"
 REPORT_JSON = ROOT / "reports" / "benchmarks.json"
 REPORT_MD = ROOT / "reports" / "benchmarks.md"
-ROLE = "large"  # micro-benchmarks use the large model's shapes (d_in 128, d_sae 4096)
+ROLE = "large"  # extraction and training benchmarks use the large model's shapes (d_in 128, d_sae 4096)
+AUXK_WINDOW = 2048  # scaling children: latents count as dead after 4 steps, so AuxK runs at every budget
+SCALING_ROLE = "small"  # RSS / budget scaling: the small model's shapes (d_in 64), 4x cheaper per token
 
 TARGETS = {
     "extract_overhead_ratio": ("<=", 1.15),
@@ -233,14 +235,16 @@ def bench_training(ctx: dict, repeats: int, tokens: int, k: int = 16, seed: int 
     peer = _peer_setup(ctx, p, tokens, k, seed)
     ours()  # warm-up (first-call costs: imports inside, oneDNN primitives)
     res: dict[str, list[float]] = {"ours": [], "saelens": [], "gemm": [], "peer": [], "peer_lm": []}
+    def run_peer() -> None:
+        t_peer, t_lm = peer()
+        res["peer"].append(t_peer)
+        res["peer_lm"].append(t_lm)
+
+    steps = [lambda: res["ours"].append(ours()), lambda: res["saelens"].append(saelens()),
+             lambda: res["gemm"].append(gemm_flops_per_s())] + ([run_peer] if peer is not None else [])
     for r in range(repeats):
-        res["ours"].append(ours())
-        res["saelens"].append(saelens())
-        res["gemm"].append(gemm_flops_per_s())
-        if peer is not None:
-            t_peer, t_lm = peer()
-            res["peer"].append(t_peer)
-            res["peer_lm"].append(t_lm)
+        for fn in steps[r % len(steps):] + steps[:r % len(steps)]:  # rotate: nobody always runs first
+            fn()
         log(f"  training repeat {r + 1}/{repeats}: ours {res['ours'][-1]:.1f}s, saelens {res['saelens'][-1]:.1f}s, "
             f"gemm {res['gemm'][-1] / 1e9:.1f} GFLOP/s" + (f", sparsify {res['peer'][-1]:.1f}s" if peer else ""))
     flops_tok = 12.0 * d_in * d_sae
@@ -330,16 +334,28 @@ def child_train(args) -> None:
     from proxygap_helpers import training
     from proxygap_helpers.activations import StoreSource, store_dir
 
-    p = bench_params({"sae.tokens": [args.budget], "sae.k": [16], "sae.seeds": [0]})
-    spec = p.sae_specs(role=ROLE)[0]
-    src = StoreSource(store_dir(WORK / "setup", ROLE))
+    import sae_lens  # noqa: F401  (imported before the clock starts: a per-process cost, not a per-token one)
+    import sae_lens.training.sae_trainer  # noqa: F401
+
+    # AuxK runs only once latents are dead (after dead_tokens_window tokens) and makes a step ~2x dearer on
+    # CPU; a short window keeps the per-step work the same at every budget, so the slope measures the
+    # pipeline, not where the budgets fall relative to the window (see notes.md).
+    p = bench_params({"sae.tokens": [args.budget], "sae.k": [16], "sae.seeds": [0],
+                      "sae.dead_tokens_window": AUXK_WINDOW})
+    spec = p.sae_specs(role=SCALING_ROLE)[0]
+    src = StoreSource(store_dir(WORK / "setup", SCALING_ROLE))
     rss0 = peak_rss_mb()
     tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="child-"))
-    t0 = time.perf_counter()
+    def cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu()
     training.run_training(p, [spec], src, tmp, "bench", p.data.context_size, progress=False)
-    secs = time.perf_counter() - t0
+    secs, cpu_secs = time.perf_counter() - t0, cpu() - c0
     shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps({"budget": args.budget, "train_seconds": secs, "peak_rss_mb": peak_rss_mb(),
+    print(json.dumps({"budget": args.budget, "train_seconds": secs, "cpu_seconds": cpu_secs,
+                      "peak_rss_mb": peak_rss_mb(),
                       "peak_rss_before_training_mb": rss0}))
 
 
@@ -355,15 +371,24 @@ def bench_scaling(repeats: int, base_budget: int) -> dict:
                 raise RuntimeError(f"training subprocess failed:\n{res.stderr[-3000:]}")
             runs[b].append(json.loads(res.stdout.strip().splitlines()[-1]))
         log(f"  scaling repeat {r + 1}/{repeats}: " + ", ".join(
-            f"{b}: {runs[b][-1]['train_seconds']:.1f}s {runs[b][-1]['peak_rss_mb']:.0f}MB" for b in budgets))
+            f"{b}: {runs[b][-1]['train_seconds']:.1f}s ({runs[b][-1]['cpu_seconds']:.1f} cpu-s) "
+            f"{runs[b][-1]['peak_rss_mb']:.0f}MB" for b in budgets))
     t = [median([x["train_seconds"] for x in runs[b]]) for b in budgets]
+    c = [median([x["cpu_seconds"] for x in runs[b]]) for b in budgets]
     rss = {b: median([x["peak_rss_mb"] for x in runs[b]]) for b in budgets}
-    xs, ys = [math.log(b) for b in budgets], [math.log(v) for v in t]
-    mx, my = sum(xs) / 3, sum(ys) / 3
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+    def slope(vals):
+        xs, ys = [math.log(b) for b in budgets], [math.log(v) for v in vals]
+        mx, my = sum(xs) / 3, sum(ys) / 3
+        return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
     return {
         "rss_growth_ratio": rss[budgets[2]] / rss[budgets[0]],
-        "time_vs_budget_exponent": slope,
+        # CPU seconds of the training process: the subprocesses run one after another, so wall time would
+        # carry every change in the machine's load between them (see notes.md); wall slope reported beside it
+        "time_vs_budget_exponent": slope(c),
+        "time_vs_budget_exponent_wall": slope(t),
+        "train_cpu_seconds_1x": c[0], "train_cpu_seconds_2x": c[1], "train_cpu_seconds_4x": c[2],
         "rss_peak_mb_1x": rss[budgets[0]], "rss_peak_mb_4x": rss[budgets[2]],
         "rss_before_training_mb_1x": median([x["peak_rss_before_training_mb"] for x in runs[budgets[0]]]),
         "budget_1x_tokens": float(budgets[0]),
@@ -446,10 +471,16 @@ def _our_grid(out: Path) -> dict:
     # "[i/N   12s] done   sae-..." lines: elapsed seconds when each unit finished
     sae_done = [float(m.group(1)) for m in re.finditer(r"^\[\d+/\d+\s+(\d+)s\] done\s+sae-", res.stdout, re.M)]
     units = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/done.json"))]
+    imports = 0.0  # in-notebook cells tagged "imports" (start-up cost, counted as overhead by executors.py)
+    for nbf in (out / "runs").glob("*/*.ipynb"):
+        nb = json.loads(nbf.read_text())
+        imports += sum(float(c["metadata"].get("papermill", {}).get("duration") or 0) for c in nb["cells"]
+                       if "imports" in c["metadata"].get("tags", []))
     wall_u = sum(u["wall_seconds"] for u in units)
     comp_u = sum(u["compute_seconds"] for u in units)
     return {"wall": wall, "through_evaluate": max(sae_done) if sae_done else wall,
-            "unit_wall": wall_u, "unit_compute": comp_u, "n_units": len(units),
+            "unit_wall": wall_u, "unit_compute": comp_u, "n_units": len(units), "imports": imports,
+            "n_notebooks": len(list((out / "runs").glob("*/*.ipynb"))),
             "n_saes": len(list((out / "runs").glob("*/metrics.json")))}
 
 
@@ -493,6 +524,9 @@ def bench_grid(ctx: dict, repeats: int) -> dict:
         "orchestration_overhead_fraction": median([(o["unit_wall"] - o["unit_compute"]) / o["unit_wall"] for o in ours]),
         "orchestration_overhead_seconds_per_unit": median(
             [(o["unit_wall"] - o["unit_compute"]) / o["n_units"] for o in ours]),
+        "orchestration_imports_seconds_per_notebook": median([o["imports"] / o["n_notebooks"] for o in ours]),
+        "orchestration_other_seconds_per_notebook": median(
+            [(o["unit_wall"] - o["unit_compute"] - o["imports"]) / o["n_notebooks"] for o in ours]),
         "grid_ours_wall_seconds": median([o["wall"] for o in ours]),
         "grid_ours_through_evaluate_seconds": median([o["through_evaluate"] for o in ours]),
         "grid_naive_wall_seconds": median([n["wall"] for n in naive]),
@@ -539,9 +573,11 @@ COMPARED = {
                              "`grid_vs_naive_speedup_full_run`)",
     "orchestration_overhead_fraction": "sum over units of (wall - in-notebook compute) / sum of unit walls, from "
                                        "done.json of our `run` on the bench grid",
-    "rss_growth_ratio": "peak RSS (ru_maxrss) of a fresh subprocess training one SAE at 4x the budget / at 1x",
-    "time_vs_budget_exponent": "least-squares slope of log(run_training seconds) on log(budget) over 1x, 2x, 4x "
-                               "(fresh subprocesses, medians)",
+    "rss_growth_ratio": "peak RSS (ru_maxrss) of a fresh subprocess training one SAE (small model, d_in 64) at 4x "
+                        "the budget / at 1x",
+    "time_vs_budget_exponent": "least-squares slope of log(run_training CPU seconds) on log(budget) over 1x, 2x, "
+                               "4x (fresh subprocesses run one after another, medians; dead window 2048 tokens so "
+                               "AuxK runs at every budget; wall-time slope in `_wall`)",
     "peer_trainer_ratio": "our tokens/s / EleutherAI sparsify `Trainer.fit()` tokens/s, same SAE shapes and budget "
                           "(sparsify includes its LM forward to the hook layer; `_lm_excluded` subtracts it)",
 }
@@ -575,7 +611,7 @@ def write_reports(results: dict, info: dict, notes: list[str], quick: bool, seco
     REPORT_JSON.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
     lines = ["# Benchmarks", "",
              f"Written by `make bench` (`benchmarks/run.py{' --quick' if quick else ''}`) on {info['date']} in "
-             f"{seconds / 60:.1f} min. Every figure is a ratio of two measurements taken in the same run, on the same "
+             f"{seconds / 60:.1f} min{info.get('partial', '')}. Every figure is a ratio of two measurements taken in the same run, on the same "
              "shapes, interleaved, repeated; the figure is the median of the per-repeat ratios. Raw numbers: "
              "`reports/benchmarks.json`." + (" **Quick mode: fewer repeats and tokens; indicative only.**" if quick
                                                else ""), "",
@@ -614,6 +650,29 @@ def arithmetic(p) -> dict:
     return out
 
 
+def derived_notes(r: dict) -> list[str]:
+    """Arithmetic from this run's own numbers (see benchmarks/notes.md for the discussion)."""
+    out = []
+    if "bare_forward_to_layer_tokens_per_s" in r and "sae_train_tokens_per_s" in r:
+        lm_t, sae_t = 1 / r["bare_forward_to_layer_tokens_per_s"], 1 / r["sae_train_tokens_per_s"]
+        flop = r["flops_lm_to_hook_per_token_large"] / r["flops_sae_step_per_token_large"]
+        out.append(f"per token of the large model (d_in 128): HF forward to the hook layer {lm_t * 1e6:.0f} us "
+                   f"(extraction section) vs one SAE train step {sae_t * 1e6:.0f} us (training section); the two "
+                   f"are measured minutes apart, under whatever load each moment had. By FLOPs the ratio is "
+                   f"{flop:.2f} ({r['flops_lm_to_hook_per_token_large'] / 1e6:.2f}M vs "
+                   f"{r['flops_sae_step_per_token_large'] / 1e6:.2f}M). With TransformerLens at 0.46x HF "
+                   f"(DESIGN.md), the naive pipeline's per-SAE LM pass adds {lm_t / 0.46 / sae_t:.2f} (these "
+                   f"timings) or {flop / 0.46:.2f} (FLOPs at equal efficiency) of the SAE step's cost per token; "
+                   f"naive / ours is bounded by about 1 + that, plus parallel units and fixed costs.")
+    if "orchestration_overhead_seconds_per_unit" in r:
+        per = r["orchestration_overhead_seconds_per_unit"]
+        out.append(f"orchestration: {per:.1f} s per unit outside in-notebook compute "
+                   f"({r.get('orchestration_imports_seconds_per_notebook', float('nan')):.1f} s of imports cells and "
+                   f"{r.get('orchestration_other_seconds_per_notebook', float('nan')):.1f} s of kernel start-up / papermill "
+                   f"per notebook); <= 10% needs >= {9 * per:.0f} s of compute per unit.")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a check that it runs)")
@@ -648,17 +707,25 @@ def main(argv=None) -> int:
         results.update(bench_extract(ctx, max(reps, 3), 64 if q else 256))
     if "training" in only:
         log("SAE training: ours vs SAELens fit vs GEMM vs peer ...")
-        results.update(bench_training(ctx, reps, 10_240 if q else 102_400))
+        results.update(bench_training(ctx, reps, 10_240 if q else 20_480))
         if "peer_note" in ctx:
             notes.append(f"peer trainer: {ctx['peer_note']}")
     if "scaling" in only:
         log("RSS and time vs budget (fresh subprocesses) ...")
-        results.update(bench_scaling(reps, 10_240 if q else 25_600))
+        results.update(bench_scaling(reps, 5_120 if q else 10_240))
     if "grid" in only:
         log("grid: ours vs naive ...")
         results.update(bench_grid(ctx, reps))
+    notes += derived_notes(results)
     info["load_average_end"] = os.getloadavg()
     seconds = time.time() - t_start
+    if args.only and REPORT_JSON.is_file():  # a partial rerun updates the previous full report
+        prev = json.loads(REPORT_JSON.read_text())
+        info["partial"] = (f" (a partial rerun of `--only {args.only}`, merged into the previous run's other "
+                           "figures)")
+        prev.pop("bench_seconds", None)
+        results = {**prev, **results}
+        notes = [n for n in notes if not n.startswith(("per token", "orchestration:"))] + derived_notes(results)
     write_reports(results, info, notes, q, seconds)
     log(f"wrote {REPORT_JSON.relative_to(ROOT)} and {REPORT_MD.relative_to(ROOT)} in {seconds / 60:.1f} min")
     for key in TARGETS:
