@@ -85,6 +85,7 @@ def publish(p: Params, out_dir: Path, executed_report: Path) -> Path:
     dest = report_dir(p, out_dir)
     dest.mkdir(parents=True, exist_ok=True)
     html = render_html(executed_report, dest / "report.html", title=p.report.title)
+    _sign_flip_png(out_dir, dest / "sign_flip.png")
     for name in PUBLISHED:
         src = Path(out_dir) / "aggregate" / name
         if src.is_file():
@@ -92,3 +93,18 @@ def publish(p: Params, out_dir: Path, executed_report: Path) -> Path:
             shutil.copyfile(src, tmp)
             tmp.replace(dest / name)
     return html
+
+
+def _sign_flip_png(out_dir: Path, png: Path) -> None:
+    """The report's sign-flip figure as a PNG beside it (for the README and slides)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import plots
+
+    agg = load_aggregate(out_dir)
+    plots.set_theme()
+    fig = plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"])
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(png)

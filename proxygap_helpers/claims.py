@@ -255,7 +255,7 @@ CLAIMS: dict[str, tuple[str, str, Callable[..., Verdict]]] = {
     "C4": ("-", "The mismatch is specific to low k: the k=32 boundary (else the largest k above the two smallest) "
                 "shows less of it at the same budget.",
            _c4_boundary),
-    "C5": ("D2", "A geometry-aware proxy (SWD or KL) predicts held-out ΔCE_rec better than ΔR².",
+    "C5": ("D2", "A geometry-aware proxy (ΔSWD, the pullback) predicts held-out ΔCE_rec better than ΔR².",
            _c5_geometry_proxy),
     "C6": ("D3", "Dimensionality tracks the behavioural gap.", _c6_dimensionality),
 }
