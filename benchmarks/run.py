@@ -31,7 +31,6 @@ import io
 import json
 import math
 import os
-import platform
 import re
 import resource
 import shutil
@@ -537,24 +536,16 @@ def bench_grid(ctx: dict, repeats: int) -> dict:
 
 # --------------------------------------------------------------------------- report
 def machine() -> dict:
-    import torch
+    """The project's provenance facts (CPU, cores, threads, versions) plus the date, load and the peer's version."""
+    from proxygap_helpers import provenance
 
-    cpu = platform.processor() or "?"
+    m, vers = provenance.machine(), dict(provenance.versions())
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    vers = {"python": platform.python_version()}
-    for pkg in ("torch", "sae-lens", "transformer-lens", "transformers", "numpy", "papermill", "eai-sparsify"):
-        try:
-            vers[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            vers[pkg] = "not installed"
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        vers["eai-sparsify"] = md.version("eai-sparsify")
+    except md.PackageNotFoundError:
+        vers["eai-sparsify"] = "not installed"
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": m["cpu"],
+            "cores": m["cpu_count"], "torch_threads": m["torch_threads"], "platform": m["platform"],
             "load_average_start": os.getloadavg(), "versions": vers}
 
 
