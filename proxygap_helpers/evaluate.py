@@ -49,7 +49,7 @@ def evaluate_unit(p: Params, role: str, k: int | None, out_dir: Path, device: st
                          special_ids=special, progress=progress)
         m["ce_rec"] = m["ce_rec_relative"] if p.evaluation.ce_rec == "relative" else m["ce_rec_zero_norm"]
         rec = {"sae_id": spec.sae_id, "model_role": role, "model_name": model_name(p, role), "hook": p.hook(role),
-               "k": k, "tokens": spec.tokens, "seed": spec.seed, "d_in": p.d_in(role), "d_sae": p.d_sae(role),
+               "k": spec.k, "tokens": spec.tokens, "seed": spec.seed, "d_in": p.d_in(role), "d_sae": p.d_sae(role),
                **m, "ce_rec_definition": p.evaluation.ce_rec,
                "train_seconds": train_meta["train_seconds"], "budget_mode": train_meta["budget_mode"],
                "epochs_used": train_meta["epochs_used"], "eval_hash": p.eval_hash,

@@ -87,6 +87,7 @@ def make_trainer(p: Params, sae, total_tokens: int, device: str, data_provider):
         dead_feature_window=window, feature_sampling_window=window,
         n_batches_for_norm_estimate=s.norm_estimate_batches,
     )
+    sae.to(device)  # fit() would do this; run_training drives step() directly
     return SAETrainer(cfg=cfg, sae=sae, data_provider=data_provider)
 
 

@@ -1,0 +1,234 @@
+"""The CUDA path on a GPU machine: the pipeline on Pythia-shaped models, CPU parity, GPU throughput ratios.
+
+Not part of ``make test`` or ``make bench`` (CI has no GPU). Usage::
+
+    python benchmarks/gpu_check.py --out /tmp/gpu-check [--json reports/gpu_check.json]
+
+1. Pipeline: an embedded grid whose two models have the shapes of pythia-70m (6 layers, d 512, 8 heads) and
+   pythia-410m (24 layers, d 1024, 16 heads), randomly initialised (one LM step; no hub download), the
+   embedded tokenizer (vocab 2048, not Pythia's 50304), mid-layer resid_post, TopK 32x. Extraction, SAE
+   training and evaluation run on CUDA through the same helpers the notebooks call, then the aggregate.
+2. Parity: the largest SAE of each role is evaluated again on the CPU; every metric must agree.
+3. Throughput on the GPU, side by side: our ``run_training`` (activations streamed from the memmap store)
+   vs a plain SAELens ``SAETrainer.fit`` on activations already in GPU memory; the training FLOP rate
+   (12 d_in d_sae per token) over a dense fp32 matmul of the same shapes; our store extraction vs a bare
+   forward to the hook layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from proxygap_helpers import aggregate, evaluate, extract, provenance, training  # noqa: E402
+from proxygap_helpers.activations import StoreSource, store_dir  # noqa: E402
+from proxygap_helpers.params import validate_params  # noqa: E402
+
+DEV = "cuda"  # --device: "cpu" only for a dry run of this script on a machine without a GPU
+PARITY_KEYS = ("ce_clean", "ce_sae", "ce_zero", "ce_rec", "r2", "cosine", "rel_err_norm", "kl", "swd", "l0")
+RTOL, ATOL = 1e-3, 1e-5  # CUDA vs CPU float32: different kernels and summation orders, same formulas
+
+
+def gpu_params(tokens: list[int], small: bool = False) -> dict:
+    shape = {"source": "embedded", "train_tokens": 128, "batch_size": 1, "rotary_pct": 0.25}
+    d, heads, layers = ((32, 64), (2, 4), (2, 4)) if small else ((512, 1024), (8, 16), (6, 24))
+    return {
+        "name": "gpu-check", "description": "Pythia-70m/410m-shaped random GPT-NeoX pair on CUDA",
+        "device": DEV,
+        "data": {"source": "stdlib", "context_size": 128, "vocab_size": 2048, "eval_sequences": 32,
+                 "max_chars": 1_500_000 if small else 12_000_000},
+        "models": {r: {**shape, "d_model": d[i], "n_layers": layers[i], "n_heads": heads[i]}
+                   for i, r in enumerate(("small", "large"))},
+        "sae": {"expansion": 32, "k": [16, 32], "tokens": tokens, "seeds": [0], "batch_size": 256 if small else 4096,
+                "dead_tokens_window": 200_000, "norm_estimate_batches": 4, "log_every": 20},
+        "evaluation": {"ce_rec": "relative", "batch_sequences": 16},
+        "stats": {"bootstrap": 200}, "executor": {"kind": "local", "jobs": 1},
+    }
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def pipeline(p, out: Path) -> dict:
+    t = {}
+    t0 = time.perf_counter()
+    info = extract.run_extract(p, out, device=DEV, progress=False)
+    t["extract_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for role in ("small", "large"):
+        for k in p.sae.k:
+            training.train_unit(p, role, k, StoreSource(store_dir(out, role)), out, extract.model_name(p, role),
+                                p.data.context_size, device=DEV, progress=False)
+    t["train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    recs = [r for role in ("small", "large") for k in p.sae.k
+            for r in evaluate.evaluate_unit(p, role, k, out, device=DEV, progress=False)]
+    t["evaluate_s"] = time.perf_counter() - t0
+    tables = aggregate.run_aggregate(p, out)
+    return {"timings": t, "stores": info["stores"], "metrics": recs,
+            "pairs": tables["pairs"].to_dict(orient="records")}
+
+
+def parity(p, out: Path, gpu_recs: list[dict]) -> dict:
+    """Re-evaluate the largest-budget, largest-k SAE of each role on the CPU; max relative difference."""
+    cpu_out = out.parent / (out.name + "-cpu")
+    shutil.rmtree(cpu_out, ignore_errors=True)
+    cpu_out.mkdir()
+    for name in ("models", "saes", extract.EVAL_TOKENS):
+        (cpu_out / name).parent.mkdir(parents=True, exist_ok=True)
+        (cpu_out / name).symlink_to((out / name).resolve())
+    res = {}
+    for role in ("small", "large"):
+        spec = max(p.sae_specs(role=role), key=lambda s: (s.k, s.tokens))
+        cpu = next(r for r in evaluate.evaluate_unit(p, role, spec.k, cpu_out, device="cpu", seed=spec.seed,
+                                                     progress=False) if r["sae_id"] == spec.sae_id)
+        gpu = next(r for r in gpu_recs if r["sae_id"] == spec.sae_id)
+        diffs = {k: abs(cpu[k] - gpu[k]) for k in PARITY_KEYS}
+        excess = {k: diffs[k] / (RTOL * abs(cpu[k]) + ATOL) for k in PARITY_KEYS}  # <= 1 passes
+        res[role] = {"sae_id": spec.sae_id, "ok": max(excess.values()) <= 1, "worst": max(excess, key=excess.get),
+                     "max_abs_diff": max(diffs.values()), "abs_diff": diffs,
+                     "cpu": {k: cpu[k] for k in diffs}, "gpu": {k: gpu[k] for k in diffs}}
+    return res
+
+
+def throughput(p, out: Path, role: str, k: int, tokens: int, repeats: int = 3) -> dict:
+    """Ours vs plain SAELens fit() vs a dense matmul, interleaved, on the GPU; extraction vs bare forward."""
+    import numpy as np
+
+    from proxygap_helpers import models
+
+    spec = next(s for s in p.sae_specs(role=role, k=k) if s.tokens == tokens)
+    d_in, d_sae, bsz = p.d_in(role), p.d_sae(role), p.sae.batch_size
+    src = StoreSource(store_dir(out, role))
+    acts = torch.from_numpy(np.array(src.arr)).to(DEV)
+    n_total = tokens + p.sae.norm_estimate_batches * bsz
+
+    def gpu_batches():
+        gen = torch.Generator(device=DEV).manual_seed(0)
+        done = 0
+        while done < n_total:
+            perm = torch.randperm(len(acts), generator=gen, device=DEV)
+            for i in range(0, len(perm) - bsz + 1, bsz):
+                yield acts[perm[i:i + bsz]]
+                done += bsz
+                if done >= n_total:
+                    return
+
+    def ours():
+        tmp = out.parent / "bench-train"
+        shutil.rmtree(tmp, ignore_errors=True)
+        training.run_training(p, [spec], src, tmp, "bench", p.data.context_size, device=DEV, progress=False)
+
+    def saelens():
+        sae = training.make_sae(p, role, k, 0, "bench", p.data.context_size)
+        tr = training.make_trainer(p, sae, tokens, DEV, gpu_batches())
+        with contextlib.redirect_stderr(io.StringIO()):  # fit()'s own progress bars
+            tr.fit()
+
+    a, w = torch.randn(bsz, d_in, device=DEV), torch.randn(d_in, d_sae, device=DEV)
+
+    def gemm_rate() -> float:
+        n = 50
+        dt = timed(lambda: [a @ w for _ in range(n)])
+        return 2.0 * bsz * d_in * d_sae * n / dt
+
+    ours(), saelens(), gemm_rate()  # warm-up: kernels, allocator, cuBLAS handles
+    t_ours, t_sl, g = [], [], []
+    for _ in range(repeats):
+        t_ours.append(timed(ours))
+        t_sl.append(timed(saelens))
+        g.append(gemm_rate())
+    ours_tps = [tokens / t for t in t_ours]
+    res = {"role": role, "d_in": d_in, "d_sae": d_sae, "k": k, "batch_size": bsz, "tokens": tokens,
+           "ours_tokens_per_s": statistics.median(ours_tps),
+           "saelens_tokens_per_s": tokens / statistics.median(t_sl),
+           "sae_train_vs_saelens_ratio": statistics.median([s / o for o, s in zip(t_ours, t_sl)]),
+           "gemm_tflops": statistics.median(g) / 1e12,
+           "sae_train_gemm_fraction": statistics.median([tps * 12 * d_in * d_sae / gg
+                                                         for tps, gg in zip(ours_tps, g)])}
+
+    lm = models.load_hf(extract.model_source(p, out, role), device=DEV)
+    rows = np.random.default_rng(0).integers(2, p.data.vocab_size, (512, p.data.context_size))
+    from proxygap_helpers.activations import write_store
+
+    def ext():
+        write_store(lm, p.layer(role), rows, out.parent / "bench-store", meta={"role": role}, progress=False)
+
+    def bare():
+        with torch.no_grad():
+            for i in range(0, len(rows), 32):
+                models.resid_post(lm, torch.from_numpy(rows[i:i + 32]).to(DEV), p.layer(role))
+    ext(), bare()
+    te, tb = [], []
+    for _ in range(repeats):
+        te.append(timed(ext))
+        tb.append(timed(bare))
+    res["extract_overhead_ratio"] = statistics.median([e / b for e, b in zip(te, tb)])
+    res["extract_tokens_per_s"] = rows.size / statistics.median(te)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[262_144, 1_048_576])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--small", action="store_true", help="tiny shapes (a quick dry run of this script)")
+    a = ap.parse_args(argv)
+    global DEV
+    DEV = a.device
+    if DEV == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; this script proves the CUDA path and needs one", file=sys.stderr)
+        return 2
+    p = validate_params(gpu_params(a.tokens, a.small))
+    a.out.mkdir(parents=True, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "machine": provenance.machine(),
+              "versions": provenance.versions(), "git": provenance.git_state(), "tf32": torch.backends.cuda.matmul.allow_tf32}
+    t0 = time.perf_counter()
+    report["pipeline"] = pipeline(p, a.out)
+    print("pipeline timings:", json.dumps(report["pipeline"]["timings"]), flush=True)
+    for r in report["pipeline"]["metrics"]:
+        print(f"  {r['sae_id']:32s} ce_clean {r['ce_clean']:.4f} ce_sae {r['ce_sae']:.4f} r2 {r['r2']:.4f} "
+              f"cos {r['cosine']:.4f} l0 {r['l0']:.1f} train {r['train_seconds']:.1f}s eval {r['eval_seconds']:.1f}s",
+              flush=True)
+    report["parity"] = parity(p, a.out, report["pipeline"]["metrics"])
+    for role, v in report["parity"].items():
+        print(f"parity {role}: {'ok' if v['ok'] else 'MISMATCH'}, max abs diff {v['max_abs_diff']:.2e}, "
+              f"worst {v['worst']}: cpu {v['cpu'][v['worst']]:.6g} vs gpu {v['gpu'][v['worst']]:.6g}", flush=True)
+    report["throughput"] = [throughput(p, a.out, role, max(p.sae.k), max(p.sae.tokens)) for role in ("small", "large")]
+    for t in report["throughput"]:
+        print("throughput", json.dumps(t), flush=True)
+    report["seconds"] = time.perf_counter() - t0
+    text = json.dumps(report, indent=1, default=str)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(text)
+    print(f"done in {report['seconds']:.0f}s")
+    return 0 if all(v["ok"] for v in report["parity"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
