@@ -1,7 +1,14 @@
-"""One runner per output directory: an exclusive lock file that recognises a stale lock of a dead process."""
+"""One runner per output directory: an exclusive ``flock`` on ``<out_dir>/.proxygap.lock``.
+
+The kernel holds the lock for the process and drops it when the process dies, SIGKILL included, so two
+runners racing for a directory cannot both win, and a dead runner's lock never blocks anyone. The file also
+records pid, host and start time: a refusal can then name who holds the lock, and a file left by a dead
+runner is reported as stale when it is taken over.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -31,44 +38,71 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-class RunLock:
-    """``with RunLock(out_dir):`` holds ``<out_dir>/.proxygap.lock`` (O_EXCL create, pid + host inside).
+def _read(fd: int) -> dict:
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        info = json.loads(os.read(fd, 65536) or b"{}")
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
 
-    A lock whose process is gone (same host) is stale: it is replaced, with a note on stderr.
+
+class RunLock:
+    """``with RunLock(out_dir):`` holds ``<out_dir>/.proxygap.lock`` or raises :class:`LockError`.
+
+    Taking it: open (creating) the file, ``flock(LOCK_EX | LOCK_NB)``, then check that the path still names
+    the inode we locked (a holder that just finished unlinks it; we then retry on the new file). A file
+    that names a live process on this host other than us, or any other host, is still refused: it is a
+    runner that does not take the flock (an older proxygap, or a node whose file system drops flocks).
+    Releasing: unlink the path while still holding the lock, then close.
     """
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / ".proxygap.lock"
+        self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(20):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._check_stale()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = _read(fd)
+                os.close(fd)
+                raise LockError(self._busy(info)) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "start": now()}, f)
+            self._take_over(fd)
+            self.fd = fd
             return self
-        raise LockError(f"could not take the lock {self.path}")
+        raise LockError(f"could not take the lock {self.path} (it kept being replaced)")
 
-    def _check_stale(self) -> None:
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            info = {}
+    def _take_over(self, fd: int) -> None:
+        info = _read(fd)
         pid, host = info.get("pid"), info.get("host")
-        if isinstance(pid, int) and host == socket.gethostname() and not _alive(pid):
-            print(f"proxygap: removing stale lock of dead process {pid} ({self.path})", flush=True)
-            self.path.unlink(missing_ok=True)
-            return
-        if not info:
-            self.path.unlink(missing_ok=True)  # empty lock: its writer died between create and write
-            return
-        raise LockError(f"another runner (pid {pid} on {host}, started {info.get('start', '?')}) is working in "
-                        f"{self.path.parent}; wait for it to finish, or, if you are sure it is gone, delete "
-                        f"{self.path}")
+        if info and (host != socket.gethostname() or (isinstance(pid, int) and pid != os.getpid() and _alive(pid))):
+            os.close(fd)
+            raise LockError(self._busy(info))
+        if isinstance(pid, int):
+            print(f"proxygap: replacing the stale lock of dead process {pid} ({self.path})", flush=True)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": now()}).encode())
+        os.fsync(fd)
+
+    def _busy(self, info: dict) -> str:
+        return (f"another runner (pid {info.get('pid', '?')} on {info.get('host', '?')}, started "
+                f"{info.get('start', '?')}) is working in {self.path.parent}; wait for it to finish, or, if you "
+                f"are sure it is gone, delete {self.path}")
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
