@@ -15,10 +15,12 @@ from . import provenance
 from .extract import cache_root
 from .files import read_json, write_json_atomic
 from .grid import units
-from .params import PYTHIA_SHAPES, ROLES, Params, format_tokens, short_hash
+from .params import ROLES, Params, format_tokens, short_hash
 
 NOTEBOOK_OVERHEAD_S = 6.0  # kernel start + imports (torch, sae_lens) per executed notebook, measured here
-EVAL_FORWARD_EQUIV = 7.0  # forwards per eval token: clean, SAE, zero, mean passes + the JVP (~3 forwards)
+EVAL_FORWARD_EQUIV = 12.0  # LM forwards per eval token: clean, SAE, zero and mean passes, the JVP (~3), SAE
+#                           encode/decode and loading; measured 12-18 on the default grid (2026-11-26)
+SAE_FIXED_S = 1.0  # per training run: SAE + trainer set-up, norm-estimate batches, saving
 
 
 def _time_it(fn, reps: int) -> float:
@@ -44,22 +46,95 @@ def _gemm_rate(m: int, k: int, n: int) -> float:
     return 2 * m * k * n / _time_it(lambda: a @ b, 5)
 
 
-def _calibrate_sae(p: Params, role: str) -> float:
-    """SAELens train-step throughput (tokens/s) at this role's d_in, d_sae, k and batch size; shapes too big to
-    time quickly here (Pythia) are estimated as 12 d_in d_sae FLOPs per token at SAE_GEMM_EFFICIENCY of the
-    matmul rate."""
+PHASE_S = 2.0  # seconds per timed phase of the unit calibration
+
+
+def _rate(fn, seconds: float) -> float:
+    """Calls per second of ``fn`` over ``seconds`` of repeated calls, after one warm-up call."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while (dt := time.perf_counter() - t0) < seconds:
+        fn()
+        n += 1
+    return n / dt
+
+
+def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
+    """What one SAE unit of ``role`` does, timed with its torch threads (cpu_count // jobs):
+    ``sae_tok_s`` for a plain TopK train step (SAELens, this role's d_in, d_sae, k and batch size),
+    ``sae_aux_tok_s`` for a step with AuxK on (every latent marked dead: what steps cost once
+    ``dead_tokens_window`` tokens have passed), ``eval_forward_tok_s`` for an LM forward of one evaluation
+    batch. ``barrier`` (when the grid runs several units at once) starts the fixed-length phases together,
+    so that the rates include the contention between concurrent units. Shapes too big to time here
+    (Pythia) are estimated from FLOPs: 12 d_in d_sae per SAE token at SAE_GEMM_EFFICIENCY of the matmul
+    rate (AuxK adds a second decode: ~1.5x) and 2 x parameters per forward token."""
     import torch
 
     from .training import make_sae, make_trainer
 
     d_in, d_sae = p.d_in(role), p.d_sae(role)
-    if d_in * d_sae > BIG:
-        return SAE_GEMM_EFFICIENCY * _gemm_rate(64, d_in, d_sae) / (12 * d_in * d_sae)
+    threads = unit_threads(p)
+    torch.set_num_threads(threads)
+    m = p.models[role]
+    if m.source == "hub" or d_in * d_sae > BIG:
+        plain = SAE_GEMM_EFFICIENCY * _gemm_rate(64, d_in, d_sae) / (12 * d_in * d_sae)
+        return {"sae_tok_s": plain, "sae_aux_tok_s": plain / 1.5, "eval_forward_tok_s": _flop_forward_rate(p, role),
+                "threads": threads}
+    from transformers import GPTNeoXForCausalLM
+
+    from .models import neox_config
+
     bs = min(p.sae.batch_size, 1024)
     x = torch.randn(bs, d_in)
     sae = make_sae(p, role, p.sae.k[0], 0, "calibration", p.data.context_size)
     tr = make_trainer(p, sae, 10 * bs, "cpu", iter(()))
-    return bs / _time_it(lambda: tr.step(x), 5)
+
+    def aux_step():
+        tr.n_forward_passes_since_fired.fill_(tr.cfg.dead_feature_window + 1)  # every latent dead
+        tr.step(x)
+    model = GPTNeoXForCausalLM(neox_config(m, p.data.vocab_size, p.data.context_size)).eval()
+    xe = torch.randint(0, p.data.vocab_size, (p.evaluation.batch_sequences, p.data.context_size))
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=xe)
+    if barrier is not None:
+        barrier.wait()
+    return {"sae_tok_s": bs * _rate(lambda: tr.step(x), PHASE_S), "sae_aux_tok_s": bs * _rate(aux_step, PHASE_S),
+            "eval_forward_tok_s": xe.numel() * _rate(forward, PHASE_S), "threads": threads}
+
+
+def _calibrate_units(p: Params, role: str) -> dict:
+    """:func:`_calibrate_unit` in ``min(jobs, cpu_count)`` processes at once (as the local executor runs
+    SAE units), averaged; in this process when units run one at a time."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = max(1, min(p.executor.jobs, os.cpu_count() or 1))
+    if n == 1:
+        return _calibrate_unit(p, role)
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(n, mp_context=ctx) as pool:
+        barrier = manager.Barrier(n)
+        res = list(pool.map(_calibrate_unit, [p] * n, [role] * n, [barrier] * n))
+    return {k: sum(r[k] for r in res) / n for k in res[0]}
+
+
+def _flop_forward_rate(p: Params, role: str) -> float:
+    """Forward tokens/s of a Pythia-shaped model from FLOPs (2 x parameters per token) and the matmul rate."""
+    n_layers, d = p.models[role].n_layers, p.models[role].d_model
+    flops = 2 * (12 * n_layers * d * d + 2 * 50304 * d)
+    return _gemm_rate(512, d, 4 * d) / flops
+
+
+def unit_threads(p: Params) -> int:
+    """Torch threads of one SAE unit under the local executor (see executors.run_local)."""
+    import os
+
+    from .executors import _threads
+
+    return _threads(max(1, (os.cpu_count() or 1) // p.executor.jobs))
 
 
 def _calibrate_lm(p: Params, role: str) -> dict:
@@ -72,9 +147,7 @@ def _calibrate_lm(p: Params, role: str) -> dict:
 
     m = p.models[role]
     if m.source == "hub":
-        n_layers, d, _ = PYTHIA_SHAPES[m.name.split("/")[-1].removesuffix("-deduped")]
-        flops = 2 * (12 * n_layers * d * d + 2 * 50304 * d)
-        return {"forward_tok_s": _gemm_rate(512, d, 4 * d) / flops}
+        return {"forward_tok_s": _flop_forward_rate(p, role)}
     model = GPTNeoXForCausalLM(neox_config(m, p.data.vocab_size, p.data.context_size))
     x = torch.randint(0, p.data.vocab_size, (4, min(p.data.context_size, 256)))
     with torch.no_grad():
@@ -97,33 +170,60 @@ def calibration(p: Params, out_dir: Path) -> dict:
     shapes = {r: {"d_in": p.d_in(r), "d_sae": p.d_sae(r), "bs": p.sae.batch_size,
                   "model": p.models[r].model_dump(), "ctx": p.data.context_size, "vocab": p.data.vocab_size}
               for r in ROLES}
-    key = short_hash({"machine": provenance.machine(), "torch": torch.__version__, "shapes": shapes})
+    key = short_hash({"machine": provenance.machine(), "torch": torch.__version__, "shapes": shapes,
+                      "unit_threads": unit_threads(p), "window": p.sae.dead_tokens_window,
+                      "eval_batch": p.evaluation.batch_sequences, "jobs": p.executor.jobs, "v": 2})
     path = cache_root(out_dir) / "calibration.json"
     cache = read_json(path) if path.is_file() else {}
     if key not in cache:
-        cache[key] = {r: {"sae_tok_s": _calibrate_sae(p, r), **_calibrate_lm(p, r)} for r in ROLES}
+        cache[key] = {r: {**_calibrate_units(p, r), **_calibrate_lm(p, r)} for r in ROLES}
         write_json_atomic(path, cache)
     return cache[key]
 
 
+def sae_seconds(p: Params, cal: dict, specs) -> float:
+    """Train + evaluate time of these SAEs: per training run, the tokens up to ``dead_tokens_window`` at the
+    plain step rate and the rest at the AuxK rate, plus SAE_FIXED_S; per SAE, EVAL_FORWARD_EQUIV forward
+    passes over the eval tokens."""
+    from .training import runs_for
+
+    n_eval = p.data.eval_sequences * p.data.context_size
+    window = p.sae.dead_tokens_window
+    t = 0.0
+    for run in runs_for(p, specs):
+        c = cal[run[0].role]
+        total = max(s.tokens for s in run)
+        t += min(total, window) / c["sae_tok_s"] + max(0, total - window) / c["sae_aux_tok_s"] + SAE_FIXED_S
+        t += len(run) * EVAL_FORWARD_EQUIV * n_eval / c["eval_forward_tok_s"]
+    return t
+
+
 def estimate(p: Params, out_dir: Path) -> dict:
-    """Estimated seconds per stage and in total (one job; ``jobs`` divides the SAE stage)."""
+    """Estimated seconds per stage and in total (``jobs`` SAE units at a time, longest first)."""
     cal = calibration(p, out_dir)
     us = units(p, out_dir, Path("params.resolved.yaml"))
-    n_eval = p.data.eval_sequences * p.data.context_size
+    specs = {s.sae_id: s for s in p.sae_specs()}
     t_extract = 0.0
     if p.embedded:
         t_extract += sum(p.models[r].train_tokens / cal[r]["train_tok_s"] for r in ROLES)
         t_extract += sum(p.store_tokens / cal[r]["forward_tok_s"] for r in ROLES) + 25.0  # + text, tokenizer
-    t_sae = {u.uid: u.tokens / cal[u.parameters["role"]]["sae_tok_s"]
-             + len(u.sae_ids) * EVAL_FORWARD_EQUIV * n_eval / cal[u.parameters["role"]]["forward_tok_s"]
+    t_sae = {u.uid: sae_seconds(p, cal, [specs[i] for i in u.sae_ids]) + len(u.notebooks) * NOTEBOOK_OVERHEAD_S
              for u in us if u.stage == "sae"}
+    sae_wall = _makespan(sorted(t_sae.values(), reverse=True), p.executor.jobs)
     n_nb = sum(len(u.notebooks) for u in us)
-    jobs = p.executor.jobs
-    sae_wall = max(sum(t_sae.values()) / jobs, max(t_sae.values()))
-    total = t_extract + sae_wall + n_nb * NOTEBOOK_OVERHEAD_S / 1 + 20.0
+    other_nb = n_nb - sum(len(u.notebooks) for u in us if u.stage == "sae")
+    total = t_extract + sae_wall + other_nb * NOTEBOOK_OVERHEAD_S + 20.0  # + aggregate and report compute
     return {"extract_s": t_extract, "sae_s": t_sae, "sae_wall_s": sae_wall, "notebooks": n_nb, "total_s": total,
             "calibration": cal}
+
+
+def _makespan(durations: list[float], jobs: int) -> float:
+    """Wall time of running ``durations`` in order on ``jobs`` workers, each taking the next when free."""
+    free = [0.0] * max(1, jobs)
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += d
+    return max(free)
 
 
 def disk_bytes(p: Params) -> dict:

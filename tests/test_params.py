@@ -216,7 +216,8 @@ def test_plan_phase2_pythia_offline(tmp_path, monkeypatch):
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("PROXYGAP_CACHE", str(cache))
-    monkeypatch.setattr(plan, "_calibrate_sae", lambda p, role: 1e6)
+    monkeypatch.setattr(plan, "_calibrate_units",
+                        lambda p, role: {"sae_tok_s": 1e6, "sae_aux_tok_s": 5e5, "eval_forward_tok_s": 1e6})
     monkeypatch.setattr(plan, "_calibrate_lm", lambda p, role: {"forward_tok_s": 1e6})
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the calibration key includes torch's thread count
     p = load_params(PARAMS / "phase2_pythia.yaml")
@@ -239,3 +240,34 @@ def test_plan_phase2_pythia_offline(tmp_path, monkeypatch):
     assert "blocks.3.hook_resid_post" in out and "blocks.12.hook_resid_post" in out, out
     assert "d_sae 16384" in out and "d_sae 32768" in out, out
     assert not (tmp_path / "out").exists(), "plan writes nothing"
+
+
+def test_plan_time_model_by_hand():
+    """``plan``'s arithmetic on made-up throughputs: plain steps up to the dead window, AuxK steps after it,
+    a fixed cost per run, EVAL_FORWARD_EQUIV forwards per eval token; units packed longest-first onto
+    ``jobs`` workers."""
+    from proxygap_helpers import plan
+
+    p = load_params(PARAMS / "smoke.yaml")  # window 8192, budgets 8192 and 32768, eval 32 x 64 tokens
+    cal = {r: {"sae_tok_s": 1000.0, "sae_aux_tok_s": 500.0, "eval_forward_tok_s": 7000.0} for r in ("small", "large")}
+    short, long_ = (next(s for s in p.sae_specs(role="small", k=8, seed=0) if s.tokens == t) for t in (8192, 32768))
+    evaluation = plan.EVAL_FORWARD_EQUIV * 32 * 64 / 7000
+    assert plan.sae_seconds(p, cal, [short]) == pytest.approx(8.192 + 1 + evaluation)
+    assert plan.sae_seconds(p, cal, [long_]) == pytest.approx(8.192 + 24576 / 500 + 1 + evaluation)
+    ladder = load_params(PARAMS / "smoke.yaml", overrides={"sae.budget_mode": "ladder"})
+    run = ladder.sae_specs(role="small", k=8, seed=0)  # one run to 32768 with a checkpoint at 8192
+    assert plan.sae_seconds(ladder, cal, run) == pytest.approx(8.192 + 24576 / 500 + 1 + 2 * evaluation)
+    assert plan._makespan([5, 4, 3, 3], 2) == 8 and plan._makespan([5, 4, 3, 3], 1) == 15
+    assert plan._makespan([5, 4, 3, 3], 8) == 5
+
+
+def test_unit_calibration_runs_jobs_processes_at_once():
+    """With ``jobs: 2`` the SAE-unit calibration runs in two processes started together (barrier), each with
+    the threads a unit gets, and averages their rates."""
+    from proxygap_helpers import plan
+
+    p = load_params(PARAMS / "smoke.yaml", overrides={"executor.jobs": 2})
+    cal = plan._calibrate_units(p, "small")
+    assert set(cal) == {"sae_tok_s", "sae_aux_tok_s", "eval_forward_tok_s", "threads"}
+    assert all(v > 0 and v == v for v in cal.values())
+    assert cal["threads"] == plan.unit_threads(p)
