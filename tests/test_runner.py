@@ -5,8 +5,9 @@ output directory (session fixture). The other tests work on copies of it, or on 
 extract stage, so that the whole file costs about four grid runs:
 
 * end to end: every unit done, provenance, executed notebooks, metrics, aggregate; a second run is a no-op;
-* SIGKILL mid-grid (runner and kernels), then resume: finished units reused untouched, same numbers, stale
-  lock recognised;
+* SIGKILL (runner and kernels) at four random moments of one run (extract, inside an SAE unit, after one,
+  aggregate/report), resuming each time: finished units reused untouched, stale lock recognised, the same
+  numbers, stores and weights as the uninterrupted run;
 * failure isolation: one unit fails (a corrupted SAE weight file), the others finish, exit 1, error.json and
   the executed notebook kept; after removing the cause only that unit (+ aggregate, report) runs again;
 * the lock: a live lock refuses (exit 2, nothing written), a dead one is replaced;
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -280,44 +282,84 @@ def test_output_without_terminal_is_one_plain_line_per_unit(micro, baseline, bas
     assert sorted(finished_lines(res.stdout)) == sorted(("done", u.uid) for u in us), res.stdout
 
 
-def test_resume_after_sigkill_reuses_finished_units(env, micro, base_out, tmp_path):
-    out = copy_out(base_out, tmp_path / "out", extract_only=True)
+# Kill points of one grid run: (what must have happened, at most how many seconds more to wait, drawn
+# uniformly). They fall in the extract stage, inside the first SAE unit, after an SAE unit has finished and
+# inside the aggregate/report stages.
+KILL_POINTS = (
+    ("extract started", lambda out: bool(list((out / "runs").glob("extract-*/running.json"))), 6.0),
+    ("an SAE unit started", lambda out: bool(list((out / "runs").glob("sae-*/running.json"))), 20.0),
+    ("an SAE unit finished", lambda out: bool(list((out / "runs").glob("sae-*/done.json"))), 10.0),
+    ("aggregate started", lambda out: (out / "runs" / "aggregate").is_dir(), 4.0),
+)
+
+
+def run_and_kill(env, micro, out: Path, log: Path, trigger, max_extra: float, rng) -> dict:
+    """Start a run; once ``trigger(out)`` holds, wait a random 0..max_extra s and SIGKILL the whole tree."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "proxygap_helpers", "run", str(micro), "--out", str(out)],
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + RUN_TIMEOUT
+            while not trigger(out) and proc.poll() is None:
+                assert time.time() < deadline, "kill point never reached"
+                time.sleep(0.05)
+            extra = rng.uniform(0, max_extra)
+            t_end = time.time() + extra
+            while time.time() < t_end and proc.poll() is None:
+                time.sleep(0.05)
+            finished_first = proc.poll() is not None
+        finally:
+            kill_tree(proc)
+    return {"pid": proc.pid, "extra_s": round(extra, 2), "finished_first": finished_first,
+            "log": log.read_text()}
+
+
+def test_killed_at_random_moments_and_resumed_gives_the_uninterrupted_numbers(env, micro, base_out, tmp_path):
+    """One grid run from an empty output directory, SIGKILLed (runner and kernels) at several random moments
+    and resumed each time: every finished unit is reused untouched, a killed runner's lock is reported
+    stale and replaced, nothing half-written survives, and the end state has the baseline's numbers.
+    The kill moments are random per run; PROXYGAP_KILL_SEED replays one (the seed is in every message)."""
+    seed = int(os.environ.get("PROXYGAP_KILL_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
+    out = tmp_path / "out"
     p, us = grid_units(micro, out)
-    log_out, log_err = open(tmp_path / "killed.out", "w"), open(tmp_path / "killed.err", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "proxygap_helpers", "run", str(micro), "--out", str(out),
-                             "--jobs", "1"], cwd=REPO, env=env, stdout=log_out, stderr=log_err,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + RUN_TIMEOUT
-        while not list((out / "runs").glob("sae-*/done.json")):
-            assert proc.poll() is None, f"runner exited ({proc.returncode}) before any SAE unit finished: " + \
-                (tmp_path / "killed.err").read_text()[-3000:]
-            assert time.time() < deadline, "no SAE unit finished in time"
-            time.sleep(0.2)
-        assert proc.poll() is None, "the runner finished before it could be killed mid-grid"
-    finally:
-        kill_tree(proc)
-        log_out.close()
-        log_err.close()
-    lock = json.loads((out / ".proxygap.lock").read_text())
-    assert lock["pid"] == proc.pid  # the killed runner's lock is left behind (stale)
-    finished = done_mtimes(out)
-    assert any(u.startswith("sae-") for u in finished) and len(finished) < len(us)
-    reused_saes = [s for u in us if u.uid in finished for s in u.sae_ids]
-    weights = {s: snapshot(out / "saes" / s) for s in reused_saes}
+    history: list[str] = []
+    prev_lock_pid = None
+    for i, (what, trigger, max_extra) in enumerate(KILL_POINTS):
+        finished = done_mtimes(out) if (out / "runs").is_dir() else {}
+        reused = {s: snapshot(out / "saes" / s) for u in us if u.uid in finished for s in u.sae_ids}
+        r = run_and_kill(env, micro, out, tmp_path / f"run{i}.log", trigger, max_extra, rng)
+        why = f"kill seed {seed}, {history + [what]}:\n{r['log'][-4000:]}"
+        history.append(f"{what} +{r['extra_s']}s -> {len(done_mtimes(out))}/{len(us)} done"
+                       + (" (finished before the kill)" if r["finished_first"] else ""))
+        if prev_lock_pid is not None:  # this run found the previous killed runner's lock
+            assert f"stale lock of dead process {prev_lock_pid}" in r["log"], why
+        if finished:
+            assert f"{len(finished)}/{len(us)} units already complete" in r["log"], why
+        after = done_mtimes(out)
+        assert {u: after[u] for u in finished} == finished, why  # finished units untouched
+        assert {s: snapshot(out / "saes" / s) for s in reused} == reused, why
+        lock = out / ".proxygap.lock"
+        prev_lock_pid = json.loads(lock.read_text())["pid"] if lock.exists() and lock.read_text() else None
+        assert prev_lock_pid in (None, r["pid"]), why
 
     res = cli(env, "run", micro, "--out", out)
-    assert res.returncode == 0, explain(res)
-    assert "stale lock" in res.stdout + res.stderr and str(proc.pid) in res.stdout + res.stderr
-    assert f"{len(finished)}/{len(us)} units already complete" in res.stdout, res.stdout
-    rerun = {uid for _, uid in finished_lines(res.stdout)}
-    assert rerun == {u.uid for u in us} - set(finished), res.stdout
-    after = done_mtimes(out)
-    assert {u: after[u] for u in finished} == finished  # completed units untouched
-    assert {s: snapshot(out / "saes" / s) for s in reused_saes} == weights
-    assert set(after) == {u.uid for u in us}
-    assert not list((out / "runs").glob("*/running.json")) and not (out / ".proxygap.lock").exists()
+    why = f"kill seed {seed}, kills: {history}"
+    print(why)  # shown with -s / -rP: where the kills landed
+    assert res.returncode == 0, why + "\n" + explain(res)
+    assert set(done_mtimes(out)) == {u.uid for u in us}, why
+    assert not list((out / "runs").glob("*/running.json")) and not (out / ".proxygap.lock").exists(), why
+    assert not [q for q in out.rglob("*") if ".tmp" in q.name], why  # no half-written leftovers
     assert_same_numbers(out, base_out, [s.sae_id for s in p.sae_specs()])
+    for role in ("small", "large"):
+        meta, ref = (json.loads((o / "activations" / role / "meta.json").read_text()) for o in (out, base_out))
+        assert meta["content_hash"] == ref["content_hash"], why
+    for s in p.sae_specs():
+        a, b = (json.loads((o / "saes" / s.sae_id / "cfg.json").read_text()) for o in (out, base_out))
+        assert a == b, why
+        assert (out / "saes" / s.sae_id / "sae_weights.safetensors").read_bytes() == \
+            (base_out / "saes" / s.sae_id / "sae_weights.safetensors").read_bytes(), why
 
 
 def test_failed_unit_is_isolated_and_retried_alone(env, micro, base_out, tmp_path):
