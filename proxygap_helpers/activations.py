@@ -53,7 +53,7 @@ def write_store(model, layer: int, seqs: np.ndarray, out_dir: Path, meta: dict, 
         if not np.isfinite(a).all():
             raise StoreError(f"non-finite activations at sequences {i}..{i + len(x) - 1}: the model is broken")
         arr[i * ctx:i * ctx + len(a)] = a
-        h.update(a.tobytes())
+        h.update(np.ascontiguousarray(a))  # the buffer itself: no copy (same bytes as a.tobytes())
     arr.flush()
     del arr
     full = {**meta, "shape": [n_seq * ctx, d], "dtype": dtype, "context_size": ctx, "n_sequences": n_seq,
@@ -90,7 +90,7 @@ def verify_store(store_dir: Path, expect: dict | None = None, full_hash: bool = 
         h = hashlib.blake2b(digest_size=16)
         rows = meta["context_size"] * 32
         for i in range(0, len(arr), rows):
-            h.update(np.ascontiguousarray(arr[i:i + rows]).tobytes())
+            h.update(np.ascontiguousarray(arr[i:i + rows]))
         if h.hexdigest() != meta["content_hash"]:
             raise StoreError(f"{path}: content hash differs from meta (corrupted)")
     return meta
