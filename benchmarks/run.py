@@ -704,7 +704,7 @@ def main(argv=None) -> int:
             notes.append(f"peer trainer: {ctx['peer_note']}")
     if "scaling" in only:
         log("RSS and time vs budget (fresh subprocesses) ...")
-        results.update(bench_scaling(reps, 5_120 if q else 10_240))
+        results.update(bench_scaling(reps, 5_120 if q else 40_960))  # 80-320 steps: transients amortised
     if "grid" in only:
         log("grid: ours vs naive ...")
         results.update(bench_grid(ctx, reps))
