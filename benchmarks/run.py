@@ -696,7 +696,7 @@ def main(argv=None) -> int:
     notes: list[str] = []
     if "extract" in only:
         log("extraction vs bare forward ...")
-        results.update(bench_extract(ctx, max(reps, 3), 64 if q else 1024))  # 131k tokens: fixed costs amortised
+        results.update(bench_extract(ctx, 3 if q else 5, 64 if q else 1024))  # 131k tokens: fixed costs amortised
     if "training" in only:
         log("SAE training: ours vs SAELens fit vs GEMM vs peer ...")
         results.update(bench_training(ctx, reps, 10_240 if q else 20_480))
