@@ -55,16 +55,19 @@ def _kernel():
     A unit's notebooks form one session, like "Run All" on each in turn in one JupyterLab kernel. The
     second notebook then skips a kernel start and the imports of torch and SAELens, about 10 s here.
     Each notebook still defines everything it uses (nbval runs each one alone, in its own kernel). The
-    kernel inherits this process's environment (the thread variables) and starts in notebooks/.
+    first notebook's client starts the kernel exactly as papermill would (this process's environment,
+    with the thread variables, and cwd notebooks/); it does not own the manager, so it leaves the kernel
+    running for the next notebook.
     """
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient.util import run_sync
 
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(NOTEBOOKS))
+    km = AsyncKernelManager(kernel_name="python3")  # started by the first notebook's client, as papermill would
     try:
         yield km
     finally:
-        km.shutdown_kernel(now=True)
+        if km.has_kernel:
+            run_sync(km.shutdown_kernel)(now=True)
 
 
 def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress: bool = False) -> dict:

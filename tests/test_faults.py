@@ -75,6 +75,31 @@ def test_a_failing_notebook_marks_only_its_unit_failed(tmp_path, monkeypatch, co
     assert (out / "runs" / "fault-unit" / "99_fault.ipynb").is_file(), "the executed notebook is kept"
 
 
+def test_a_units_notebooks_share_one_fresh_kernel(tmp_path, monkeypatch):
+    """Both notebooks of a unit run in one kernel (the second skips start-up and imports); the next unit
+    gets a fresh one, and no kernel outlives its unit."""
+    import psutil
+
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    for name in ("98_first", "99_second"):
+        _notebook(nbdir / f"{name}.ipynb", "import os, pathlib\n"
+                  f"pathlib.Path(out_dir, '{name}.pid').write_text(str(os.getpid()))")
+    monkeypatch.setattr(executors, "NOTEBOOKS", nbdir)
+    pids = []
+    for uid in ("unit-a", "unit-b"):
+        out = tmp_path / uid
+        out.mkdir()
+        unit = Unit(uid, "sae", ("98_first", "99_second"), {"params_path": SMOKE, "out_dir": str(out)})
+        res = executors.run_unit(SMOKE, str(out), unit, threads=1)
+        assert res["ok"], res
+        first, second = (int((out / f"{n}.pid").read_text()) for n in ("98_first", "99_second"))
+        assert first == second, "the unit's second notebook ran in another kernel"
+        assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+        pids.append(first)
+    assert pids[0] != pids[1], "two units shared a kernel"
+
+
 def _fake_metrics(spec, ce_rec, r2):
     return {"sae_id": spec.sae_id, "model_role": spec.role, "model_name": "m", "hook": "h", "k": spec.k,
             "tokens": spec.tokens, "seed": spec.seed, "d_in": 1, "d_sae": 2, "eval_tokens": 10, "ce_clean": 4.0,
