@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from proxygap_helpers import aggregate, evaluate, extract, provenance, training  # noqa: E402
 from proxygap_helpers.activations import StoreSource, store_dir  # noqa: E402
 from proxygap_helpers.params import validate_params  # noqa: E402
+from run import shuffled_batches  # noqa: E402  (benchmarks/run.py, beside this file)
 
 DEV = "cuda"  # --device: "cpu" only for a dry run of this script on a machine without a GPU
 PARITY_KEYS = ("ce_clean", "ce_sae", "ce_zero", "ce_rec", "r2", "cosine", "rel_err_norm", "kl", "swd", "l0")
@@ -125,17 +126,6 @@ def throughput(p, out: Path, role: str, k: int, tokens: int, repeats: int = 3) -
     acts = torch.from_numpy(np.array(src.arr)).to(DEV)
     n_total = tokens + p.sae.norm_estimate_batches * bsz
 
-    def gpu_batches():
-        gen = torch.Generator(device=DEV).manual_seed(0)
-        done = 0
-        while done < n_total:
-            perm = torch.randperm(len(acts), generator=gen, device=DEV)
-            for i in range(0, len(perm) - bsz + 1, bsz):
-                yield acts[perm[i:i + bsz]]
-                done += bsz
-                if done >= n_total:
-                    return
-
     def ours():
         tmp = out.parent / "bench-train"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -143,7 +133,7 @@ def throughput(p, out: Path, role: str, k: int, tokens: int, repeats: int = 3) -
 
     def saelens():
         sae = training.make_sae(p, role, k, 0, "bench", p.data.context_size)
-        tr = training.make_trainer(p, sae, tokens, DEV, gpu_batches())
+        tr = training.make_trainer(p, sae, tokens, DEV, shuffled_batches(acts, bsz, n_total, 0))
         with contextlib.redirect_stderr(io.StringIO()):  # fit()'s own progress bars
             tr.fit()
 

@@ -176,6 +176,22 @@ def bench_extract(ctx: dict, repeats: int, n_rows: int) -> dict:
 
 
 # --------------------------------------------------------------------------- 2-4, 8. SAE training
+def shuffled_batches(acts, bsz: int, n_total: int, seed: int):
+    """The plain baseline's data: ``n_total`` rows of in-memory ``acts`` in batches of ``bsz``, reshuffled
+    each epoch on the tensor's own device (CPU here, the GPU in gpu_check.py)."""
+    import torch
+
+    gen = torch.Generator(device=acts.device).manual_seed(seed)
+    done = 0
+    while done < n_total:
+        perm = torch.randperm(len(acts), generator=gen, device=acts.device)
+        for i in range(0, len(perm) - bsz + 1, bsz):
+            yield acts[perm[i:i + bsz]]
+            done += bsz
+            if done >= n_total:
+                return
+
+
 def bench_training(ctx: dict, repeats: int, tokens: int, k: int = 16, seed: int = 0) -> dict:
     """Ours vs SAELens fit() vs a dense GEMM vs sparsify's Trainer, interleaved, same SAE shapes and budget."""
     import numpy as np
@@ -192,17 +208,6 @@ def bench_training(ctx: dict, repeats: int, tokens: int, k: int = 16, seed: int 
     acts = torch.from_numpy(np.array(StoreSource(sdir).arr))  # the same activations, in memory
     n_total = tokens + p.sae.norm_estimate_batches * bsz
 
-    def in_memory_batches():
-        gen = torch.Generator().manual_seed(seed)
-        done = 0
-        while done < n_total:
-            perm = torch.randperm(len(acts), generator=gen)
-            for i in range(0, len(perm) - bsz + 1, bsz):
-                yield acts[perm[i:i + bsz]]
-                done += bsz
-                if done >= n_total:
-                    return
-
     def ours() -> float:
         tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="train-"))
         t0 = time.perf_counter()
@@ -214,7 +219,7 @@ def bench_training(ctx: dict, repeats: int, tokens: int, k: int = 16, seed: int 
     def saelens() -> float:
         t0 = time.perf_counter()
         sae = training.make_sae(p, ROLE, k, seed, "bench", p.data.context_size)
-        trainer = training.make_trainer(p, sae, tokens, "cpu", in_memory_batches())
+        trainer = training.make_trainer(p, sae, tokens, "cpu", shuffled_batches(acts, bsz, n_total, seed))
         with quiet():
             trainer.fit()
         return time.perf_counter() - t0

@@ -132,6 +132,11 @@ def _threads(default: int) -> int:
     return n if n >= 1 else default
 
 
+def local_threads(jobs: int) -> int:
+    """Torch threads of each unit when the local executor runs ``jobs`` at once."""
+    return _threads(max(1, (os.cpu_count() or 1) // jobs))
+
+
 def _worker_init() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
@@ -139,7 +144,7 @@ def _worker_init() -> None:
 def run_local(params_path: str, out_dir: str, todo: list[Unit], jobs: int,
               on_done: Callable[[dict], None]) -> list[dict]:
     """Run units in a process pool of ``jobs`` workers, each kernel with cpu_count // jobs threads."""
-    threads = _threads(max(1, (os.cpu_count() or 1) // jobs))
+    threads = local_threads(jobs)
     results = []
     if jobs == 1 or len(todo) == 1:
         for u in todo:

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import provenance
 from .extract import cache_root
 from .files import read_json, write_json_atomic
+from .executors import local_threads
 from .grid import units
 from .params import ROLES, Params, format_tokens, short_hash
 
@@ -73,7 +74,7 @@ def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
     from .training import make_sae, make_trainer
 
     d_in, d_sae = p.d_in(role), p.d_sae(role)
-    threads = unit_threads(p)
+    threads = local_threads(p.executor.jobs)
     torch.set_num_threads(threads)
     m = p.models[role]
     if m.source == "hub" or d_in * d_sae > BIG:
@@ -122,19 +123,12 @@ def _calibrate_units(p: Params, role: str) -> dict:
 
 
 def _flop_forward_rate(p: Params, role: str) -> float:
-    """Forward tokens/s of a Pythia-shaped model from FLOPs (2 x parameters per token) and the matmul rate."""
-    n_layers, d = p.models[role].n_layers, p.models[role].d_model
-    flops = 2 * (12 * n_layers * d * d + 2 * 50304 * d)
-    return _gemm_rate(512, d, 4 * d) / flops
-
-
-def unit_threads(p: Params) -> int:
-    """Torch threads of one SAE unit under the local executor (see executors.run_local)."""
-    import os
-
-    from .executors import _threads
-
-    return _threads(max(1, (os.cpu_count() or 1) // p.executor.jobs))
+    """Forward tokens/s from FLOPs (2 x parameters per token: blocks, embedding and unembedding) and the
+    matmul rate; Pythia's vocabulary is 50304, an embedded model's is ``data.vocab_size``."""
+    m = p.models[role]
+    vocab = 50304 if m.source == "hub" else p.data.vocab_size
+    flops = 2 * (12 * m.n_layers * m.d_model ** 2 + 2 * vocab * m.d_model)
+    return _gemm_rate(512, m.d_model, 4 * m.d_model) / flops
 
 
 def _calibrate_lm(p: Params, role: str) -> dict:
@@ -171,7 +165,7 @@ def calibration(p: Params, out_dir: Path) -> dict:
                   "model": p.models[r].model_dump(), "ctx": p.data.context_size, "vocab": p.data.vocab_size}
               for r in ROLES}
     key = short_hash({"machine": provenance.machine(), "torch": torch.__version__, "shapes": shapes,
-                      "unit_threads": unit_threads(p), "window": p.sae.dead_tokens_window,
+                      "unit_threads": local_threads(p.executor.jobs), "window": p.sae.dead_tokens_window,
                       "eval_batch": p.evaluation.batch_sequences, "jobs": p.executor.jobs, "v": 2})
     path = cache_root(out_dir) / "calibration.json"
     cache = read_json(path) if path.is_file() else {}
