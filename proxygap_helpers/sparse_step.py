@@ -1,0 +1,135 @@
+"""The sparse TopK SAE training step: a dense encoder GEMM, then only O(batch x k x d_in) work.
+
+SAE semantics are SAELens 6.54's ``TopKTrainingSAE`` with ``rescale_acts_by_decoder_norm=True`` and
+``apply_b_dec_to_input=True`` (DESIGN.md, "The SAE engine"). For a batch ``x_s`` of *scaled* activations
+``[B, d_in]`` (the activation scaler applied), decoder row norms ``n_j = ||W_dec[j]||`` and ``c = x_s - b_dec``:
+
+* ``hidden = c @ (W_enc * n).T + b_enc * n`` ``[B, d_sae]`` -- SAELens' ``hidden_pre * W_dec.norm()``, the one
+  dense GEMM; the top ``k`` entries of each row are the active set ``S_b``;
+* codes ``v_bj = relu(hidden_bj) / n_j = relu(pre_bj)`` for ``j in S_b`` with ``pre = c @ W_enc.T + b_enc``;
+* ``x_hat_b = sum_{j in S_b} v_bj W_dec[j] + b_dec`` (a sparse decode: ``embedding_bag``);
+* AuxK (Gao et al. 2024, SAELens' ``calculate_topk_aux_loss``): over the dead latents ``D`` (``|D| > 0``),
+  ``k_aux = min(d_in // 2, |D|)``, ``scale = min(|D| / (d_in // 2), 1)``; the top ``k_aux`` dead latents of
+  ``hidden`` with their *un-rectified* values ``pre_bj`` reconstruct the detached residual ``x_s - x_hat``
+  without bias: ``aux = coef * scale * mean_b ||sum_{j in A_b} pre_bj W_dec[j] - (x_s - x_hat)_b||^2``.
+* loss ``= mean_b ||x_hat_b - x_s_b||^2 + aux``.
+
+Since ``n_j > 0``, ``relu(pre_j n_j) / n_j = relu(pre_j)``: the decoder norms only decide *which* latents are
+selected; the value and every gradient are those of the formula above, and SAELens' gradient through ``n``
+cancels exactly (its two terms are ``+relu(pre)/n`` and ``-relu(pre)/n``). :class:`TopKEncode` is the
+encoder as one ``torch.autograd.Function`` whose backward touches only the selected latents of each row
+(the idea of EleutherAI sparsify's ``FusedEncoder``): ``dW_enc[j] += dv_bj c_b``, ``db_enc[j] += dv_bj``,
+``dc_b = sum_j dv_bj W_enc[j]``. The decoder is ``F.embedding_bag``, whose own backward is already sparse
+(``dW_dec[j] += v_bj g_b``, ``dv_bj = <g_b, W_dec[j]>``). ``tests/test_engine.py`` checks both against
+autograd of the dense formula in float64, and the whole step against SAELens' ``TopKTrainingSAE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class TopKEncode(torch.autograd.Function):
+    """``(v, idx, aux_v, aux_idx)`` of a TopK encoder, with a backward over the selected latents only.
+
+    Forward args: ``c [B, d_in]`` (centred, scaled input), ``W_enc [d_sae, d_in]`` (one row per latent, the
+    transpose of SAELens' ``W_enc``), ``b_enc [d_sae]``, ``dec_norm [d_sae]`` (``||W_dec[j]||``, no gradient),
+    ``k``, ``dead_ids`` (int64 indices of dead latents, possibly empty) and ``k_aux``.
+    Returns ``v [B, k]`` (``relu(pre)`` of the selected latents), ``idx [B, k]`` (int64), and for AuxK
+    ``aux_v [B, k_aux]`` (``pre``, not rectified) and ``aux_idx [B, k_aux]`` (empty ``[B, 0]`` when
+    ``k_aux == 0``). Gradients flow to ``c``, ``W_enc`` and ``b_enc`` through ``v`` (masked where ``v == 0``)
+    and ``aux_v``.
+    """
+
+    @staticmethod
+    def forward(ctx, c, W_enc, b_enc, dec_norm, k: int, dead_ids, k_aux: int):
+        hidden = torch.addmm(b_enc * dec_norm, c, (W_enc * dec_norm[:, None]).t())
+        top, idx = hidden.topk(k, dim=-1, sorted=False)
+        v = (top / dec_norm[idx]).relu_()
+        if k_aux > 0:
+            dead_top, local = hidden.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
+            aux_idx = dead_ids[local]
+            aux_v = dead_top / dec_norm[aux_idx]
+        else:
+            aux_idx = idx.new_empty((c.shape[0], 0))
+            aux_v = v.new_empty((c.shape[0], 0))
+        ctx.save_for_backward(c, W_enc, idx, aux_idx, v)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return v, idx, aux_v, aux_idx
+
+    @staticmethod
+    def backward(ctx, grad_v, _grad_idx, grad_aux_v, _grad_aux_idx):
+        c, W_enc, idx, aux_idx, v = ctx.saved_tensors
+        dv = grad_v * (v > 0)
+        if aux_idx.shape[1]:
+            dv = torch.cat([dv, grad_aux_v], 1)
+            idx = torch.cat([idx, aux_idx], 1)
+        grad_c = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_c = F.embedding_bag(idx, W_enc, per_sample_weights=dv, mode="sum")
+        flat = idx.reshape(-1)
+        if ctx.needs_input_grad[1]:
+            contrib = (dv.unsqueeze(2) * c.unsqueeze(1)).reshape(-1, c.shape[1])
+            grad_W = torch.zeros_like(W_enc).index_add_(0, flat, contrib)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc.shape[0], dtype=dv.dtype, device=dv.device).index_add_(0, flat, dv.reshape(-1))
+        return grad_c, grad_W, grad_b, None, None, None, None
+
+
+@dataclass
+class StepOutput:
+    """What one forward of :func:`sparse_forward` returns (``loss`` is differentiable)."""
+
+    loss: torch.Tensor
+    mse_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    v: torch.Tensor         # [B, k] codes of the selected latents (0 where relu cut them)
+    idx: torch.Tensor       # [B, k] selected latents
+    x_hat: torch.Tensor     # [B, d_in] reconstruction of the scaled input
+
+
+def aux_k(d_in: int, n_dead: int) -> tuple[int, float]:
+    """SAELens' AuxK size and scale: ``k_aux = min(d_in // 2, n_dead)``, ``scale = min(n_dead / (d_in // 2), 1)``."""
+    half = d_in // 2
+    return min(half, n_dead), min(n_dead / half, 1.0)
+
+
+def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                   b_dec: torch.Tensor, k: int, dead_ids: torch.Tensor | None = None,
+                   aux_coefficient: float = 0.0) -> StepOutput:
+    """Loss of one TopK SAE on scaled activations ``x_s [B, d_in]`` (module docstring for the formulas).
+
+    ``W_enc`` is ``[d_sae, d_in]`` (rows per latent), ``W_dec`` ``[d_sae, d_in]``; ``dead_ids`` are the dead
+    latents' indices (None or empty: no AuxK term).
+    """
+    with torch.no_grad():
+        dec_norm = W_dec.norm(dim=-1)
+    n_dead = 0 if dead_ids is None else int(dead_ids.numel())
+    k_aux, scale = aux_k(x_s.shape[1], n_dead) if n_dead and aux_coefficient > 0 else (0, 0.0)
+    if dead_ids is None:
+        dead_ids = torch.empty(0, dtype=torch.long, device=x_s.device)
+    c = x_s - b_dec
+    v, idx, aux_v, aux_idx = TopKEncode.apply(c, W_enc, b_enc, dec_norm, k, dead_ids, k_aux)
+    x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=v, mode="sum") + b_dec
+    mse = (x_hat - x_s).pow(2).sum(-1).mean()
+    if k_aux:
+        residual = (x_s - x_hat).detach()
+        recons = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_v, mode="sum")
+        aux = aux_coefficient * scale * (recons - residual).pow(2).sum(-1).mean()
+    else:
+        aux = mse.new_zeros(())
+    return StepOutput(mse + aux, mse, aux, v, idx, x_hat)
+
+
+@torch.no_grad()
+def encode_decode(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                  b_dec: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inference: ``(v [B, k], idx [B, k], x_hat [B, d_in])`` for scaled activations (no AuxK, no graph)."""
+    dec_norm = W_dec.norm(dim=-1)
+    hidden = torch.addmm(b_enc * dec_norm, x_s - b_dec, (W_enc * dec_norm[:, None]).t())
+    top, idx = hidden.topk(k, dim=-1, sorted=False)
+    v = (top / dec_norm[idx]).relu_()
+    return v, idx, F.embedding_bag(idx, W_dec, per_sample_weights=v, mode="sum") + b_dec
