@@ -4,6 +4,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -28,9 +30,8 @@
 # %% tags=["parameters"]
 params_path = "params/smoke.yaml"
 out_dir = None
-role = None
-k = None
-seed = None
+role = None  # None: both roles
+sae_ids = None  # None: every SAE of the role(s); else the ids of this unit
 force = False
 threads = 0  # torch threads: 0 keeps the default
 
@@ -45,8 +46,7 @@ from proxygap_helpers import evaluate, grid
 p, out, device = grid.setup(params_path, out_dir, threads)
 records = []
 for r in [role] if role else ["small", "large"]:
-    for kk in [k] if k else p.sae.k:
-        records += evaluate.evaluate_unit(p, r, kk, out, device=device, force=force, seed=seed)
+    records += evaluate.evaluate_unit(p, r, out, sae_ids=sae_ids, device=device, force=force)
 
 # %% [markdown]
 # ## Metrics of this unit (`ce_rec` is the primary definition named in params)

@@ -1,7 +1,17 @@
 """Activation sources: an on-disk memmap store (embedded grids) and an online source (the Pythia grid).
 
-Both give the same interface, ``batches(batch_size, total_tokens, seed) -> Iterator[Tensor]``: shuffled
-batches of hook activations ``[batch_size, d_in]``, reshuffled per epoch when a budget exceeds the data.
+Both give two interfaces:
+
+* ``batches(batch_size, total_tokens, seed) -> Iterator[Tensor]``: shuffled batches of hook activations
+  ``[batch_size, d_in]`` for *one* SAE, reshuffled per epoch when a budget exceeds the data (the SAELens
+  trainer path: each SAE reads the store, or re-runs the model, on its own);
+* ``chunks(buffer_tokens) -> Iterator[(chunk index, Tensor [rows, d_in])]``: the *shared* stream of the fast
+  engine (``engine.py``): one store read, or one LM forward, per row for a whole set of SAEs. Each SAE then
+  visits chunk ``c`` in its own order, ``numpy.random.default_rng([seed, c]).permutation(rows)``.
+
+A store no larger than ``buffer_tokens`` is one chunk per epoch, read once and kept: SAE ``seed`` then sees
+exactly the batches that ``batches(..., seed)`` gives (epoch e in the order ``rng([seed, e])``). A larger store
+is cut per epoch into chunks of ``buffer_tokens`` rows of a shared permutation ``rng([data seed, epoch])``.
 
 Store layout (``activations/<role>/``): ``acts.bin`` (raw little-endian rows ``[n_tokens, d_in]``) and
 ``meta.json`` written last (shape, dtype, model, hook, layer, token hash, content hash). A store whose size
@@ -131,6 +141,31 @@ class StoreSource:
                 pos += len(take)
             yield torch.from_numpy(np.ascontiguousarray(self.arr[idx], dtype=np.float32))
 
+    def chunks(self, buffer_tokens: int, seed: int = 0, device: str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
+        """The shared stream: epochs over the store, forever (the consumer stops), as float32 chunks on ``device``.
+
+        A store of at most ``buffer_tokens`` rows is read once and yielded whole for every epoch (chunk index =
+        epoch). A larger one is cut per epoch into ``ceil(rows / buffer_tokens)`` chunks of a permutation
+        ``rng([seed, epoch])`` (rows sorted within a chunk, for sequential reads); ``seed`` is the stream's,
+        shared by every SAE (the data seed), not an SAE's.
+        """
+        if self.n <= buffer_tokens:
+            whole = torch.from_numpy(np.array(self.arr, dtype=np.float32)).to(device)  # read once, kept
+            epoch = 0
+            while True:
+                self.epochs_used = epoch + 1
+                yield epoch, whole
+                epoch += 1
+        c, epoch = 0, 0
+        while True:
+            self.epochs_used = epoch + 1
+            perm = np.random.default_rng([seed, epoch]).permutation(self.n)
+            for i in range(0, self.n, buffer_tokens):
+                rows = np.sort(perm[i:i + buffer_tokens])
+                yield c, torch.from_numpy(np.ascontiguousarray(self.arr[rows], dtype=np.float32)).to(device)
+                c += 1
+            epoch += 1
+
 
 class OnlineSource:
     """Activations straight from the model, batch by batch (for grids whose stores would not fit on disk).
@@ -144,6 +179,8 @@ class OnlineSource:
         self.batch_sequences, self.buffer_tokens = batch_sequences, buffer_tokens
         self.d_in = model.config.hidden_size
         self.epochs_used = 1
+        self.lm_forwards = 0  # forward passes (of batch_sequences rows) run so far: what sharing saves
+        self.lm_tokens = 0
 
     def _acts(self, seed: int) -> Iterator[torch.Tensor]:
         device = next(self.model.parameters()).device
@@ -152,8 +189,31 @@ class OnlineSource:
             rows.append(seq)
             if len(rows) == self.batch_sequences:
                 x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+                self.lm_forwards += 1
+                self.lm_tokens += x.numel()
                 yield resid_post(self.model, x, self.layer).reshape(-1, self.d_in).float()
                 rows = []
+
+    def chunks(self, buffer_tokens: int, seed: int = 0, device: str | None = None
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The shared stream: consecutive chunks of at least ``buffer_tokens`` rows (whole LM batches), each
+        row computed once for every SAE of a set, kept on the model's device (or ``device``).
+
+        Raises :class:`StoreError` when the text runs out (the consumer stops the stream before that).
+        """
+        stream = self._acts(seed)
+        c = 0
+        while True:
+            parts, n = [], 0
+            for a in stream:
+                parts.append(a if device is None else a.to(device))
+                n += len(a)
+                if n >= buffer_tokens:
+                    break
+            if not parts:
+                raise StoreError("the online source ran out of text before every SAE reached its budget")
+            yield c, torch.cat(parts)
+            c += 1
 
     def batches(self, batch_size: int, total_tokens: int, seed: int) -> Iterator[torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)

@@ -132,7 +132,7 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
     for stage in ("extract", "sae", "aggregate", "report"):
         stage_units = [u for u in todo if u.stage == stage]
         pending = [u for u in stage_units if force or not is_complete(p, out, u)]
-        pending.sort(key=lambda u: -u.tokens * (2 if "large" in u.uid else 1))
+        pending.sort(key=lambda u: -u.tokens * _sae_cost(p, u))
         if stage == "sae" and any(f["uid"].startswith("extract") for f in failed):
             for u in pending:
                 on_done({"uid": u.uid, "ok": False, "message": "skipped: the extract unit failed"})
@@ -150,6 +150,12 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
         return 1
     print(f"proxygap: grid '{p.name}' complete in {wall:.0f}s; report: {_report_path(p, out)}")
     return 0
+
+
+def _sae_cost(p, u: Unit) -> int:
+    """Relative cost per training token of a unit's SAEs (d_in x d_sae: the encoder GEMM), 1 for other stages."""
+    role = u.parameters.get("role")
+    return p.d_in(role) * p.d_sae(role) if role else 1
 
 
 def _report_path(p, out: Path) -> Path:

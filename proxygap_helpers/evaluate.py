@@ -28,14 +28,14 @@ def is_evaluated(p: Params, out_dir: Path, sae_id: str) -> bool:
         return False
 
 
-def evaluate_unit(p: Params, role: str, k: int | None, out_dir: Path, device: str = "cpu", force: bool = False,
-                  progress: bool = True, seed: int | None = None) -> list[dict]:
-    """Evaluate the SAEs of ``role`` (and ``k`` / ``seed`` when given) that have no current metrics.json;
+def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str = "cpu", force: bool = False,
+                  progress: bool = True) -> list[dict]:
+    """Evaluate the SAEs of ``role`` (those of ``sae_ids`` when given) that have no current metrics.json;
     return all their metrics."""
     from .metrics import evaluate_sae
 
     out_dir = Path(out_dir)
-    specs = p.sae_specs(role=role, k=k, seed=seed)
+    specs = [s for s in p.sae_specs(role=role) if sae_ids is None or s.sae_id in sae_ids]
     todo = [s for s in specs if force or not is_evaluated(p, out_dir, s.sae_id)]
     if todo:
         tokens = load_eval_tokens(out_dir)
@@ -51,6 +51,7 @@ def evaluate_unit(p: Params, role: str, k: int | None, out_dir: Path, device: st
         rec = {"sae_id": spec.sae_id, "model_role": role, "model_name": model_name(p, role), "hook": p.hook(role),
                "k": spec.k, "tokens": spec.tokens, "seed": spec.seed, "d_in": p.d_in(role), "d_sae": p.d_sae(role),
                **m, "ce_rec_definition": p.evaluation.ce_rec,
+               "tokens_per_latent": spec.tokens / p.d_sae(role), "trainer": train_meta.get("trainer", "saelens"),
                "train_seconds": train_meta["train_seconds"], "budget_mode": train_meta["budget_mode"],
                "epochs_used": train_meta["epochs_used"], "eval_hash": p.eval_hash,
                "eval_seconds": time.time() - t0, "finished_at": provenance.now(),

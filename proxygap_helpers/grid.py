@@ -3,7 +3,8 @@
 Stages run in order; units within a stage are independent:
 
 1. ``extract``            notebooks/01_extract   models, eval tokens, activation stores
-2. ``sae-<role>-s<seed>`` 02_train, 03_evaluate  every k and budget of one (role, seed)
+2. ``sae-<role>-<i>of<n>`` 02_train, 03_evaluate  the SAEs of one role (every k x seed x budget), or of
+                                                  shard i of n (``executor.shards``), from one stream
 3. ``aggregate``          04_aggregate           tables, leaderboard, claims
 4. ``report``             05_report              reports/<grid>/report.html
 
@@ -67,16 +68,32 @@ def units(p: Params, out_dir: Path, params_file: Path) -> list[Unit]:
     """All units of the grid in dependency order."""
     base = {"params_path": str(params_file), "out_dir": str(out_dir)}
     out = [Unit(f"extract-{p.extract_hash}", "extract", ("01_extract",), dict(base))]
+    n = p.executor.shards
     for role in ROLES:
-        for seed in p.sae.seeds:
-            specs = p.sae_specs(role=role, seed=seed)
+        for i, specs in enumerate(shards(p, role, n)):
             ids = tuple(s.sae_id for s in specs)
             h = short_hash({"saes": ids, "eval": p.eval_hash})
-            out.append(Unit(f"sae-{role}-s{seed}-{h}", "sae", ("02_train", "03_evaluate"),
-                            {**base, "role": role, "seed": seed}, ids, _train_tokens(p, specs)))
+            out.append(Unit(f"sae-{role}-{i + 1}of{n}-{h}", "sae", ("02_train", "03_evaluate"),
+                            {**base, "role": role, "sae_ids": list(ids)}, ids, _train_tokens(p, specs)))
     out.append(Unit("aggregate", "aggregate", ("04_aggregate",), dict(base)))
     out.append(Unit("report", "report", ("05_report",), dict(base)))
     return out
+
+
+def shards(p: Params, role: str, n: int) -> list[list]:
+    """The SAE specs of ``role`` split into at most ``n`` shards of whole training runs (a ladder run's
+    checkpoints stay together), balanced by training tokens: longest run first onto the lightest shard.
+    Deterministic; empty shards are dropped."""
+    from .training import runs_for
+
+    runs = sorted(runs_for(p, p.sae_specs(role=role)), key=lambda r: (-max(s.tokens for s in r), r[0].sae_id))
+    load, out = [0] * n, [[] for _ in range(n)]
+    for run in runs:
+        i = load.index(min(load))
+        load[i] += max(s.tokens for s in run)
+        out[i] += run
+    order = {s.sae_id: j for j, s in enumerate(p.sae_specs(role=role))}
+    return [sorted(sh, key=lambda s: order[s.sae_id]) for sh in out if sh]
 
 
 def _train_tokens(p: Params, specs) -> int:

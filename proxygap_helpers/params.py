@@ -109,6 +109,9 @@ class DataParams(_Strict):
 
 class SAEParams(_Strict):
     architecture: Literal["topk"] = "topk"
+    trainer: Literal["fast", "saelens"] = "fast"  # engine.py (shared stream, sparse step) | SAELens' SAETrainer
+    buffer_tokens: int = Field(default=2**21, ge=1)  # rows of the shared activation stream held at once (fast)
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # fast trainer: TF32 matmuls (CUDA) or bf16 autocast
     expansion: int = Field(default=32, ge=1)
     k: list[int] = Field(min_length=1)
     tokens: list[int] = Field(min_length=1)
@@ -174,6 +177,7 @@ class SlurmParams(_Strict):
 class ExecutorParams(_Strict):
     kind: Literal["local", "submitit"] = "local"
     jobs: int = Field(default=1, ge=1, le=64)
+    shards: int = Field(default=1, ge=1, le=4096)  # SAE units per role (each streams its role's activations once)
     slurm: SlurmParams = SlurmParams()
 
 
@@ -247,7 +251,8 @@ class Params(_Strict):
     def sae_hash(self, role: str, k: int, tokens: int, seed: int) -> str:
         """Everything that shapes one SAE's weights. In ladder mode the schedule does not depend on the budget,
         so the checkpoint at T is the same whatever the largest budget is."""
-        sae = self.sae.model_dump(exclude={"k", "tokens", "seeds", "log_every"})
+        unused = {"buffer_tokens", "precision"} if self.sae.trainer == "saelens" else set()
+        sae = self.sae.model_dump(exclude={"k", "tokens", "seeds", "log_every"} | unused)
         return short_hash({"extract": self.extract_hash, "role": role, "k": k, "tokens": tokens, "seed": seed,
                            "sae": sae, "lr": self.sae.lr_for(self.d_sae(role))})
 

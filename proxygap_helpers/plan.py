@@ -35,7 +35,8 @@ def _time_it(fn, reps: int) -> float:
     return best
 
 
-SAE_GEMM_EFFICIENCY = 0.5  # SAE train-step FLOP rate / dense matmul rate at large shapes (benchmarks: 0.35-0.9)
+SAE_GEMM_EFFICIENCY = 0.5  # SAELens train-step FLOP rate / dense matmul rate at large shapes (benchmarks: 0.35-0.9)
+FAST_ENCODER_FRACTION = 0.5  # fast engine tokens/s / the encoder GEMM's alone (reports/benchmarks.md)
 BIG = 2**24  # d_in * d_sae above which a shape is estimated from FLOPs instead of timed train steps
 
 
@@ -48,6 +49,7 @@ def _gemm_rate(m: int, k: int, n: int) -> float:
 
 
 PHASE_S = 2.0  # seconds per timed phase of the unit calibration
+AUX_DEAD_FRACTION = 0.25  # fast trainer: its AuxK costs in proportion to the dead latents (SAELens': always all)
 
 
 def _rate(fn, seconds: float) -> float:
@@ -62,9 +64,10 @@ def _rate(fn, seconds: float) -> float:
 
 def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
     """What one SAE unit of ``role`` does, timed with its torch threads (cpu_count // jobs):
-    ``sae_tok_s`` for a plain TopK train step (SAELens, this role's d_in, d_sae, k and batch size),
-    ``sae_aux_tok_s`` for a step with AuxK on (every latent marked dead: what steps cost once
-    ``dead_tokens_window`` tokens have passed), ``eval_forward_tok_s`` for an LM forward of one evaluation
+    ``sae_tok_s`` for a plain TopK train step (the params' trainer, this role's d_in, d_sae, k and batch
+    size), ``sae_aux_tok_s`` for a step with AuxK on (what steps cost once ``dead_tokens_window`` tokens have
+    passed; SAELens' AuxK step costs the same whatever the dead count, the fast engine's grows with it and is
+    timed with AUX_DEAD_FRACTION of the latents dead), ``eval_forward_tok_s`` for an LM forward of one evaluation
     batch. ``barrier`` (when the grid runs several units at once) starts the fixed-length phases together,
     so that the rates include the contention between concurrent units. Shapes too big to time here
     (Pythia) are estimated from FLOPs: 12 d_in d_sae per SAE token at SAE_GEMM_EFFICIENCY of the matmul
@@ -78,21 +81,34 @@ def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
     torch.set_num_threads(threads)
     m = p.models[role]
     if m.source == "hub" or d_in * d_sae > BIG:
-        plain = SAE_GEMM_EFFICIENCY * _gemm_rate(64, d_in, d_sae) / (12 * d_in * d_sae)
+        if p.sae.trainer == "fast":  # only the encoder GEMM is O(d_in d_sae) per token
+            plain = FAST_ENCODER_FRACTION * _gemm_rate(64, d_in, d_sae) / (2 * d_in * d_sae)
+        else:
+            plain = SAE_GEMM_EFFICIENCY * _gemm_rate(64, d_in, d_sae) / (12 * d_in * d_sae)
         return {"sae_tok_s": plain, "sae_aux_tok_s": plain / 1.5, "eval_forward_tok_s": _flop_forward_rate(p, role),
                 "threads": threads}
     from transformers import GPTNeoXForCausalLM
 
     from .models import neox_config
 
-    bs = min(p.sae.batch_size, 1024)
-    x = torch.randn(bs, d_in)
-    sae = make_sae(p, role, p.sae.k[0], 0, "calibration", p.data.context_size)
-    tr = make_trainer(p, sae, 10 * bs, "cpu", iter(()))
+    if p.sae.trainer == "fast":
+        from .engine import calibration_step
 
-    def aux_step():
-        tr.n_forward_passes_since_fired.fill_(tr.cfg.dead_feature_window + 1)  # every latent dead
-        tr.step(x)
+        bs = p.sae.batch_size
+        plain_step = calibration_step(p, role, p.sae.k[0])
+        aux_step = calibration_step(p, role, p.sae.k[0], dead_fraction=AUX_DEAD_FRACTION)
+    else:
+        bs = min(p.sae.batch_size, 1024)
+        x = torch.randn(bs, d_in)
+        sae = make_sae(p, role, p.sae.k[0], 0, "calibration", p.data.context_size)
+        tr = make_trainer(p, sae, 10 * bs, "cpu", iter(()))
+
+        def plain_step():
+            tr.step(x)
+
+        def aux_step():
+            tr.n_forward_passes_since_fired.fill_(tr.cfg.dead_feature_window + 1)  # every latent dead
+            tr.step(x)
     model = GPTNeoXForCausalLM(neox_config(m, p.data.vocab_size, p.data.context_size)).eval()
     xe = torch.randint(0, p.data.vocab_size, (p.evaluation.batch_sequences, p.data.context_size))
 
@@ -101,7 +117,7 @@ def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
             model(input_ids=xe)
     if barrier is not None:
         barrier.wait()
-    return {"sae_tok_s": bs * _rate(lambda: tr.step(x), PHASE_S), "sae_aux_tok_s": bs * _rate(aux_step, PHASE_S),
+    return {"sae_tok_s": bs * _rate(plain_step, PHASE_S), "sae_aux_tok_s": bs * _rate(aux_step, PHASE_S),
             "eval_forward_tok_s": xe.numel() * _rate(forward, PHASE_S), "threads": threads}
 
 
@@ -166,7 +182,8 @@ def calibration(p: Params, out_dir: Path) -> dict:
               for r in ROLES}
     key = short_hash({"machine": provenance.machine(), "torch": torch.__version__, "shapes": shapes,
                       "unit_threads": local_threads(p.executor.jobs), "window": p.sae.dead_tokens_window,
-                      "eval_batch": p.evaluation.batch_sequences, "jobs": p.executor.jobs, "v": 2})
+                      "eval_batch": p.evaluation.batch_sequences, "jobs": p.executor.jobs,
+                      "trainer": p.sae.trainer, "precision": p.sae.precision, "v": 3})
     path = cache_root(out_dir) / "calibration.json"
     cache = read_json(path) if path.is_file() else {}
     if key not in cache:
@@ -176,19 +193,25 @@ def calibration(p: Params, out_dir: Path) -> dict:
 
 
 def sae_seconds(p: Params, cal: dict, specs) -> float:
-    """Train + evaluate time of these SAEs: per training run, the tokens up to ``dead_tokens_window`` at the
-    plain step rate and the rest at the AuxK rate, plus SAE_FIXED_S; per SAE, EVAL_FORWARD_EQUIV forward
-    passes over the eval tokens."""
+    """Train + evaluate time of these SAEs (one unit): per training run, the tokens up to
+    ``dead_tokens_window`` at the plain step rate and the rest at the AuxK rate, plus SAE_FIXED_S; per SAE,
+    EVAL_FORWARD_EQUIV forward passes over the eval tokens. Hub models produce activations online: one LM
+    pass per unit for the fast trainer (the longest run's rows), one per run for the saelens trainer."""
     from .training import runs_for
 
     n_eval = p.data.eval_sequences * p.data.context_size
     window = p.sae.dead_tokens_window
-    t = 0.0
+    norm_rows = p.sae.norm_estimate_batches * p.sae.batch_size
+    t, lm_rows = 0.0, []
     for run in runs_for(p, specs):
         c = cal[run[0].role]
         total = max(s.tokens for s in run)
         t += min(total, window) / c["sae_tok_s"] + max(0, total - window) / c["sae_aux_tok_s"] + SAE_FIXED_S
         t += len(run) * EVAL_FORWARD_EQUIV * n_eval / c["eval_forward_tok_s"]
+        lm_rows.append(total + norm_rows)
+    if not p.embedded and lm_rows:
+        rows = max(lm_rows) if p.sae.trainer == "fast" else sum(lm_rows)
+        t += rows / cal[specs[0].role]["forward_tok_s"]
     return t
 
 
@@ -253,6 +276,8 @@ def print_plan(p: Params, out_dir: Path) -> None:
     print(f"{'unit':34s} {'notebooks':28s} {'SAEs':>5s} {'train tokens':>13s}")
     for u in us:
         print(f"{u.uid:34s} {', '.join(u.notebooks):28s} {len(u.sae_ids):5d} {format_tokens(u.tokens):>13s}")
+    print(f"SAE trainer: {p.sae.trainer}" + (" (each unit streams its role's activations once)"
+                                              if p.sae.trainer == "fast" else " (each SAE reads its own stream)"))
     disk = disk_bytes(p)
     total_disk = sum(v for d in disk.values() for v in d.values())
     print(f"\ndisk: {_fmt_bytes(total_disk)} ("

@@ -1,4 +1,10 @@
-"""TopK SAE training with SAELens' ``TopKTrainingSAE`` and ``SAETrainer``, over token budgets.
+"""TopK SAE training over token budgets: what both trainers share, and SAELens' ``SAETrainer`` path.
+
+Two trainers (``sae.trainer`` in params, recorded in every train_meta): ``fast`` (the default,
+``engine.py``: every SAE of a unit from one shared activation stream, sparse step) and ``saelens`` (each SAE
+alone through SAELens' ``TopKTrainingSAE`` + ``SAETrainer``: the parity baseline). Both start from the same
+seeded SAELens init (:func:`make_sae`), use the same schedule (:func:`schedule`) and save the same way
+(:func:`save_sae`).
 
 Budget modes (recorded in every result):
 
@@ -66,11 +72,9 @@ def make_sae(p: Params, role: str, k: int, seed: int, model_name: str, context_s
     return TopKTrainingSAE(cfg)
 
 
-def make_trainer(p: Params, sae, total_tokens: int, device: str, data_provider):
-    """A ``SAETrainer`` with the schedule of the budget mode (see module docstring)."""
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
+def schedule(p: Params, total_tokens: int, d_sae: int) -> dict:
+    """Steps, learning rate (Gao et al.: it depends on ``d_sae``) and SAELens scheduler arguments of a run to
+    ``total_tokens`` (budget modes: module docstring)."""
     s = p.sae
     steps = max(1, total_tokens // s.batch_size)
     if s.budget_mode == "separate":
@@ -79,13 +83,24 @@ def make_trainer(p: Params, sae, total_tokens: int, device: str, data_provider):
         # not capped at `steps`: the schedule must not depend on the largest budget (a warm-up longer than the
         # run just ends the run while still warming up, exactly like the same steps of a longer run)
         warm, decay = s.ladder_warmup_tokens // s.batch_size, 0
-    lr = s.lr_for(sae.cfg.d_sae)
+    return {"steps": steps, "warm_up_steps": warm, "decay_steps": decay,
+            "lr": s.lr_for(d_sae)}
+
+
+def make_trainer(p: Params, sae, total_tokens: int, device: str, data_provider):
+    """A ``SAETrainer`` with the schedule of the budget mode (see module docstring)."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    s = p.sae
+    sch = schedule(p, total_tokens, sae.cfg.d_sae)
+    lr = sch["lr"]
     window = max(1, s.dead_tokens_window // s.batch_size)
     cfg = SAETrainerConfig(
-        total_training_samples=steps * s.batch_size, train_batch_size_samples=s.batch_size, lr=lr, lr_end=lr,
-        lr_scheduler_name="constant", lr_warm_up_steps=warm, lr_decay_steps=decay, device=device,
-        dead_feature_window=window, feature_sampling_window=window,
-        n_batches_for_norm_estimate=s.norm_estimate_batches,
+        total_training_samples=sch["steps"] * s.batch_size, train_batch_size_samples=s.batch_size, lr=lr,
+        lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=sch["warm_up_steps"],
+        lr_decay_steps=sch["decay_steps"], device=device, dead_feature_window=window,
+        feature_sampling_window=window, n_batches_for_norm_estimate=s.norm_estimate_batches,
     )
     sae.to(device)  # fit() would do this; run_training drives step() directly
     return SAETrainer(cfg=cfg, sae=sae, data_provider=data_provider)
@@ -102,7 +117,8 @@ def _finalised(trainer):
     return sae
 
 
-def _save(out_dir: Path, spec: SAESpec, sae, log: list[dict], meta: dict) -> None:
+def save_sae(out_dir: Path, spec: SAESpec, sae, log: list[dict], meta: dict) -> None:
+    """Save a finished SAE (SAELens format) with its training log and train_meta, atomically (one rename)."""
     with atomic_dir(sae_dir(out_dir, spec.sae_id)) as tmp:
         sae.save_model(tmp)
         write_json_atomic(tmp / TRAIN_LOG, log)
@@ -147,8 +163,12 @@ def run_training(p: Params, specs: list[SAESpec], source, out_dir: Path, model_n
         bar.update()
         while pending and pending[0][0] == step:
             _, spec = pending.pop(0)
-            meta = _train_meta(p, spec, trainer, time.time() - t0, source)
-            _save(out_dir, spec, _finalised(trainer), [r for r in log if r["step"] <= step], meta)
+            meta = train_meta(p, spec, steps=trainer.n_training_steps, tokens_seen=trainer.n_training_samples,
+                              seconds=time.time() - t0, epochs_used=getattr(source, "epochs_used", 1),
+                              extra={"trainer": "saelens", "device": device, "precision": "fp32",
+                                     "deterministic": device == "cpu", "scaling_factor":
+                                     trainer.activation_scaler.scaling_factor})
+            save_sae(out_dir, spec, _finalised(trainer), [r for r in log if r["step"] <= step], meta)
             metas.append(meta)
     bar.close()
     return metas
@@ -170,14 +190,16 @@ def _log_row(trainer, out, step: int, batch_size: int) -> dict:
     return row
 
 
-def _train_meta(p: Params, spec: SAESpec, trainer, seconds: float, source) -> dict:
+def train_meta(p: Params, spec: SAESpec, steps: int, tokens_seen: int, seconds: float, epochs_used: int,
+               extra: dict) -> dict:
+    """What ``train_meta.json`` records of one SAE: its spec, shapes, schedule facts, trainer and timing."""
     return {"sae_id": spec.sae_id, "model_role": spec.role, "k": spec.k, "tokens": spec.tokens, "seed": spec.seed,
             "hook": p.hook(spec.role), "d_in": p.d_in(spec.role), "d_sae": p.d_sae(spec.role),
-            "budget_mode": p.sae.budget_mode, "steps": trainer.n_training_steps,
-            "tokens_seen": trainer.n_training_samples, "lr": p.sae.lr_for(p.d_sae(spec.role)),
-            "epochs_used": getattr(source, "epochs_used", 1), "train_seconds": seconds,
-            "sae_params": p.sae.model_dump(mode="json"), "sae_hash": p.sae_hash(spec.role, spec.k, spec.tokens,
-                                                                                spec.seed)}
+            "tokens_per_latent": spec.tokens / p.d_sae(spec.role),
+            "budget_mode": p.sae.budget_mode, "steps": steps, "tokens_seen": tokens_seen,
+            "lr": p.sae.lr_for(p.d_sae(spec.role)), "epochs_used": epochs_used, "train_seconds": seconds,
+            **extra, "sae_params": p.sae.model_dump(mode="json"),
+            "sae_hash": p.sae_hash(spec.role, spec.k, spec.tokens, spec.seed)}
 
 
 def runs_for(p: Params, specs: Iterable[SAESpec]) -> list[list[SAESpec]]:
@@ -191,11 +213,22 @@ def runs_for(p: Params, specs: Iterable[SAESpec]) -> list[list[SAESpec]]:
     return list(groups.values())
 
 
-def train_unit(p: Params, role: str, k: int | None, source, out_dir: Path, model_name: str, context_size: int,
-               device: str = "cpu", force: bool = False, progress: bool = True, seed: int | None = None) -> list[dict]:
-    """Train every missing SAE of ``role`` (and of ``k`` / ``seed`` when given; None = all). Finished SAEs are
-    kept unless ``force``."""
-    todo = [s for s in p.sae_specs(role=role, k=k, seed=seed) if force or not is_trained(out_dir, s.sae_id)]
+def train_unit(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name: str, context_size: int,
+               device: str = "cpu", force: bool = False, progress: bool = True) -> list[dict]:
+    """Train every missing SAE of ``specs`` (one role) with the params' trainer; finished SAEs are kept unless
+    ``force`` (then they are removed first and retrained). Returns the train_meta of each SAE trained now."""
+    import shutil
+
+    if force:
+        for s in specs:
+            shutil.rmtree(sae_dir(out_dir, s.sae_id), ignore_errors=True)
+    todo = [s for s in specs if not is_trained(out_dir, s.sae_id)]
+    if not todo:
+        return []
+    if p.sae.trainer == "fast":
+        from .engine import train_set
+
+        return train_set(p, todo, source, out_dir, model_name, context_size, device, progress)
     metas = []
     for run in runs_for(p, todo):
         metas += run_training(p, run, source, out_dir, model_name, context_size, device, progress)

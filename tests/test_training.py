@@ -45,7 +45,8 @@ def _out(tmp: Path, smoke_out: Path) -> Path:
 
 def _train(p, out: Path, smoke_out: Path, role: str = ROLE, k: int = K, **kw):
     src = StoreSource(store_dir(smoke_out, role))
-    return train_unit(p, role, k, src, out, p.models[role].name, p.data.context_size, progress=False, **kw)
+    return train_unit(p, p.sae_specs(role=role, k=k), src, out, p.models[role].name, p.data.context_size,
+                      progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def trained(tmp_path_factory, smoke_out, smoke_params):
     for name in ("a", "b"):
         out = _out(tmp_path_factory.mktemp(f"train_{name}"), smoke_out)
         metas.append(_train(p, out, smoke_out))
-        metrics.append(evaluate_unit(p, ROLE, K, out, progress=False))
+        metrics.append(evaluate_unit(p, ROLE, out, progress=False))
         outs.append(out)
     return p, outs, metas, metrics
 
@@ -147,10 +148,12 @@ def test_ladder_checkpoints_equal_shorter_ladders(tmp_path, smoke_out, smoke_par
 
 
 class _NaNSource:
-    """Batches from a real store, with NaN from batch ``bad`` on (norm-estimate batches count too)."""
+    """A real store, with a NaN in the row that SAE seed 0 meets first in batch ``bad`` (norm-estimate
+    batches count too), for both the per-SAE batches and the shared chunks."""
 
-    def __init__(self, inner: StoreSource, bad: int):
+    def __init__(self, inner: StoreSource, bad: int, batch_size: int):
         self.inner, self.bad, self.epochs_used = inner, bad, 1
+        self.row = int(np.random.default_rng([0, 0]).permutation(inner.n)[bad * batch_size])
 
     def batches(self, batch_size, total_tokens, seed):
         for i, b in enumerate(self.inner.batches(batch_size, total_tokens, seed)):
@@ -159,14 +162,22 @@ class _NaNSource:
                 b[0, 0] = float("nan")
             yield b
 
+    def chunks(self, buffer_tokens, seed=0, device="cpu"):
+        for c, chunk in self.inner.chunks(buffer_tokens, seed, device):
+            chunk = chunk.clone()
+            chunk[self.row, 0] = float("nan")
+            yield c, chunk
 
-def test_nan_in_activations_stops_training(tmp_path, smoke_out, smoke_params):
-    p = _params(smoke_params)
+
+@pytest.mark.parametrize("trainer", ["fast", "saelens"])
+def test_nan_in_activations_stops_training(tmp_path, smoke_out, smoke_params, trainer):
+    p = _params(smoke_params, **{"sae.trainer": trainer})
     out = _out(tmp_path / "nan", smoke_out)
     bad_step = 5
-    src = _NaNSource(StoreSource(store_dir(smoke_out, ROLE)), p.sae.norm_estimate_batches + bad_step - 1)
+    src = _NaNSource(StoreSource(store_dir(smoke_out, ROLE)), p.sae.norm_estimate_batches + bad_step - 1,
+                     p.sae.batch_size)
     with pytest.raises(TrainingError, match=rf"at step {bad_step}\b") as ei:
-        train_unit(p, ROLE, K, src, out, "m", p.data.context_size, progress=False)
+        train_unit(p, p.sae_specs(role=ROLE, k=K), src, out, "m", p.data.context_size, progress=False)
     sid = p.sae_specs(role=ROLE, k=K)[0].sae_id
     assert sid in str(ei.value)
     assert not is_trained(out, sid)
