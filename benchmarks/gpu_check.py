@@ -9,10 +9,12 @@ Not part of ``make test`` or ``make bench`` (CI has no GPU). Usage::
    embedded tokenizer (vocab 2048, not Pythia's 50304), mid-layer resid_post, TopK 32x. Extraction, SAE
    training and evaluation run on CUDA through the same helpers the notebooks call, then the aggregate.
 2. Parity: the largest SAE of each role is evaluated again on the CPU; every metric must agree.
-3. Throughput on the GPU, side by side: our ``run_training`` (activations streamed from the memmap store)
-   vs a plain SAELens ``SAETrainer.fit`` on activations already in GPU memory; the training FLOP rate
-   (12 d_in d_sae per token) over a dense fp32 matmul of the same shapes; our store extraction vs a bare
-   forward to the hook layer.
+3. Throughput on the GPU, side by side: the fast engine (``sae.trainer: fast``; the store copied to the GPU
+   once) at fp32, TF32 and bf16 vs a plain SAELens ``SAETrainer.fit`` on activations already in GPU memory
+   vs the encoder GEMM alone (the engine's one dense op: the bound); our store extraction vs a bare forward
+   to the hook layer.
+4. The reference grid's projected GPU-hours (``params/phase2_pythia.yaml``: 1.92B SAE tokens per role, one
+   LM pass per unit) at each measured rate.
 """
 
 from __future__ import annotations
@@ -79,13 +81,11 @@ def pipeline(p, out: Path) -> dict:
     t["extract_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for role in ("small", "large"):
-        for k in p.sae.k:
-            training.train_unit(p, role, k, StoreSource(store_dir(out, role)), out, extract.model_name(p, role),
-                                p.data.context_size, device=DEV, progress=False)
+        training.train_unit(p, p.sae_specs(role=role), StoreSource(store_dir(out, role)), out,
+                            extract.model_name(p, role), p.data.context_size, device=DEV, progress=False)
     t["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    recs = [r for role in ("small", "large") for k in p.sae.k
-            for r in evaluate.evaluate_unit(p, role, k, out, device=DEV, progress=False)]
+    recs = [r for role in ("small", "large") for r in evaluate.evaluate_unit(p, role, out, device=DEV, progress=False)]
     t["evaluate_s"] = time.perf_counter() - t0
     tables = aggregate.run_aggregate(p, out)
     return {"timings": t, "stores": info["stores"], "metrics": recs,
@@ -103,8 +103,7 @@ def parity(p, out: Path, gpu_recs: list[dict]) -> dict:
     res = {}
     for role in ("small", "large"):
         spec = max(p.sae_specs(role=role), key=lambda s: (s.k, s.tokens))
-        cpu = next(r for r in evaluate.evaluate_unit(p, role, spec.k, cpu_out, device="cpu", seed=spec.seed,
-                                                     progress=False) if r["sae_id"] == spec.sae_id)
+        (cpu,) = evaluate.evaluate_unit(p, role, cpu_out, sae_ids=[spec.sae_id], device="cpu", progress=False)
         gpu = next(r for r in gpu_recs if r["sae_id"] == spec.sae_id)
         diffs = {k: abs(cpu[k] - gpu[k]) for k in PARITY_KEYS}
         excess = {k: diffs[k] / (RTOL * abs(cpu[k]) + ATOL) for k in PARITY_KEYS}  # <= 1 passes
@@ -115,21 +114,29 @@ def parity(p, out: Path, gpu_recs: list[dict]) -> dict:
 
 
 def throughput(p, out: Path, role: str, k: int, tokens: int, repeats: int = 3) -> dict:
-    """Ours vs plain SAELens fit() vs a dense matmul, interleaved, on the GPU; extraction vs bare forward."""
+    """The fast engine (fp32 / tf32 / bf16) vs plain SAELens fit() vs the encoder GEMM alone, interleaved, on the
+    GPU; extraction vs bare forward."""
     import numpy as np
 
     from proxygap_helpers import models
+    from proxygap_helpers.params import validate_params
 
-    spec = next(s for s in p.sae_specs(role=role, k=k) if s.tokens == tokens)
     d_in, d_sae, bsz = p.d_in(role), p.d_sae(role), p.sae.batch_size
     src = StoreSource(store_dir(out, role))
     acts = torch.from_numpy(np.array(src.arr)).to(DEV)
     n_total = tokens + p.sae.norm_estimate_batches * bsz
+    raw = p.model_dump(mode="json")
 
-    def ours():
-        tmp = out.parent / "bench-train"
-        shutil.rmtree(tmp, ignore_errors=True)
-        training.run_training(p, [spec], src, tmp, "bench", p.data.context_size, device=DEV, progress=False)
+    def engine(precision: str):
+        q = validate_params({**raw, "sae": {**raw["sae"], "precision": precision, "k": [k], "tokens": [tokens],
+                                            "seeds": [0]}})
+        (spec,) = q.sae_specs(role=role)
+
+        def run():
+            tmp = out.parent / "bench-train"
+            shutil.rmtree(tmp, ignore_errors=True)
+            training.train_unit(q, [spec], src, tmp, "bench", q.data.context_size, device=DEV, progress=False)
+        return run
 
     def saelens():
         sae = training.make_sae(p, role, k, 0, "bench", p.data.context_size)
@@ -137,27 +144,28 @@ def throughput(p, out: Path, role: str, k: int, tokens: int, repeats: int = 3) -
         with contextlib.redirect_stderr(io.StringIO()):  # fit()'s own progress bars
             tr.fit()
 
-    a, w = torch.randn(bsz, d_in, device=DEV), torch.randn(d_in, d_sae, device=DEV)
+    x, w, b = torch.randn(bsz, d_in, device=DEV), torch.randn(d_sae, d_in, device=DEV), torch.randn(d_sae, device=DEV)
 
-    def gemm_rate() -> float:
-        n = 50
-        dt = timed(lambda: [a @ w for _ in range(n)])
-        return 2.0 * bsz * d_in * d_sae * n / dt
+    def encoder():  # the engine's one O(batch d_in d_sae) op, for this budget's steps
+        for _ in range(tokens // bsz):
+            torch.addmm(b, x, w.t())
 
-    ours(), saelens(), gemm_rate()  # warm-up: kernels, allocator, cuBLAS handles
-    t_ours, t_sl, g = [], [], []
+    runs = {"fp32": engine("fp32"), "tf32": engine("tf32"), "bf16": engine("bf16"), "saelens": saelens,
+            "encoder": encoder}
+    for fn in runs.values():  # warm-up: kernels, allocator, cuBLAS handles
+        fn()
+    t = {name: [] for name in runs}
     for _ in range(repeats):
-        t_ours.append(timed(ours))
-        t_sl.append(timed(saelens))
-        g.append(gemm_rate())
-    ours_tps = [tokens / t for t in t_ours]
+        for name, fn in runs.items():
+            t[name].append(timed(fn))
+    med = {name: statistics.median(v) for name, v in t.items()}
     res = {"role": role, "d_in": d_in, "d_sae": d_sae, "k": k, "batch_size": bsz, "tokens": tokens,
-           "ours_tokens_per_s": statistics.median(ours_tps),
-           "saelens_tokens_per_s": tokens / statistics.median(t_sl),
-           "sae_train_vs_saelens_ratio": statistics.median([s / o for o, s in zip(t_ours, t_sl)]),
-           "gemm_tflops": statistics.median(g) / 1e12,
-           "sae_train_gemm_fraction": statistics.median([tps * 12 * d_in * d_sae / gg
-                                                         for tps, gg in zip(ours_tps, g)])}
+           "saelens_tokens_per_s": tokens / med["saelens"], "encoder_gemm_tokens_per_s": tokens / med["encoder"]}
+    for prec in ("fp32", "tf32", "bf16"):
+        res[f"ours_{prec}_tokens_per_s"] = tokens / med[prec]
+        res[f"sae_train_vs_saelens_ratio_{prec}"] = statistics.median([s / o for o, s in zip(t[prec], t["saelens"])])
+        res[f"sae_train_encoder_bound_fraction_{prec}"] = statistics.median(
+            [e / o for o, e in zip(t[prec], t["encoder"])])
 
     lm = models.load_hf(extract.model_source(p, out, role), device=DEV)
     rows = np.random.default_rng(0).integers(2, p.data.vocab_size, (512, p.data.context_size))
@@ -177,7 +185,25 @@ def throughput(p, out: Path, role: str, k: int, tokens: int, repeats: int = 3) -
         tb.append(timed(bare))
     res["extract_overhead_ratio"] = statistics.median([e / b for e, b in zip(te, tb)])
     res["extract_tokens_per_s"] = rows.size / statistics.median(te)
+    res["lm_forward_to_hook_tokens_per_s"] = rows.size / statistics.median(tb)
     return res
+
+
+def reference_grid_hours(throughput: list[dict]) -> dict:
+    """GPU-hours of params/phase2_pythia.yaml's SAE training at each measured rate: 1.92B SAE tokens per role,
+    plus the LM forward of each unit's one pass (its longest run's tokens) at the measured forward rate."""
+    from proxygap_helpers.params import load_params
+
+    ref = load_params(ROOT / "params" / "phase2_pythia.yaml")
+    out = {}
+    for t, role in zip(throughput, ("small", "large")):
+        sae_tokens = sum(s.tokens for s in ref.sae_specs(role=role))
+        lm_tokens = ref.executor.shards * (max(ref.sae.tokens) + ref.sae.norm_estimate_batches * ref.sae.batch_size)
+        lm_h = lm_tokens / t["lm_forward_to_hook_tokens_per_s"] / 3600
+        for name in ("fp32", "tf32", "bf16"):
+            out[f"{role}_{name}_hours"] = sae_tokens / t[f"ours_{name}_tokens_per_s"] / 3600 + lm_h
+        out[f"{role}_saelens_hours"] = sae_tokens / t["saelens_tokens_per_s"] / 3600 + lm_h * len(ref.sae_specs(role=role))
+    return out
 
 
 def main(argv=None) -> int:
@@ -211,6 +237,8 @@ def main(argv=None) -> int:
     report["throughput"] = [throughput(p, a.out, role, max(p.sae.k), max(p.sae.tokens)) for role in ("small", "large")]
     for t in report["throughput"]:
         print("throughput", json.dumps(t), flush=True)
+    report["reference_grid_gpu_hours"] = reference_grid_hours(report["throughput"])
+    print("reference grid GPU-hours:", json.dumps(report["reference_grid_gpu_hours"]), flush=True)
     report["seconds"] = time.perf_counter() - t0
     text = json.dumps(report, indent=1, default=str)
     if a.json:

@@ -16,12 +16,12 @@ SAE semantics are SAELens 6.54's ``TopKTrainingSAE`` with ``rescale_acts_by_deco
 
 Since ``n_j > 0``, ``relu(pre_j n_j) / n_j = relu(pre_j)``: the decoder norms only decide *which* latents are
 selected; the value and every gradient are those of the formula above, and SAELens' gradient through ``n``
-cancels exactly (its two terms are ``+relu(pre)/n`` and ``-relu(pre)/n``). :class:`TopKEncode` is the
-encoder as one ``torch.autograd.Function`` whose backward touches only the selected latents of each row
-(the idea of EleutherAI sparsify's ``FusedEncoder``): ``dW_enc[j] += dv_bj c_b``, ``db_enc[j] += dv_bj``,
-``dc_b = sum_j dv_bj W_enc[j]``. The decoder is ``F.embedding_bag``, whose own backward is already sparse
-(``dW_dec[j] += v_bj g_b``, ``dv_bj = <g_b, W_dec[j]>``). ``tests/test_engine.py`` checks both against
-autograd of the dense formula in float64, and the whole step against SAELens' ``TopKTrainingSAE``.
+cancels exactly (its two terms are ``+relu(pre)/n`` and ``-relu(pre)/n``). :class:`SparseTopK` is encoder
+and decoder as one ``torch.autograd.Function`` whose backward touches only the selected latents of each row
+(the idea of EleutherAI sparsify's ``FusedEncoder``, extended to the decoder and AuxK):
+``dW_enc[j] += dv_bj c_b``, ``db_enc[j] += dv_bj``, ``dc_b = sum_j dv_bj W_enc[j]``, ``dW_dec[j] += v_bj g_b``,
+``dv_bj = <g_b, W_dec[j]>``. ``tests/test_engine.py`` checks it against autograd of the dense formula in
+float64 and by finite differences, and the whole step against SAELens' ``TopKTrainingSAE``.
 """
 
 from __future__ import annotations
@@ -32,51 +32,82 @@ import torch
 import torch.nn.functional as F
 
 
-class TopKEncode(torch.autograd.Function):
-    """``(v, idx, aux_v, aux_idx)`` of a TopK encoder, with a backward over the selected latents only.
+class SparseTopK(torch.autograd.Function):
+    """Encoder and decoder of a TopK SAE as one Function whose backward touches only the selected latents.
 
     Forward args: ``c [B, d_in]`` (centred, scaled input), ``W_enc [d_sae, d_in]`` (one row per latent, the
-    transpose of SAELens' ``W_enc``), ``b_enc [d_sae]``, ``dec_norm [d_sae]`` (``||W_dec[j]||``, no gradient),
-    ``k``, ``dead_ids`` (int64 indices of dead latents, possibly empty) and ``k_aux``.
-    Returns ``v [B, k]`` (``relu(pre)`` of the selected latents), ``idx [B, k]`` (int64), and for AuxK
-    ``aux_v [B, k_aux]`` (``pre``, not rectified) and ``aux_idx [B, k_aux]`` (empty ``[B, 0]`` when
-    ``k_aux == 0``). Gradients flow to ``c``, ``W_enc`` and ``b_enc`` through ``v`` (masked where ``v == 0``)
-    and ``aux_v``.
+    transpose of SAELens' ``W_enc``), ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``dec_norm [d_sae]``
+    (``||W_dec[j]||``, no gradient), ``k``, ``dead_ids`` (int64 indices of dead latents, possibly empty) and
+    ``k_aux``. Returns ``recon [B, d_in]`` (``sum_{j in S_b} v_bj W_dec[j]``, no bias), ``aux_recon [B, d_in]``
+    (``sum_{j in A_b} pre_bj W_dec[j]``: AuxK's, zeros when ``k_aux == 0``), and, without gradient, ``v [B, k]``
+    (``relu(pre)`` of the selected latents) and ``idx [B, k]``.
+
+    Backward, with ``g = dL/drecon`` and ``g_aux = dL/daux_recon``: ``dv_bj = <g_b, W_dec[j]>`` (0 where
+    ``v_bj == 0``: the ReLU), ``da_bj = <g_aux_b, W_dec[j]>``; then per latent ``j``: ``dW_dec[j] = sum v_bj g_b +
+    sum pre_bj g_aux_b``, ``dW_enc[j] = sum (dv_bj + da_bj) c_b``, ``db_enc[j] = sum (dv_bj + da_bj)``; and
+    ``dc_b = sum_j (dv_bj + da_bj) W_enc[j]``. The per-latent sums run over the (row, latent) pairs sorted by
+    latent (one stable sort, shared by both weight gradients) as ``embedding_bag`` sums, which is several times
+    faster on a CPU than ``index_add_`` and deterministic.
     """
 
     @staticmethod
-    def forward(ctx, c, W_enc, b_enc, dec_norm, k: int, dead_ids, k_aux: int):
+    def forward(ctx, c, W_enc, b_enc, W_dec, dec_norm, k: int, dead_ids, k_aux: int):
         hidden = torch.addmm(b_enc * dec_norm, c, (W_enc * dec_norm[:, None]).t())
         top, idx = hidden.topk(k, dim=-1, sorted=False)
         v = (top / dec_norm[idx]).relu_()
+        recon = F.embedding_bag(idx, W_dec, per_sample_weights=v, mode="sum")
         if k_aux > 0:
             dead_top, local = hidden.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
             aux_idx = dead_ids[local]
             aux_v = dead_top / dec_norm[aux_idx]
+            aux_recon = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_v, mode="sum")
         else:
-            aux_idx = idx.new_empty((c.shape[0], 0))
-            aux_v = v.new_empty((c.shape[0], 0))
-        ctx.save_for_backward(c, W_enc, idx, aux_idx, v)
-        ctx.mark_non_differentiable(idx, aux_idx)
-        return v, idx, aux_v, aux_idx
+            aux_idx, aux_v = idx.new_empty((c.shape[0], 0)), v.new_empty((c.shape[0], 0))
+            aux_recon = torch.zeros_like(recon)
+        ctx.save_for_backward(c, W_enc, W_dec, idx, v, aux_idx, aux_v)
+        ctx.mark_non_differentiable(v, idx)
+        return recon, aux_recon, v, idx
 
     @staticmethod
-    def backward(ctx, grad_v, _grad_idx, grad_aux_v, _grad_aux_idx):
-        c, W_enc, idx, aux_idx, v = ctx.saved_tensors
-        dv = grad_v * (v > 0)
+    def backward(ctx, g, g_aux, _gv, _gidx):
+        c, W_enc, W_dec, idx, v, aux_idx, aux_v = ctx.saved_tensors
+        B, k = idx.shape
+        dv = _rowdot(W_dec, idx, g) * (v > 0)
         if aux_idx.shape[1]:
-            dv = torch.cat([dv, grad_aux_v], 1)
-            idx = torch.cat([idx, aux_idx], 1)
-        grad_c = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_c = F.embedding_bag(idx, W_enc, per_sample_weights=dv, mode="sum")
-        flat = idx.reshape(-1)
-        if ctx.needs_input_grad[1]:
-            contrib = (dv.unsqueeze(2) * c.unsqueeze(1)).reshape(-1, c.shape[1])
-            grad_W = torch.zeros_like(W_enc).index_add_(0, flat, contrib)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_enc.shape[0], dtype=dv.dtype, device=dv.device).index_add_(0, flat, dv.reshape(-1))
-        return grad_c, grad_W, grad_b, None, None, None, None
+            idx_all = torch.cat([idx, aux_idx], 1)
+            d_all = torch.cat([dv, _rowdot(W_dec, aux_idx, g_aux)], 1)
+            vals_all = torch.cat([v, aux_v], 1)
+            g_rows = torch.cat([g, g_aux])  # decoder gradients come from g (rows b) and g_aux (rows B + b)
+            rows = torch.arange(B, device=c.device)[:, None]
+            dec_rows = torch.cat([rows.expand(B, k), (rows + B).expand(B, aux_idx.shape[1])], 1)
+        else:
+            idx_all, d_all, vals_all, g_rows = idx, dv, v, g
+            dec_rows = torch.arange(B, device=c.device)[:, None].expand(B, k)
+        flat = idx_all.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        offsets = torch.zeros(W_enc.shape[0], dtype=torch.long, device=c.device)
+        offsets[1:] = torch.bincount(flat, minlength=W_enc.shape[0]).cumsum(0)[:-1]
+        enc_rows = (torch.arange(B, device=c.device)[:, None].expand_as(idx_all)).reshape(-1)[order]
+        d_sorted = d_all.reshape(-1)[order]
+        grad_W_enc = F.embedding_bag(enc_rows, c, offsets, per_sample_weights=d_sorted, mode="sum")
+        grad_W_dec = F.embedding_bag(dec_rows.reshape(-1)[order], g_rows, offsets,
+                                     per_sample_weights=vals_all.reshape(-1)[order], mode="sum")
+        grad_b_enc = torch.zeros(W_enc.shape[0], dtype=d_all.dtype, device=c.device).index_add_(0, flat, d_all.reshape(-1))
+        grad_c = F.embedding_bag(idx_all, W_enc, per_sample_weights=d_all, mode="sum")
+        return grad_c, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None
+
+
+def _rowdot(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``out[b, j] = <W[idx[b, j]], g[b]>`` -> ``[B, K]``.
+
+    The kernel that computes ``embedding_bag``'s gradient with respect to ``per_sample_weights`` is exactly this
+    sum, without gathering ``W[idx]`` (8x faster on a CPU than ``bmm`` over the gathered rows). It is an ATen op
+    (``_embedding_bag_per_sample_weights_backward``, in torch since 1.x), not a documented Python API; the tests
+    pin its result against the dense formula."""
+    B, K = idx.shape
+    bags = torch.arange(B, device=idx.device)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        g, W, idx.reshape(-1), bags * K, bags.repeat_interleave(K), 0, -1).view(B, K)
 
 
 @dataclass
@@ -112,13 +143,12 @@ def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     if dead_ids is None:
         dead_ids = torch.empty(0, dtype=torch.long, device=x_s.device)
     c = x_s - b_dec
-    v, idx, aux_v, aux_idx = TopKEncode.apply(c, W_enc, b_enc, dec_norm, k, dead_ids, k_aux)
-    x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=v, mode="sum") + b_dec
+    recon, aux_recon, v, idx = SparseTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux)
+    x_hat = recon + b_dec
     mse = (x_hat - x_s).pow(2).sum(-1).mean()
     if k_aux:
         residual = (x_s - x_hat).detach()
-        recons = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_v, mode="sum")
-        aux = aux_coefficient * scale * (recons - residual).pow(2).sum(-1).mean()
+        aux = aux_coefficient * scale * (aux_recon - residual).pow(2).sum(-1).mean()
     else:
         aux = mse.new_zeros(())
     return StepOutput(mse + aux, mse, aux, v, idx, x_hat)

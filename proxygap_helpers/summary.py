@@ -19,7 +19,10 @@ from .params import ROLES, Params, format_tokens
 CE_REC_TEXT = {"relative": "2 − CE_sae / CE_clean (the study's relative definition)",
                "zero_norm": "(CE_zero − CE_sae) / (CE_zero − CE_clean) (SAELens' ce_loss_score)"}
 BUDGET_MODE_TEXT = {"separate": "each budget is its own run with its own learning-rate schedule, as in the study",
-                    "ladder": "one run per seed, checkpointed at each budget, schedule independent of T"}
+                    "ladder": "one run per (k, seed), checkpointed at each budget, schedule independent of T"}
+TRAINER_TEXT = {"fast": "proxygap's engine: every SAE of a unit from one shared activation stream, sparse TopK step, "
+                        "SAELens' TopK semantics",
+                "saelens": "SAELens' own SAETrainer, one SAE at a time"}
 
 
 def _provenance(out_dir: Path) -> dict:
@@ -51,7 +54,8 @@ def run_summary(p: Params, out_dir: Path, agg: dict[str, pd.DataFrame]) -> dict[
 
 **Grid:** k ∈ {{{', '.join(map(str, p.sae.k))}}}, SAE token budgets T ∈ {{{', '.join(format_tokens(t) for t in p.sae.tokens)}}},
 seeds {{{', '.join(map(str, p.sae.seeds))}}} — {len(p.sae_specs())} SAEs. **Budget mode:** `{p.sae.budget_mode}`
-({BUDGET_MODE_TEXT[p.sae.budget_mode]}).
+({BUDGET_MODE_TEXT[p.sae.budget_mode]}). **Trainer:** `{p.sae.trainer}` ({TRAINER_TEXT[p.sae.trainer]}{
+'' if p.sae.precision == 'fp32' else f', {p.sae.precision}'}).
 **Primary endpoint:** ΔCE_rec with CE_rec = {CE_REC_TEXT[p.evaluation.ce_rec]};
 Δ = large − small, so ΔCE_rec < 0 means the large model's SAE preserves behaviour *worse*. Evaluated on
 {p.data.eval_sequences} held-out sequences of {p.data.context_size} tokens.

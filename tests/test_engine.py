@@ -23,7 +23,7 @@ from proxygap_helpers import engine, training
 from proxygap_helpers.activations import OnlineSource, StoreSource, store_dir
 from proxygap_helpers.evaluate import evaluate_unit
 from proxygap_helpers.params import load_params
-from proxygap_helpers.sparse_step import TopKEncode, aux_k, encode_decode, sparse_forward
+from proxygap_helpers.sparse_step import SparseTopK, aux_k, encode_decode, sparse_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,17 +78,18 @@ def test_sparse_backward_equals_dense_autograd_float64(dead_ids):
         assert b.abs().max() > 0, name
 
 
-def test_topk_encode_backward_passes_gradcheck():
-    """Finite differences of the autograd Function itself (codes and AuxK values as outputs)."""
+def test_sparse_topk_backward_passes_gradcheck():
+    """Finite differences of the autograd Function itself (reconstruction and AuxK reconstruction as outputs;
+    the decoder norms that pick the latents are held fixed, as the Function documents)."""
     (W_enc, b_enc, W_dec, _), x = _weights(d_in=6, d_sae=20, seed=1)
     c = x[:5].clone().requires_grad_()
     nrm = W_dec.detach().norm(dim=-1)
     dead = torch.tensor([2, 7, 11, 19])
 
-    def f(c, W, b):
-        v, _, aux_v, _ = TopKEncode.apply(c, W, b, nrm, 3, dead, 2)
-        return v, aux_v
-    assert torch.autograd.gradcheck(f, (c, W_enc, b_enc), eps=1e-6, atol=1e-6)
+    def f(c, W, b, Wd):
+        recon, aux_recon, _, _ = SparseTopK.apply(c, W, b, Wd, nrm, 3, dead, 2)
+        return recon, aux_recon
+    assert torch.autograd.gradcheck(f, (c, W_enc, b_enc, W_dec), eps=1e-6, atol=1e-6)
 
 
 def test_step_equals_saelens_training_forward():
@@ -322,3 +323,12 @@ def test_one_lm_pass_serves_the_whole_set(tmp_path, smoke_out, smoke_params):
                                        "sae.tokens": [2048], "data.store_tokens": smoke_params.store_tokens})
     training.train_unit(sl, sl.sae_specs(role="small"), ref, tmp_path / "sl", "m", 64, progress=False)
     assert ref.lm_tokens >= 4 * need, "the saelens trainer re-runs the LM for every SAE"
+
+
+def test_report_header_names_the_trainer(tmp_path, smoke_params):
+    from proxygap_helpers.summary import run_summary
+
+    for trainer, words in (("fast", "one shared activation stream"), ("saelens", "SAETrainer, one SAE at a time")):
+        p = _params(smoke_params, **{"sae.trainer": trainer})
+        header = run_summary(p, tmp_path, {})["header"]
+        assert f"**Trainer:** `{trainer}`" in header and words in header
