@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PARAMS ?= params/default.yaml
 
-.PHONY: venv test report lab bench sync clean-results
+.PHONY: venv system-deps test report lab bench sync clean-results
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# System programs the tests need: installed when root on Debian/Ubuntu, else one line says what to install.
+system-deps:
+	@bash scripts/system_deps.sh chromium
+
+test: system-deps $(STAMP)
 	PROXYGAP_THREADS=1 $(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 report: $(STAMP)
