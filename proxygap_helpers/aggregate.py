@@ -19,8 +19,10 @@ TABLES = ("sae_metrics", "pairs", "phase2_table", "sign_flip", "heldout_predicti
 
 
 def _csv(df: pd.DataFrame, path: Path) -> None:
+    """Atomic CSV at full float precision (shortest round-trip repr): machine-readable tables are never
+    rounded; only the ``.md`` table and the HTML report round for reading."""
     tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False, float_format="%.6g")
+    df.to_csv(tmp, index=False)
     tmp.replace(path)
 
 
