@@ -110,28 +110,36 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
             if u.stage == "sae":  # the notebooks skip finished SAEs / metrics unless told to redo them
                 u.parameters["force"] = True
     total = len(todo)
-    complete = [u for u in todo if is_complete(p, out, u)]
+    complete = {u.uid for u in todo if is_complete(p, out, u)}
     if len(complete) == total:
         print(f"proxygap: all {total} units of grid '{p.name}' are complete in {out}; nothing to do.")
         return 0
+    counted = _already_complete(todo, complete)
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=len(complete), desc=f"grid {p.name}", unit="unit", disable=not interactive,
+    bar = tqdm(total=total, initial=len(counted), desc=f"grid {p.name}", unit="unit", disable=not interactive,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} units [{elapsed}<{remaining}]")
-    print(f"proxygap: grid '{p.name}': {len(complete)}/{total} units already complete; running the rest "
+    print(f"proxygap: grid '{p.name}': {len(counted)}/{total} units already complete; running the rest "
           f"({kind}, {jobs} job(s)) into {out}", flush=True)
-    t0, failed, count = time.time(), [], [len(complete)]
+    t0, failed = time.time(), []
+
+    def count(uid: str, line: str) -> None:
+        if uid not in counted:
+            counted.add(uid)
+            bar.update()
+        msg = f"[{len(counted)}/{total} {time.time() - t0:6.0f}s] {line}"
+        tqdm.write(msg) if interactive else print(msg, flush=True)
 
     def on_done(res: dict) -> None:
-        bar.update()
-        count[0] += 1
-        msg = f"[{count[0]}/{total} {time.time() - t0:6.0f}s] {_line(res)}"
-        tqdm.write(msg) if interactive else print(msg, flush=True)
+        count(res["uid"], _line(res))
         if not res.get("ok"):
             failed.append(res)
 
     for stage in ("extract", "sae", "aggregate", "report"):
         stage_units = [u for u in todo if u.stage == stage]
         pending = [u for u in stage_units if force or not is_complete(p, out, u)]
+        for u in stage_units:
+            if u.uid not in {v.uid for v in pending} | counted:  # e.g. an aggregate whose inputs did not change
+                count(u.uid, f"up to date {u.uid} (its inputs did not change)")
         pending.sort(key=lambda u: -u.tokens * _sae_cost(p, u))
         if stage == "sae" and any(f["uid"].startswith("extract") for f in failed):
             for u in pending:
@@ -156,6 +164,17 @@ def _sae_cost(p, u: Unit) -> int:
     """Relative cost per training token of a unit's SAEs (d_in x d_sae: the encoder GEMM), 1 for other stages."""
     role = u.parameters.get("role")
     return p.d_in(role) * p.d_sae(role) if role else 1
+
+
+def _already_complete(todo: list[Unit], complete: set[str]) -> set[str]:
+    """The complete units that this run will not redo: aggregate and report are redone whenever a unit before
+    them runs (their inputs change), so they count as complete only when every unit before them is."""
+    counted, upstream_ok = set(), True
+    for u in todo:  # in dependency order
+        if u.uid in complete and (upstream_ok or u.stage not in ("aggregate", "report")):
+            counted.add(u.uid)
+        upstream_ok = upstream_ok and u.uid in complete
+    return counted
 
 
 def _report_path(p, out: Path) -> Path:

@@ -177,3 +177,68 @@ def test_csvs_keep_full_precision_phase2_table_recomputed_from_sae_metrics_csv(t
         mism = ((large["r2"] - small["r2"] > 0) & (large["ce_rec"] - small["ce_rec"] < 0)).mean()
         assert row.n == len(small) and row.mismatch_rate == mism
 
+
+class _FakeGrid:
+    """Unit states for cli._run without notebooks: a finished SAE unit makes aggregate and report stale, a
+    finished aggregate makes report stale (their inputs changed), as the real input hashes do."""
+
+    def __init__(self, us, incomplete, failing=()):
+        self.done = {u.uid: u.uid not in incomplete for u in us}
+        self.failing = set(failing)
+
+    def is_complete(self, p, out, u):
+        return self.done[u.uid]
+
+    def execute(self, kind, params_path, out_dir, todo, p, jobs, on_done):
+        for u in todo:
+            ok = u.uid not in self.failing
+            if ok:
+                self.done[u.uid] = True
+                stale = {"sae": ("aggregate", "report"), "aggregate": ("report",)}.get(u.stage, ())
+                self.done.update({s: False for s in stale})
+            on_done({"uid": u.uid, "ok": ok, "wall_seconds": 1.0, "message": "boom"})
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["cause-removed", "fails-again"])
+def test_progress_after_a_partly_failed_run_counts_each_unit_once(tmp_path, monkeypatch, capsys, fixed):
+    """A rerun after one SAE unit failed (the issue's 5-unit grid): aggregate and report of the partial grid
+    will be redone, so they are not 'already complete'; the counter starts at the units truly complete (2/5)
+    and ends at [5/5] (it used to print 4/5, then count to [7/5])."""
+    from proxygap_helpers import cli
+    from proxygap_helpers.grid import units
+
+    p = load_params(SMOKE)
+    us = units(p, tmp_path, tmp_path / "params.resolved.yaml")
+    assert [u.stage for u in us] == ["extract", "sae", "sae", "aggregate", "report"]
+    victim = us[1].uid
+    grid = _FakeGrid(us, incomplete={victim}, failing=() if fixed else {victim})
+    monkeypatch.setattr(cli, "is_complete", grid.is_complete)
+    monkeypatch.setattr(executors, "execute", grid.execute)
+
+    code = cli._run(p, tmp_path, tmp_path / "params.resolved.yaml", us, "local", 1, force=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert "2/5 units already complete" in lines[0], lines
+    progress = [line.split()[0].lstrip("[") for line in lines[1:] if line.startswith("[")]
+    assert progress == ["3/5", "4/5", "5/5"], lines
+    assert code == (0 if fixed else 1)
+    if fixed:
+        assert all(grid.done.values())
+    else:  # aggregate and report of the partial grid are current: counted, not rerun, and said so
+        assert [line.split("s] ")[1].split()[:2] for line in lines[2:4]] == [["up", "to"]] * 2, lines
+
+
+def test_progress_of_a_fresh_run_and_of_a_report_only_rerun(tmp_path, monkeypatch, capsys):
+    from proxygap_helpers import cli
+    from proxygap_helpers.grid import units
+
+    p = load_params(SMOKE)
+    us = units(p, tmp_path, tmp_path / "params.resolved.yaml")
+    for incomplete, start in (({u.uid for u in us}, 0), ({"report"}, len(us) - 1)):
+        grid = _FakeGrid(us, incomplete)
+        monkeypatch.setattr(cli, "is_complete", grid.is_complete)
+        monkeypatch.setattr(executors, "execute", grid.execute)
+        assert cli._run(p, tmp_path, tmp_path / "params.resolved.yaml", us, "local", 1, force=False) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert f"{start}/{len(us)} units already complete" in lines[0]
+        progress = [line.split()[0].lstrip("[") for line in lines[1:] if line.startswith("[")]
+        assert progress == [f"{n}/{len(us)}" for n in range(start + 1, len(us) + 1)], lines

@@ -406,6 +406,10 @@ def test_failed_unit_is_isolated_and_retried_alone(env, micro, base_out, tmp_pat
     res = cli(env, "run", params, "--out", out)
     assert res.returncode == 0, explain(res)
     assert {uid for _, uid in finished_lines(res.stdout)} == {victim_unit.uid, "aggregate", "report"}, res.stdout
+    # the partial grid's aggregate and report are redone, so not "already complete": N-3, then N-2 .. N of N
+    assert f"{len(us) - 3}/{len(us)} units already complete" in res.stdout, res.stdout
+    counters = [line.split()[0].lstrip("[") for line in res.stdout.splitlines() if UNIT_LINE.match(line)]
+    assert counters == [f"{n}/{len(us)}" for n in range(len(us) - 2, len(us) + 1)], res.stdout
     after = done_mtimes(out)
     for u in us[:3]:
         if u is not victim_unit:
