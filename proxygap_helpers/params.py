@@ -340,9 +340,28 @@ def _describe(err: dict[str, Any]) -> str:
     return f"key `{key}` = {shown}: {msg}"
 
 
+def _rotary_dims(head_dim: int, rotary_pct: float) -> int | None:
+    """The rotated dimensions per head, head_dim x rotary_pct, when that is an even integer, else None.
+
+    HF GPT-NeoX rotates ``int(head_dim * rotary_pct)`` dimensions, TransformerLens ``round(...)``, and rotary
+    embeddings pair dimensions: only an even integer product means the same model in both.
+    """
+    dims = head_dim * rotary_pct
+    n = round(dims)
+    return n if abs(dims - n) < 1e-9 and n % 2 == 0 and n > 0 else None
+
+
 def _check_model_dependent(p: Params) -> None:
     for role in ROLES:
         m = p.models[role]
+        if isinstance(m, EmbeddedModel) and _rotary_dims(m.d_model // m.n_heads, m.rotary_pct) is None:
+            head_dim = m.d_model // m.n_heads
+            ok = [f"{n / head_dim:g}" for n in range(2, head_dim + 1, 2)]
+            raise ParamsError(f"key `models.{role}.rotary_pct` = {m.rotary_pct}: head_dim x rotary_pct must be an "
+                              f"even integer (the rotated dimensions per head come in pairs), but head_dim = "
+                              f"d_model / n_heads = {m.d_model} / {m.n_heads} = {head_dim} gives "
+                              f"{head_dim} x {m.rotary_pct} = {head_dim * m.rotary_pct:g}; allowed values for this "
+                              f"shape: {', '.join(ok[:8])}{', ...' if len(ok) > 8 else ''}")
         if m.layer != "mid" and not 0 <= m.layer < m.n_layers:
             raise ParamsError(f"key `models.{role}.layer` = {m.layer}: the hook layer must be 'mid' or an integer "
                               f"in [0, {m.n_layers - 1}] for a model with {m.n_layers} layers")

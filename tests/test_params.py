@@ -91,6 +91,12 @@ BAD: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "unknown-hub-model": (_mutated(PYTHIA_RAW, _set("models.small.name", "EleutherAI/pythia-71m")),
                           ("models.small.name", "pythia-70m", "pythia-410m")),
     "hub-with-stdlib-data": (_mutated(PYTHIA_RAW, _set("data.source", "stdlib")), ("data.source", "pile")),
+    # HF rotates int(16 x 0.3) = 4 dims, TransformerLens round(4.8) = 5 (and crashes); 20 x 0.25 = 5 is odd
+    "rotary-not-an-integer": (_mutated(SMOKE_RAW, _set("models.large.rotary_pct", 0.3)),
+                              ("models.large.rotary_pct", "even integer", "16 x 0.3 = 4.8", "0.25")),
+    "rotary-odd": (_mutated(SMOKE_RAW, lambda r: _set("models.small", {**r["models"]["small"], "d_model": 80,
+                                                                       "n_heads": 4, "rotary_pct": 0.25})(r)),
+                   ("models.small.rotary_pct", "even integer", "20 x 0.25 = 5", "0.1, 0.2, 0.3")),
     "budget-beyond-store-no-epochs": (_mutated(SMOKE_RAW, lambda r: (_set("data.allow_epochs", False)(r),
                                                                       _set("data.store_tokens", 1000)(r))),
                                       ("sae.tokens", "store_tokens", "allow_epochs")),
@@ -169,6 +175,25 @@ def test_params_files_load(name):
         assert p.d_sae(s.role) == p.sae.expansion * p.d_in(s.role)
         assert s.k < p.d_sae(s.role)
         assert 0 <= p.layer(s.role) < p.models[s.role].n_layers
+
+
+def test_rotary_pct_accepted_exactly_when_head_dim_times_it_is_an_even_integer():
+    """Every value the refusal message lists for head_dim 16 is accepted; the issue's cases are refused."""
+    def rotary(d_model, n_heads, pct):
+        return {"models.small.d_model": d_model, "models.small.n_heads": n_heads, "models.small.rotary_pct": pct}
+
+    with pytest.raises(ParamsError) as err:
+        load_params(PARAMS / "smoke.yaml", overrides=rotary(64, 4, 0.3))
+    listed = re.search(r"allowed values for this shape: ((?:[0-9.]+, )*\d+(?:\.\d+)?)", str(err.value))
+    listed = listed.group(1).split(", ")
+    assert listed == ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875", "1"]
+    for pct in listed:
+        m = load_params(PARAMS / "smoke.yaml", overrides=rotary(64, 4, float(pct))).models["small"]
+        assert (m.d_model // m.n_heads) * m.rotary_pct % 2 == 0
+    for bad in ((64, 4, 0.3), (80, 4, 0.25), (64, 4, 0.0625), (96, 4, 0.3)):  # 4.8, 5, 1, 7.2
+        with pytest.raises(ParamsError, match=r"models\.small\.rotary_pct.*even integer"):
+            load_params(PARAMS / "smoke.yaml", overrides=rotary(*bad))
+    load_params(PARAMS / "smoke.yaml", overrides=rotary(96, 4, 0.25))  # 24 x 0.25 = 6
 
 
 def test_phase2_pythia_derived():
