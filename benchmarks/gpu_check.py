@@ -50,7 +50,7 @@ def gpu_params(tokens: list[int], small: bool = False) -> dict:
     return {
         "name": "gpu-check", "description": "Pythia-70m/410m-shaped random GPT-NeoX pair on CUDA",
         "device": DEV,
-        "data": {"source": "stdlib", "context_size": 128, "vocab_size": 2048, "eval_sequences": 32,
+        "data": {"source": "sympy", "context_size": 128, "vocab_size": 2048, "eval_sequences": 32,
                  "max_chars": 1_500_000 if small else 12_000_000},
         "models": {r: {**shape, "d_model": d[i], "n_layers": layers[i], "n_heads": heads[i]}
                    for i, r in enumerate(("small", "large"))},

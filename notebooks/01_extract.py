@@ -16,9 +16,9 @@
 # The study compares SAEs trained on the same mid-layer residual stream (`blocks.L.hook_resid_post`) of a
 # *small* and a *large* model of one family. This notebook makes everything the later stages read:
 #
-# * **embedded grids** (`params/smoke.yaml`, `params/default.yaml`): the standard library's `.py` sources
-#   as text (split into train/eval *by file*), a byte-level BPE tokenizer and two tiny GPT-NeoX
-#   (Pythia-architecture) models trained here, deterministically, and cached;
+# * **embedded grids** (`params/smoke.yaml`, `params/default.yaml`): the `.py` sources of the pinned SymPy
+#   package as text (content hash checked; split into train/eval *by file*), a byte-level BPE tokenizer and
+#   two tiny GPT-NeoX (Pythia-architecture) models trained here, deterministically, and cached;
 # * **the reference grid** (`params/phase2_pythia.yaml`): Pythia checkpoints from the hub and the Pile
 #   (needs internet; activations are then streamed at training time instead of stored).
 #

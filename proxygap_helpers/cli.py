@@ -1,7 +1,8 @@
 """Command line: ``python -m proxygap_helpers run | plan | status | report PARAMS [--out DIR] ...``.
 
 Exit codes: 0 every unit succeeded; 1 some unit failed (the others finished; rerun retries only those);
-2 bad parameters or invocation (one paragraph on stderr, nothing run or written).
+2 bad parameters or invocation, or an embedded grid whose corpus package is not the pinned one (one
+paragraph on stderr, nothing run or written).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from .data import CorpusError
 from .files import write_text_atomic
 from .grid import Unit, is_complete, resolve, state, units
 from .params import ParamsError, dump_resolved
@@ -57,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             _writable(out)
         if args.command == "run" and args.jobs is not None and not 1 <= args.jobs <= 64:
             raise ParamsError(f"--jobs = {args.jobs}: must be an integer in [1, 64]")
-    except ParamsError as e:
+        if args.command == "run" and p.embedded:
+            from .data import pinned_sources
+
+            pinned_sources()  # the installed corpus package is the pinned one, before any work starts
+    except (ParamsError, CorpusError) as e:
         return _fail(str(e))
     if args.command == "plan":
         from .plan import print_plan

@@ -1,16 +1,27 @@
 """Text and tokens.
 
-Embedded default: the running interpreter's standard-library ``.py`` sources (no site-packages, no test
-folders, no caches), split into train/eval *by file* (disjoint), each split sorted by path and joined with
-the end-of-text token. A byte-level BPE tokenizer is trained on the train split. Reference grid: the
-Pile, streamed with ``datasets`` and tokenized with the Pythia tokenizer (needs internet).
+Embedded default: the ``.py`` sources of one pinned, pure-Python package, SymPy (``CORPUS_PACKAGE`` at
+``CORPUS_VERSION``, as pinned in ``requirements.lock``), read from its installed distribution (the files its
+wheel's RECORD lists, under ``sympy/``; no test, benchmark or generated-parser folders; never the network).
+SymPy ships one ``py3-none-any`` wheel, so these files are the same on every platform and every Python 3.11
+patch release (the interpreter's own standard library, the previous source, was not: 16 of the 93 files of
+the smoke subset differ between 3.11.2 and 3.11.7). The sources' content hash is pinned (``CORPUS_SHA256``)
+and checked at load time: another version or a modified installation stops with :class:`CorpusError`.
+
+Size (sympy 1.14.0): 818 files, 15.85M characters. At eval_fraction 0.1 the eval split holds 96 files,
+1.92M characters; with the default 2048-token byte-level BPE that is 4.58M train and 0.63M eval tokens
+(4927 eval sequences of 128). ``data.max_chars`` 1.5M (smoke) keeps 90 files, 1.51M characters.
+
+The files are split into train/eval *by file* (disjoint), each split sorted by path and joined with the
+end-of-text token. A byte-level BPE tokenizer is trained on the train split. Reference grid: the Pile,
+streamed with ``datasets`` and tokenized with the Pythia tokenizer (needs internet).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,26 +30,81 @@ import numpy as np
 
 EOT = "<|endoftext|>"
 PAD = "<|padding|>"
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+CORPUS_PACKAGE = "sympy"
+CORPUS_VERSION = "1.14.0"  # == requirements.lock (tests/test_data.py checks it)
+CORPUS_SHA256 = "d7abd038a7f948c9"  # corpus_hash() of every file of package_sources() at CORPUS_VERSION
+_SKIP_DIRS = {"__pycache__", "test", "tests", "benchmarks", "_antlr"}
+
+
+class CorpusError(RuntimeError):
+    """The installed corpus package is missing, another version, or differs from the pinned content."""
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """The embedded text: files of each split, the joined text and a content hash."""
+    """The embedded text: files of each split, the joined text, a content hash of the chosen files and where
+    they came from (``package==version``)."""
 
     train_files: tuple[str, ...]
     eval_files: tuple[str, ...]
     train_text: str
     eval_text: str
     content_hash: str
-    stdlib: str
+    source: str
 
 
-def stdlib_files(root: Path | None = None) -> list[Path]:
-    """Sorted ``.py`` files of the standard library, without site-packages, tests and caches."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py")
-                  if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]) and p.is_file())
+def package_sources(package: str = CORPUS_PACKAGE) -> tuple[str, Path, dict[str, Path]]:
+    """(installed version, install location, {path such as ``sympy/core/expr.py``: file}) of the package's
+    ``.py`` sources as its RECORD lists them, under the package's own folder, without test, benchmark and
+    generated-parser folders and caches.
+
+    Raises CorpusError when the package is not installed or lists no files."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise CorpusError(f"the embedded corpus is the Python sources of {package}=={CORPUS_VERSION}, which is not "
+                          f"installed: install the pinned environment (make venv, or pip install -c "
+                          f"requirements.lock {package}=={CORPUS_VERSION})") from None
+    files = {str(f): Path(f.locate()) for f in dist.files or ()
+             if f.suffix == ".py" and f.parts[0] == package and not _SKIP_DIRS.intersection(f.parts[1:-1])}
+    if not files:
+        raise CorpusError(f"the installed {package} {dist.version} lists no .py files (no RECORD): reinstall it "
+                          f"with pip install --force-reinstall -c requirements.lock {package}=={CORPUS_VERSION}")
+    return dist.version, Path(dist.locate_file("")), files
+
+
+def read_sources(files: dict[str, Path]) -> dict[str, str]:
+    """Text of each file (UTF-8, undecodable bytes replaced, EOT removed), by name."""
+    return {n: files[n].read_text(encoding="utf-8", errors="replace").replace(EOT, "") for n in sorted(files)}
+
+
+def corpus_hash(texts: dict[str, str]) -> str:
+    """16 hex digits of sha256 over the files in name order (name, NUL, text, NUL)."""
+    h = hashlib.sha256()
+    for n in sorted(texts):
+        h.update(n.encode() + b"\0" + texts[n].encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def pinned_sources() -> tuple[str, dict[str, str]]:
+    """(``package==version``, texts) of the embedded corpus, after checking version and content against the pins.
+
+    Raises CorpusError naming the package, the version found and the one expected (requirements.lock)."""
+    version, location, files = package_sources(CORPUS_PACKAGE)
+    where = f"{CORPUS_PACKAGE} {version} in {location}"
+    if version != CORPUS_VERSION:
+        raise CorpusError(f"the embedded corpus is the Python sources of {CORPUS_PACKAGE}=={CORPUS_VERSION} (as "
+                          f"pinned in requirements.lock), but {where} is installed: install the pinned environment "
+                          f"(pip install -c requirements.lock {CORPUS_PACKAGE}=={CORPUS_VERSION})")
+    texts = read_sources(files)
+    got = corpus_hash(texts)
+    if got != CORPUS_SHA256:
+        raise CorpusError(f"the Python sources of {where} differ from the pinned corpus of {CORPUS_PACKAGE}=="
+                          f"{CORPUS_VERSION} (content hash {got}, expected {CORPUS_SHA256}; {len(texts)} files): the "
+                          f"installation was modified or is not the PyPI wheel; reinstall it with pip install "
+                          f"--force-reinstall -c requirements.lock {CORPUS_PACKAGE}=={CORPUS_VERSION}")
+    return f"{CORPUS_PACKAGE}=={version}", texts
 
 
 def _unit_hash(name: str) -> float:
@@ -46,21 +112,21 @@ def _unit_hash(name: str) -> float:
     return int(hashlib.sha256(name.encode()).hexdigest()[:12], 16) / 16**12
 
 
-def load_corpus(eval_fraction: float, max_chars: int | None = None, root: Path | None = None) -> Corpus:
-    """Read the stdlib sources; a file goes to eval when its path hash < eval_fraction.
+def load_corpus(eval_fraction: float, max_chars: int | None = None,
+                sources: tuple[str, dict[str, str]] | None = None) -> Corpus:
+    """The embedded corpus; a file goes to eval when its path hash < eval_fraction.
 
-    ``max_chars`` keeps a deterministic subset (files in path-hash order until the budget is used), for
-    smoke runs. Both splits are guaranteed non-empty.
+    ``sources`` is ``(label, {name: text})``, by default :func:`pinned_sources` (checked against the pins;
+    raises CorpusError). ``max_chars`` keeps a deterministic subset (files in path-hash order until the budget
+    is used), for smoke runs. Both splits are guaranteed non-empty.
     """
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    files = {str(p.relative_to(root)): p for p in stdlib_files(root)}
-    names = sorted(files, key=lambda n: (_unit_hash("subset:" + n), n))
+    label, all_texts = sources if sources is not None else pinned_sources()
+    names = sorted(all_texts, key=lambda n: (_unit_hash("subset:" + n), n))
     texts: dict[str, str] = {}
     total = 0
     for n in names:
-        t = files[n].read_text(encoding="utf-8", errors="replace").replace(EOT, "")
-        texts[n] = t
-        total += len(t)
+        texts[n] = all_texts[n]
+        total += len(all_texts[n])
         if max_chars is not None and total >= max_chars:
             break
     chosen = sorted(texts)
@@ -69,11 +135,7 @@ def load_corpus(eval_fraction: float, max_chars: int | None = None, root: Path |
         evals = [min(chosen, key=_unit_hash)]
     trains = [n for n in chosen if n not in set(evals)]
     join = lambda ns: EOT.join(texts[n] for n in ns) + EOT  # noqa: E731
-    train_text, eval_text = join(trains), join(evals)
-    h = hashlib.sha256()
-    for n in chosen:
-        h.update(n.encode() + b"\0" + texts[n].encode() + b"\0")
-    return Corpus(tuple(trains), tuple(evals), train_text, eval_text, h.hexdigest()[:16], str(root))
+    return Corpus(tuple(trains), tuple(evals), join(trains), join(evals), corpus_hash(texts), label)
 
 
 def train_tokenizer(text: str, vocab_size: int, out_dir: Path) -> str:

@@ -94,7 +94,7 @@ class HubModel(_Strict):
 
 
 class DataParams(_Strict):
-    source: Literal["stdlib", "pile"] = "stdlib"
+    source: Literal["sympy", "pile"] = "sympy"
     pile_dataset: str = "monology/pile-uncopyrighted"
     context_size: int = Field(default=128, ge=8, le=8192)
     vocab_size: int = Field(default=4096, ge=260, le=65536)
@@ -105,6 +105,13 @@ class DataParams(_Strict):
     store_dtype: Literal["float32", "float16"] = "float32"
     allow_epochs: bool = True
     seed: int = 0
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _stdlib_alias(cls, v: Any) -> Any:
+        """``stdlib`` (older params files) names the embedded text, which is now the pinned SymPy sources
+        (:mod:`proxygap_helpers.data`): the interpreter's standard library differed between patch releases."""
+        return "sympy" if v == "stdlib" else v
 
 
 class SAEParams(_Strict):
@@ -210,9 +217,9 @@ class Params(_Strict):
         if len(sources) != 1:
             raise ValueError(f"key `models.<role>.source`: both models must have the same source ('embedded' or "
                              f"'hub'); got {sorted(sources)}")
-        if "embedded" in sources and self.data.source != "stdlib":
-            raise ValueError("key `data.source`: embedded models are trained on the embedded text: data.source "
-                             "must be 'stdlib'")
+        if "embedded" in sources and self.data.source != "sympy":
+            raise ValueError("key `data.source`: embedded models are trained on the embedded text (the pinned SymPy "
+                             "sources): data.source must be 'sympy'")
         if "hub" in sources and self.data.source != "pile":
             raise ValueError("key `data.source`: hub (Pythia) models are evaluated on the Pile: data.source must "
                              "be 'pile'")

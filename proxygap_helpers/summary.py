@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .data import CORPUS_PACKAGE, CORPUS_VERSION
 from .files import read_json
 from .params import ROLES, Params, format_tokens
 
@@ -76,9 +77,10 @@ transformer-lens {v.get('transformer-lens', '?')}; {m.get('cpu', '?')} ({m.get('
                  "much smaller setting, so compare shapes (signs, trends), not values.\n\n")
     footer = f"""## Scope and how to run the reference grid
 
-{'This report comes from the **embedded** setting: tiny GPT-NeoX models trained here on the Python standard '
- "library's source code, with SAE budgets of thousands rather than millions of tokens. It tests whether the "
- "study's *pattern* appears in a small, fully reproducible setting; it is not Pythia on the Pile. " if p.embedded else ''}
+{'This report comes from the **embedded** setting: tiny GPT-NeoX models trained here on the Python source code '
+ f"of SymPy (`{CORPUS_PACKAGE}=={CORPUS_VERSION}`, pinned), with SAE budgets of thousands rather than millions of "
+ "tokens. It tests whether the study's *pattern* appears in a small, fully reproducible setting; it is not "
+ "Pythia on the Pile. " if p.embedded else ''}
 The study's own grid is `params/phase2_pythia.yaml` (pythia-70m `blocks.3` vs pythia-410m `blocks.12`,
 k ∈ {{8, 16, 32}}, 10M/50M/100M tokens, 4 seeds). It needs internet and a GPU:
 `python -m proxygap_helpers run params/phase2_pythia.yaml` (README, "Reference grid"). Every number here is

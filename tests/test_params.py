@@ -177,6 +177,13 @@ def test_params_files_load(name):
         assert 0 <= p.layer(s.role) < p.models[s.role].n_layers
 
 
+def test_data_source_stdlib_of_older_params_files_is_the_pinned_corpus():
+    old = load_params(PARAMS / "smoke.yaml", overrides={"data.source": "stdlib"})
+    new = load_params(PARAMS / "smoke.yaml")
+    assert old.data.source == new.data.source == "sympy"
+    assert old.extract_hash == new.extract_hash  # the same text, the same models and stores
+
+
 def test_rotary_pct_accepted_exactly_when_head_dim_times_it_is_an_even_integer():
     """Every value the refusal message lists for head_dim 16 is accepted; the issue's cases are refused."""
     def rotary(d_model, n_heads, pct):
