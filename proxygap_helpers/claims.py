@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from .params import format_tokens
+from .params import check_claim_overrides, format_tokens
 
 MIN_N = 2
 CLAIM_COLUMNS = ["claim", "gate", "statement", "status", "evidence", "rule"]
@@ -46,20 +46,13 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
 def resolve_rules(overrides: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """``DEFAULT_RULES`` with ``overrides`` (rule name -> partial option dict) merged over it.
 
-    Raises ValueError naming unknown rule names, unknown option keys, or a rule given as a non-mapping.
+    Raises ``params.ParamsError`` (a ValueError) naming unknown rule names, unknown option keys, or a rule
+    given as a non-mapping (``params.check_claim_overrides``, which validates the params file the same way).
     """
-    rules = copy.deepcopy(DEFAULT_RULES)
     overrides = overrides or {}
-    unknown = sorted(set(overrides) - set(rules))
-    if unknown:
-        raise ValueError(f"claims: unknown rule(s) {', '.join(unknown)}; known rules: {', '.join(rules)}")
+    check_claim_overrides(overrides)
+    rules = copy.deepcopy(DEFAULT_RULES)
     for name, options in overrides.items():
-        if not isinstance(options, dict):
-            raise ValueError(f"claims.{name}: expected a mapping of options, got {options!r}")
-        bad = sorted(set(options) - set(rules[name]))
-        if bad:
-            raise ValueError(f"claims.{name}: unknown option(s) {', '.join(bad)}; "
-                             f"known options: {', '.join(rules[name])}")
         rules[name] |= copy.deepcopy(options)
     return rules
 

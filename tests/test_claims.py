@@ -157,3 +157,12 @@ def test_rule_overrides_merge_and_unknown_names_raise():
     assert "min_mismatch_rate" in str(err.value)  # the message lists the known options
     with pytest.raises(ValueError, match="C2"):
         C.resolve_rules({"C2": 0.5})
+
+
+def test_params_validates_claims_against_the_rules_claims_defines():
+    """params checks a ``claims:`` mapping without importing claims (it is a leaf): against its own list of rule
+    names and options, which must be exactly ``DEFAULT_RULES``' (names and option keys, in order)."""
+    from proxygap_helpers.params import CLAIM_OPTIONS
+
+    assert {name: tuple(options) for name, options in C.DEFAULT_RULES.items()} == CLAIM_OPTIONS
+    assert list(C.DEFAULT_RULES) == list(CLAIM_OPTIONS)
