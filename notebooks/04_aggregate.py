@@ -31,7 +31,7 @@ threads = 0  # torch threads: 0 keeps the default
 # %% tags=["imports"]
 from IPython.display import Markdown
 
-from proxygap_helpers import aggregate, grid
+from proxygap_helpers import aggregate, grid, layout
 
 # %%
 p, out, device = grid.setup(params_path, out_dir, threads)
@@ -43,7 +43,7 @@ print(f"{len(agg['sae_metrics'])} SAEs, {len(agg['pairs'])} pairs, {len(agg['pha
 # ## The phase-2 table (primary endpoint ΔCE_rec, tertiary ΔR²)
 
 # %%
-Markdown((out / "aggregate" / "phase2_table.md").read_text())
+Markdown((layout.aggregate_dir(out) / "phase2_table.md").read_text())
 
 # %% [markdown]
 # ## Sign flip of ΔCE_rec over the budget

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .files import read_json, write_json_atomic
+from .layout import store_dir  # noqa: F401 - where a role's store lives (callers import it from here)
 from .models import resid_post
 
 ACTS = "acts.bin"
@@ -235,10 +236,6 @@ class OnlineSource:
                 if len(b) == batch_size and done < total_tokens:
                     done += batch_size
                     yield b
-
-
-def store_dir(out_dir: Path, role: str) -> Path:
-    return Path(out_dir) / "activations" / role
 
 
 def remove_store(path: Path) -> None:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from . import claims, leaderboard, stats
 from .files import read_json, write_json_atomic, write_text_atomic
+from .layout import aggregate_dir, metrics_files
 from .params import Params
 
 TABLES = ("sae_metrics", "pairs", "phase2_table", "sign_flip", "heldout_predictions", "proxy_leaderboard", "claims")
@@ -28,9 +29,9 @@ def _csv(df: pd.DataFrame, path: Path) -> None:
 
 def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
     out_dir = Path(out_dir)
-    agg = out_dir / "aggregate"
+    agg = aggregate_dir(out_dir)
     agg.mkdir(parents=True, exist_ok=True)
-    records = [read_json(f) for f in sorted((out_dir / "runs").glob("*/metrics.json"))]
+    records = [read_json(f) for f in metrics_files(out_dir)]
     wanted = {s.sae_id for s in p.sae_specs()}
     records = [r for r in records if r["sae_id"] in wanted]  # SAEs of this grid's current params only
     flat = stats.flatten_metrics(records)
@@ -61,7 +62,7 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
 
 def load_aggregate(out_dir: Path) -> dict[str, pd.DataFrame]:
     """Read back what :func:`run_aggregate` wrote (empty frames for empty or missing tables)."""
-    agg = Path(out_dir) / "aggregate"
+    agg = aggregate_dir(out_dir)
     res = {}
     for name in (*TABLES, "dropped_duplicates", "unpaired"):
         path = agg / f"{name}.csv"
@@ -70,43 +71,3 @@ def load_aggregate(out_dir: Path) -> dict[str, pd.DataFrame]:
         except (FileNotFoundError, pd.errors.EmptyDataError):
             res[name] = pd.DataFrame()
     return res
-
-
-PUBLISHED = ("phase2_table.csv", "phase2_table.md", "pairs.csv", "sae_metrics.csv", "proxy_leaderboard.csv",
-             "claims.csv", "sign_flip.csv", "heldout_predictions.csv")
-
-
-def publish(p: Params, out_dir: Path, executed_report: Path) -> Path:
-    """Render the executed report notebook to ``<report dir>/report.html`` and copy the aggregate tables
-    beside it. Returns the HTML path."""
-    import shutil
-
-    from .grid import report_dir
-    from .report import render_html
-
-    dest = report_dir(p, out_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    html = render_html(executed_report, dest / "report.html", title=p.report.title)
-    _sign_flip_png(out_dir, dest / "sign_flip.png")
-    for name in PUBLISHED:
-        src = Path(out_dir) / "aggregate" / name
-        if src.is_file():
-            tmp = dest / (name + ".tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dest / name)
-    return html
-
-
-def _sign_flip_png(out_dir: Path, png: Path) -> None:
-    """The report's sign-flip figure as a PNG beside it (for the README and slides)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from . import plots
-
-    agg = load_aggregate(out_dir)
-    plots.set_theme()
-    fig = plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"])
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(png)

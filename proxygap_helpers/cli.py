@@ -16,6 +16,7 @@ from pathlib import Path
 from .data import CorpusError
 from .files import write_text_atomic
 from .grid import Unit, is_complete, resolve, state, units
+from .layout import DONE, report_dir, resolved_params
 from .params import ParamsError, dump_resolved
 from .runlock import LockError, RunLock
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print_plan(p, out)
         return 0
-    resolved = out / "params.resolved.yaml"
+    resolved = resolved_params(out)
     todo = units(p, out, resolved)
     if args.command == "status":
         return _status(p, out, todo)
@@ -112,7 +113,7 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
 
     if force:
         for u in todo:
-            (u.run_dir(out) / "done.json").unlink(missing_ok=True)
+            (u.run_dir(out) / DONE).unlink(missing_ok=True)
             if u.stage == "sae":  # the notebooks skip finished SAEs / metrics unless told to redo them
                 u.parameters["force"] = True
     total = len(todo)
@@ -184,9 +185,7 @@ def _already_complete(todo: list[Unit], complete: set[str]) -> set[str]:
 
 
 def _report_path(p, out: Path) -> Path:
-    from .grid import report_dir
-
-    return report_dir(p, out) / "report.html"
+    return report_dir(p.name, out) / "report.html"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 from . import provenance
 from .extract import load_eval_tokens, model_name, model_source
 from .files import read_json, write_json_atomic
-from .grid import metrics_path
+from .layout import metrics_path
 from .models import load_hf
 from .params import Params
 from .training import load_sae

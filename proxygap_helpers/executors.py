@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 
 from . import provenance
 from .files import write_json_atomic
-from .grid import DONE, ERROR, NOTEBOOKS, RUNNING, Unit, input_hash
+from .grid import Unit, input_hash
+from .layout import DONE, ERROR, NOTEBOOKS, RUNNING
 from .params import Params, load_params
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PROXYGAP_THREADS")
@@ -97,7 +98,7 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
                 )
                 compute += _compute_seconds(nb)
         if unit.stage == "report":
-            from .aggregate import publish
+            from .publish import publish
 
             publish(p, out, rd / "05_report.ipynb")
     except BaseException as exc:  # noqa: BLE001 - recorded, then the runner moves on

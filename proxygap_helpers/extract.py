@@ -20,20 +20,16 @@ import torch
 from . import data, models
 from .activations import StoreError, remove_store, store_dir, verify_store, write_store
 from .files import read_json, write_json_atomic
+from .layout import EVAL_TOKENS, cache_root, model_dir
 from .params import ROLES, Params, short_hash
 
-EVAL_TOKENS = "data/eval_tokens.npy"
 MODEL_META = "proxygap_model.json"
-
-
-def cache_root(out_dir: Path) -> Path:
-    return Path(os.environ.get("PROXYGAP_CACHE") or Path(out_dir).resolve().parent / ".cache")
 
 
 def model_source(p: Params, out_dir: Path, role: str) -> str:
     """What ``models.load_hf`` takes for a role: the local dir (embedded) or the hub name."""
     m = p.models[role]
-    return str(Path(out_dir) / "models" / role) if m.source == "embedded" else m.name
+    return str(model_dir(out_dir, role)) if m.source == "embedded" else m.name
 
 
 def model_name(p: Params, role: str) -> str:
@@ -80,7 +76,7 @@ def _train_pair(p: Params, out_dir: Path, corpus, tok_dir: Path, tok, train_ids,
             write_json_atomic(tmp / MODEL_META, meta)
             shutil.rmtree(cached, ignore_errors=True)
             os.replace(tmp, cached)
-        dest = Path(out_dir) / "models" / role
+        dest = model_dir(out_dir, role)
         if not (dest / MODEL_META).is_file() or read_json(dest / MODEL_META)["cache_key"] != key:
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(cached, dest)

@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import read_json
+from .layout import DONE, ERROR, NOTEBOOKS, RUNNING, aggregate_dir, default_out, metrics_files, metrics_path, run_dir
 from .params import ROLES, Params, load_params, short_hash
 from .runlock import _alive
-
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-DONE, ERROR, RUNNING = "done.json", "error.json", "running.json"
 
 
 @dataclass
@@ -42,11 +40,7 @@ class Unit:
     tokens: int = 0  # SAE training tokens (for plan and progress)
 
     def run_dir(self, out_dir: Path) -> Path:
-        return Path(out_dir) / "runs" / self.uid
-
-
-def default_out(p: Params) -> Path:
-    return Path("results") / p.name
+        return run_dir(out_dir, self.uid)
 
 
 def resolve(params_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> tuple[Params, Path]:
@@ -60,7 +54,7 @@ def resolve(params_path: str | os.PathLike, out_dir: str | os.PathLike | None = 
     if not path.is_absolute() and not path.exists() and (NOTEBOOKS.parent / path).exists():
         path = NOTEBOOKS.parent / path
     p = load_params(path)
-    out = Path(out_dir) if out_dir else NOTEBOOKS.parent / default_out(p)
+    out = Path(out_dir) if out_dir else NOTEBOOKS.parent / default_out(p.name)
     return p, out.resolve()
 
 
@@ -104,21 +98,17 @@ def _train_tokens(p: Params, specs) -> int:
     return len(runs) * max(p.sae.tokens)
 
 
-def metrics_path(out_dir: Path, sae_id: str) -> Path:
-    return Path(out_dir) / "runs" / sae_id / "metrics.json"
-
-
 def aggregate_inputs_hash(p: Params, out_dir: Path) -> str:
     """Hash of every finished metrics.json plus the stats/claims params: what the aggregate depends on."""
     h = hashlib.sha256(json.dumps({"stats": p.stats.model_dump(), "claims": p.claims}, sort_keys=True).encode())
-    for path in sorted((Path(out_dir) / "runs").glob("*/metrics.json")):
+    for path in metrics_files(out_dir):
         h.update(path.parent.name.encode() + path.read_bytes())
     return h.hexdigest()[:8]
 
 
 def report_inputs_hash(p: Params, out_dir: Path) -> str:
     h = hashlib.sha256(json.dumps(p.report.model_dump(), sort_keys=True).encode())
-    agg = Path(out_dir) / "aggregate"
+    agg = aggregate_dir(out_dir)
     for path in sorted(agg.glob("*.csv")) + sorted(agg.glob("*.json")):
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:8]
@@ -179,11 +169,3 @@ def setup(params_path: str, out_dir: str | None = None, threads: int = 0) -> tup
     p, out = resolve(params_path, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return p, out, resolve_device(p.device)
-
-
-def report_dir(p: Params, out_dir: Path) -> Path:
-    """Where a grid's report is published: ``reports/<grid>/`` for the default output directory, else
-    ``<out>/reports/`` (so that test and scratch runs never overwrite the published report)."""
-    if Path(out_dir).resolve() == (NOTEBOOKS.parent / default_out(p)).resolve():
-        return NOTEBOOKS.parent / "reports" / p.name
-    return Path(out_dir) / "reports"

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from . import provenance
-from .extract import cache_root
 from .files import read_json, write_json_atomic
 from .executors import local_threads
 from .grid import units
+from .layout import cache_root
 from .params import ROLES, Params, format_tokens, short_hash
 
 NOTEBOOK_OVERHEAD_S = 6.0  # kernel start + imports (torch, sae_lens) per executed notebook, measured here

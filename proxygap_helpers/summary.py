@@ -14,6 +14,7 @@ import pandas as pd
 from . import stats
 from .data import CORPUS_PACKAGE, CORPUS_VERSION
 from .files import read_json
+from .layout import done_files, metrics_files
 from .params import ROLES, Params, format_tokens
 
 
@@ -28,8 +29,8 @@ TRAINER_TEXT = {"fast": "proxygap's engine: every SAE of a unit from one shared 
 
 def _provenance(out_dir: Path) -> dict:
     """Git commit(s), versions, machine and compute time over the units' done.json."""
-    recs = [read_json(f) for f in sorted((Path(out_dir) / "runs").glob("*/done.json"))]
-    metrics = [read_json(f) for f in sorted((Path(out_dir) / "runs").glob("*/metrics.json"))]
+    recs = [read_json(f) for f in done_files(out_dir)]
+    metrics = [read_json(f) for f in metrics_files(out_dir)]
     prov = [r["provenance"] for r in recs if "provenance" in r] + [m["provenance"] for m in metrics]
     commits = sorted({f"{p.get('git_commit', '?')[:10]}{' (dirty)' if p.get('git_dirty') else ''}" for p in prov})
     return {"commits": commits, "versions": prov[0]["versions"] if prov else {},

@@ -34,6 +34,7 @@ from typing import Iterable
 import torch
 
 from .files import atomic_dir, read_json, write_json_atomic
+from .layout import sae_dir
 from .params import Params, SAESpec
 
 TRAIN_META = "train_meta.json"
@@ -42,10 +43,6 @@ TRAIN_LOG = "train_log.json"
 
 class TrainingError(RuntimeError):
     """Training of one SAE failed (e.g. a non-finite loss); the message names the SAE and the step."""
-
-
-def sae_dir(out_dir: Path, sae_id: str) -> Path:
-    return Path(out_dir) / "saes" / sae_id
 
 
 def is_trained(out_dir: Path, sae_id: str) -> bool:
