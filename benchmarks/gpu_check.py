@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from proxygap_helpers import aggregate, evaluate, extract, provenance, training  # noqa: E402
+from proxygap_helpers import aggregate, evaluate, extract, provenance, train, training  # noqa: E402
 from proxygap_helpers.activations import StoreSource, store_dir  # noqa: E402
 from proxygap_helpers.params import validate_params  # noqa: E402
 from run import shuffled_batches  # noqa: E402  (benchmarks/run.py, beside this file)
@@ -81,7 +81,7 @@ def pipeline(p, out: Path) -> dict:
     t["extract_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for role in ("small", "large"):
-        training.train_unit(p, p.sae_specs(role=role), StoreSource(store_dir(out, role)), out,
+        train.train_unit(p, p.sae_specs(role=role), StoreSource(store_dir(out, role)), out,
                             extract.model_name(p, role), p.data.context_size, device=DEV, progress=False)
     t["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -135,7 +135,7 @@ def throughput(p, out: Path, role: str, k: int, tokens: int, repeats: int = 3) -
         def run():
             tmp = out.parent / "bench-train"
             shutil.rmtree(tmp, ignore_errors=True)
-            training.train_unit(q, [spec], src, tmp, "bench", q.data.context_size, device=DEV, progress=False)
+            train.train_unit(q, [spec], src, tmp, "bench", q.data.context_size, device=DEV, progress=False)
         return run
 
     def saelens():

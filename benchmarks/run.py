@@ -232,7 +232,7 @@ def _bench_training_shape(ctx: dict, role: str, k: int, repeats: int, tokens: in
     import numpy as np
     import torch
 
-    from proxygap_helpers import training
+    from proxygap_helpers import train, training
     from proxygap_helpers.activations import StoreSource, store_dir
 
     out = ctx["out"]
@@ -246,7 +246,7 @@ def _bench_training_shape(ctx: dict, role: str, k: int, repeats: int, tokens: in
     def ours() -> float:
         tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="train-"))
         t0 = time.perf_counter()
-        training.train_unit(p, [spec], StoreSource(sdir), tmp, "bench", p.data.context_size, progress=False)
+        train.train_unit(p, [spec], StoreSource(sdir), tmp, "bench", p.data.context_size, progress=False)
         dt_ = time.perf_counter() - t0
         shutil.rmtree(tmp, ignore_errors=True)
         return dt_
@@ -374,7 +374,7 @@ def bench_lm_stream(ctx: dict) -> dict:
     engine (one shared stream) and for the saelens trainer (each SAE re-runs the LM)."""
     import numpy as np
 
-    from proxygap_helpers import models, training
+    from proxygap_helpers import models, train
     from proxygap_helpers.activations import OnlineSource
 
     out = ctx["out"]
@@ -396,7 +396,7 @@ def bench_lm_stream(ctx: dict) -> dict:
         src = OnlineSource(lm, p.layer(ROLE), text, batch_sequences=32, buffer_tokens=4096)
         tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="online-"))
         t0 = time.perf_counter()
-        training.train_unit(q, q.sae_specs(role=ROLE), src, tmp, "bench", p.data.context_size, progress=False)
+        train.train_unit(q, q.sae_specs(role=ROLE), src, tmp, "bench", p.data.context_size, progress=False)
         got[trainer] = (src.lm_tokens / read, time.perf_counter() - t0)
         shutil.rmtree(tmp, ignore_errors=True)
     _LM_SAES[0] = float(len(specs))
@@ -409,7 +409,7 @@ def bench_lm_stream(ctx: dict) -> dict:
 def child_train(args) -> None:
     """Subprocess: train one SAE at ``--budget`` tokens from the bench store; print JSON on the last line."""
     os.environ["PROXYGAP_CACHE"] = str(WORK / ".cache")
-    from proxygap_helpers import training
+    from proxygap_helpers import train
     from proxygap_helpers.activations import StoreSource, store_dir
 
     import sae_lens  # noqa: F401  (imported before the clock starts: a per-process cost, not a per-token one)
@@ -428,7 +428,7 @@ def child_train(args) -> None:
         return ru.ru_utime + ru.ru_stime
 
     t0, c0 = time.perf_counter(), cpu()
-    training.train_unit(p, [spec], src, tmp, "bench", p.data.context_size, progress=False)
+    train.train_unit(p, [spec], src, tmp, "bench", p.data.context_size, progress=False)
     secs, cpu_secs = time.perf_counter() - t0, cpu() - c0
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({"budget": args.budget, "train_seconds": secs, "cpu_seconds": cpu_secs,
@@ -631,7 +631,7 @@ COMPARED = {
     "extract_overhead_ratio": "`activations.write_store` (HF forward with the stopping hook, copy to float32 numpy, "
                               "finite check, blake2b hash, memmap write) / the bare HF `GPTNeoXModel` forward cut after "
                               "the hook layer, same rows, 32 sequences per batch (time ratio: lower is better)",
-    "sae_train_vs_saelens_ratio": "tokens/s of the fast engine (`training.train_unit`, `sae.trainer: fast`, from a "
+    "sae_train_vs_saelens_ratio": "tokens/s of the fast engine (`train.train_unit`, `sae.trainer: fast`, from a "
                                   "`StoreSource`, init and save included) / `SAETrainer(...).fit()` on the same "
                                   "activations held in memory; same seeded init, schedule, budget, batch; the worst "
                                   "of d_in 64 and 128 x k 8, 16, 32 (each in the JSON)",

@@ -40,7 +40,7 @@ threads = 0  # torch threads: 0 keeps the default
 # %% tags=["imports"]
 import pandas as pd
 
-from proxygap_helpers import extract, grid, training
+from proxygap_helpers import extract, grid, train, training
 from proxygap_helpers.activations import StoreSource, store_dir
 from proxygap_helpers.files import read_json
 
@@ -51,8 +51,8 @@ p, out, device = grid.setup(params_path, out_dir, threads)
 specs = [s for s in p.sae_specs(role=role) if sae_ids is None or s.sae_id in sae_ids]
 for r in sorted({s.role for s in specs}, key=["small", "large"].index):
     source = StoreSource(store_dir(out, r)) if p.embedded else extract.online_source(p, out, r, device)
-    training.train_unit(p, [s for s in specs if s.role == r], source, out, extract.model_name(p, r),
-                        p.data.context_size, device=device, force=force)
+    train.train_unit(p, [s for s in specs if s.role == r], source, out, extract.model_name(p, r),
+                     p.data.context_size, device=device, force=force)
 
 # %% [markdown]
 # ## The SAEs of this unit

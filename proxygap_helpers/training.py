@@ -210,28 +210,6 @@ def runs_for(p: Params, specs: Iterable[SAESpec]) -> list[list[SAESpec]]:
     return list(groups.values())
 
 
-def train_unit(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name: str, context_size: int,
-               device: str = "cpu", force: bool = False, progress: bool = True) -> list[dict]:
-    """Train every missing SAE of ``specs`` (one role) with the params' trainer; finished SAEs are kept unless
-    ``force`` (then they are removed first and retrained). Returns the train_meta of each SAE trained now."""
-    import shutil
-
-    if force:
-        for s in specs:
-            shutil.rmtree(sae_dir(out_dir, s.sae_id), ignore_errors=True)
-    todo = [s for s in specs if not is_trained(out_dir, s.sae_id)]
-    if not todo:
-        return []
-    if p.sae.trainer == "fast":
-        from .engine import train_set
-
-        return train_set(p, todo, source, out_dir, model_name, context_size, device, progress)
-    metas = []
-    for run in runs_for(p, todo):
-        metas += run_training(p, run, source, out_dir, model_name, context_size, device, progress)
-    return metas
-
-
 def load_sae(out_dir: Path, sae_id: str, device: str = "cpu"):
     """Load a finished SAE (SAELens format) and its train_meta; refuse a half-written directory."""
     from sae_lens import SAE

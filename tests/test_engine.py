@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from proxygap_helpers import engine, training
+from proxygap_helpers import engine, train, training
 from proxygap_helpers.activations import OnlineSource, StoreSource, store_dir
 from proxygap_helpers.evaluate import evaluate_unit
 from proxygap_helpers.params import load_params
@@ -139,7 +139,7 @@ def _out(tmp: Path, smoke_out: Path) -> Path:
 
 
 def _train(p, out, smoke_out, role="small", specs=None):
-    return training.train_unit(p, specs or p.sae_specs(role=role), StoreSource(store_dir(smoke_out, role)), out,
+    return train.train_unit(p, specs or p.sae_specs(role=role), StoreSource(store_dir(smoke_out, role)), out,
                                p.models[role].name, p.data.context_size, progress=False)
 
 
@@ -313,7 +313,7 @@ def test_one_lm_pass_serves_the_whole_set(tmp_path, smoke_out, smoke_params):
                                  "sae.buffer_tokens": 1024})
     src = OnlineSource(lm, layer, text, batch_sequences=4, buffer_tokens=1024)
     out = tmp_path / "online"
-    metas = training.train_unit(p, p.sae_specs(role="small"), src, out, "m", 64, progress=False)
+    metas = train.train_unit(p, p.sae_specs(role="small"), src, out, "m", 64, progress=False)
     assert len(metas) == 4
     need = (p.sae.norm_estimate_batches + 2048 // p.sae.batch_size) * p.sae.batch_size  # rows one SAE reads
     assert need <= src.lm_tokens <= need + 1024 + 4 * 64, (src.lm_tokens, need)
@@ -321,7 +321,7 @@ def test_one_lm_pass_serves_the_whole_set(tmp_path, smoke_out, smoke_params):
     ref = OnlineSource(lm, layer, text, batch_sequences=4, buffer_tokens=1024)
     sl = load_params(SMOKE, overrides={"sae.trainer": "saelens", "sae.k": [8, 16], "sae.seeds": [0, 1],
                                        "sae.tokens": [2048], "data.store_tokens": smoke_params.store_tokens})
-    training.train_unit(sl, sl.sae_specs(role="small"), ref, tmp_path / "sl", "m", 64, progress=False)
+    train.train_unit(sl, sl.sae_specs(role="small"), ref, tmp_path / "sl", "m", 64, progress=False)
     assert ref.lm_tokens >= 4 * need, "the saelens trainer re-runs the LM for every SAE"
 
 

@@ -19,7 +19,8 @@ from proxygap_helpers.activations import StoreSource, store_dir
 from proxygap_helpers.evaluate import evaluate_unit
 from proxygap_helpers.metrics import METRIC_KEYS
 from proxygap_helpers.params import load_params
-from proxygap_helpers.training import TrainingError, is_trained, load_sae, sae_dir, train_unit
+from proxygap_helpers.train import train_unit
+from proxygap_helpers.training import TrainingError, is_trained, load_sae, sae_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
