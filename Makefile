@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PARAMS ?= params/default.yaml
 
-.PHONY: venv system-deps test report lab bench sync clean-results
+.PHONY: venv system-deps test report lab bench sync notebooks clean-results
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,14 @@ bench: $(STAMP)
 
 sync: $(STAMP)
 	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+# Re-execute the five notebooks in place on their defaults (the smoke grid, from scratch), so that the outputs
+# nbval compares are the current code's: run after a change that moves the smoke numbers, then commit them.
+notebooks: $(STAMP)
+	rm -rf results/smoke
+	cd notebooks && for nb in 01_extract 02_train 03_evaluate 04_aggregate 05_report; do \
+	  PROXYGAP_THREADS=1 ../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 $$nb.ipynb || exit 1; done
 
 clean-results:
 	rm -rf results/
