@@ -90,9 +90,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _status(p, out: Path, todo: list[Unit]) -> int:
+    """One line per unit: its state and detail; units sent to Slurm show their task's job id and state
+    (one squeue call for all of them)."""
+    from .files import read_json
+    from .slurm import describe
+
     counts: dict[str, int] = {}
-    for u in todo:
-        st, detail = state(p, out, u)
+    rows = [(u, *state(p, out, u)) for u in todo]
+    on_slurm = describe(out, [u for u, st, _ in rows if st != "done"])
+    for u, st, detail in rows:
+        if st == "done" and (task := read_json(u.run_dir(out) / "done.json").get("slurm")):
+            detail = f"{detail}, slurm {task['job_id']} on {task['node']}"
+        elif u.uid in on_slurm:
+            live, where = on_slurm[u.uid]
+            st, detail = (live, where) if live else (st, f"{detail}  ({where})" if detail else where)
         counts[st] = counts.get(st, 0) + 1
         print(f"{st:8s} {u.uid:40s} {detail}")
     print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"  ({out})")
@@ -102,8 +113,9 @@ def _status(p, out: Path, todo: list[Unit]) -> int:
 def _line(res: dict) -> str:
     if not res.get("ok"):
         return f"FAILED {res['uid']}: {res.get('message', '?')}"
+    task = f", slurm {res['slurm']['job_id']} on {res['slurm']['node']}" if res.get("slurm") else ""
     return (f"done   {res['uid']}  {res['wall_seconds']:.1f}s wall, "
-            f"{res.get('compute_seconds', 0):.1f}s in-notebook compute")
+            f"{res.get('compute_seconds', 0):.1f}s in-notebook compute{task}")
 
 
 def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int, force: bool) -> int:
@@ -125,8 +137,9 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
     interactive = sys.stderr.isatty()
     bar = tqdm(total=total, initial=len(counted), desc=f"grid {p.name}", unit="unit", disable=not interactive,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} units [{elapsed}<{remaining}]")
+    how = f"{kind}, {jobs} job(s)" if kind == "local" else f"{kind}: the SAE units as one job array"
     print(f"proxygap: grid '{p.name}': {len(counted)}/{total} units already complete; running the rest "
-          f"({kind}, {jobs} job(s)) into {out}", flush=True)
+          f"({how}) into {out}", flush=True)
     t0, failed = time.time(), []
 
     def count(uid: str, line: str) -> None:

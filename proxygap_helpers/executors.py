@@ -4,7 +4,8 @@
 ``running.json`` while it works, then either ``done.json`` (provenance, timings, the split between
 in-notebook compute and kernel/IO overhead) or ``error.json`` (the failing cell's error, the executed
 notebook is kept). Executors: ``local`` (a process pool; torch threads divided among jobs) and
-``submitit`` (Slurm job arrays, or submitit's local executor where there is no Slurm).
+``submitit`` (Slurm job arrays, followed by ``slurm.run_array``; or submitit's local executor where there
+is no Slurm). Inside a Slurm task the records also carry ``slurm: {job_id, node, ...}`` (see ``slurm.py``).
 
 Threads per unit: ``cpu_count // jobs`` (local) or ``slurm.cpus_per_task`` (Slurm), unless the environment
 sets ``PROXYGAP_THREADS`` (e.g. 1 on a shared, loaded machine, where OpenMP threads that outnumber the free
@@ -16,13 +17,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import sys
 import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import provenance
+from . import provenance, slurm
 from .files import write_json_atomic
 from .grid import Unit, input_hash
 from .layout import DONE, ERROR, NOTEBOOKS, RUNNING
@@ -83,7 +85,8 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
     p = load_params(params_path)
     ihash = input_hash(p, out, unit)
     start, t0 = provenance.now(), time.time()
-    write_json_atomic(rd / RUNNING, {"pid": os.getpid(), "host": os.uname().nodename, "start": start})
+    task = {"slurm": job} if (job := slurm.job_env()) else {}  # the Slurm task this unit runs as, if any
+    write_json_atomic(rd / RUNNING, {"pid": os.getpid(), "host": os.uname().nodename, "start": start, **task})
     env_before = {v: os.environ.get(v) for v in THREAD_VARS}
     os.environ.update({v: str(threads) for v in THREAD_VARS})
     compute, notebooks = 0.0, []
@@ -104,7 +107,7 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
     except BaseException as exc:  # noqa: BLE001 - recorded, then the runner moves on
         rec = {"unit": unit.uid, "message": _error_message(exc), "notebook": notebooks[-1] if notebooks else None,
                "traceback": traceback.format_exc(limit=5), "start": start, "end": provenance.now(),
-               "wall_seconds": time.time() - t0}
+               "wall_seconds": time.time() - t0, **task}
         write_json_atomic(rd / ERROR, rec)
         (rd / RUNNING).unlink(missing_ok=True)
         if isinstance(exc, KeyboardInterrupt):
@@ -118,7 +121,7 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
            "start": start, "end": provenance.now(), "wall_seconds": wall, "compute_seconds": compute,
            "overhead_fraction": max(0.0, (wall - compute) / wall) if wall else 0.0,
            "threads": threads, "peak_rss_mb": provenance.peak_rss_mb(),
-           "provenance": provenance.record(p.params_hash())}
+           "provenance": provenance.record(p.params_hash()), **task}
     write_json_atomic(rd / DONE, rec)
     (rd / RUNNING).unlink(missing_ok=True)
     return {"uid": unit.uid, "ok": True, **rec}
@@ -160,20 +163,52 @@ def run_local(params_path: str, out_dir: str, todo: list[Unit], jobs: int,
     return results
 
 
-def run_submitit(params_path: str, out_dir: str, todo: list[Unit], p: Params,
-                 on_done: Callable[[dict], None], cluster: str | None = None) -> list[dict]:
-    """Submit units as one Slurm job array (``cluster='local'`` runs them as local processes)."""
+def _say(msg: str) -> None:
+    """One line for the person watching the launcher (above the progress bar on a terminal)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg) if sys.stderr.isatty() else print(msg, flush=True)
+
+
+def submitit_executor(p: Params, out_dir: str, cluster: str | None = None):
+    """The submitit executor for ``p.executor.slurm``: ``cluster`` None picks Slurm where ``srun`` exists.
+
+    Params -> sbatch: ``time_min`` -> ``--time``, ``cpus_per_task`` -> ``--cpus-per-task``, ``mem_gb`` ->
+    ``--mem``, ``gpus_per_node`` -> ``--gpus-per-node`` (only when > 0), ``array_parallelism`` -> the ``%N``
+    of ``--array``, ``partition`` -> ``--partition``. Logs and the sbatch script go to ``<out>/submitit/``.
+    """
     import submitit
 
     s = p.executor.slurm
     ex = submitit.AutoExecutor(folder=str(Path(out_dir) / "submitit" / "%j"), cluster=cluster)
     ex.update_parameters(timeout_min=s.time_min, cpus_per_task=s.cpus_per_task, mem_gb=s.mem_gb,
-                         gpus_per_node=s.gpus_per_node, slurm_array_parallelism=s.array_parallelism,
-                         name=f"proxygap-{p.name}")
+                         slurm_array_parallelism=s.array_parallelism, name=f"proxygap-{p.name}")
+    if s.gpus_per_node:
+        ex.update_parameters(gpus_per_node=s.gpus_per_node)
     if s.partition and ex.cluster == "slurm":
         ex.update_parameters(slurm_partition=s.partition)
+    return ex
+
+
+def run_submitit(params_path: str, out_dir: str, todo: list[Unit], p: Params,
+                 on_done: Callable[[dict], None], cluster: str | None = None) -> list[dict]:
+    """Submit units as one Slurm job array (``cluster='local'``: as local processes through submitit).
+
+    On Slurm the tasks are followed with squeue and a relaunched launcher waits for the tasks of an
+    earlier one instead of resubmitting them (``slurm.run_array``). Threads per unit: ``cpus_per_task``.
+    """
+    ex = submitit_executor(p, out_dir, cluster)
+    if ex.cluster == "slurm":
+        try:
+            return slurm.run_array(ex, run_unit, params_path, out_dir, todo,
+                                   _threads(p.executor.slurm.cpus_per_task), on_done, _say)
+        except slurm.SlurmError as exc:  # sbatch or squeue failed before anything was followed
+            results = [{"uid": u.uid, "ok": False, "message": str(exc)} for u in todo]
+            for res in results:
+                on_done(res)
+            return results
     # submitit's local cluster starts every job at once: they share the cores
-    threads = _threads(s.cpus_per_task if ex.cluster == "slurm" else max(1, (os.cpu_count() or 1) // len(todo)))
+    threads = _threads(max(1, (os.cpu_count() or 1) // len(todo)))
     jobs = ex.map_array(run_unit, [params_path] * len(todo), [out_dir] * len(todo), todo, [threads] * len(todo))
     results = []
     for job, u in zip(jobs, todo):

@@ -81,3 +81,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The micro grid's session fixtures (its uninterrupted local baseline run is shared by test_runner.py and
+# test_slurm.py, so it runs once per session).
+from microgrid import base_out, baseline, env, micro  # noqa: E402,F401
