@@ -2,13 +2,13 @@
 this module starts and tears down, and the launcher run as a user runs it (``--executor submitit`` with
 ``PROXYGAP_SUBMITIT_CLUSTER=slurm``) on a copy of the micro grid's extract stage.
 
-One scenario, whose steps are the tests below (they share its module fixtures, so the SAE units run about
-2.5 times, not once per test):
+One scenario, whose steps the tests below check (they share its module fixtures: it runs once, about
+3.5 minutes here, not once per test):
 
-1. First launch: the four SAE units go out as one job array. While it runs, one task is cancelled
-   (``scancel``). Another is made to hang (SIGSTOP) and its time limit is lowered to 0 (``scontrol``), so Slurm
-   kills it for running past its time limit (``TIMEOUT``). The launcher reports both failures, finishes the
-   other units, aggregate and report, and exits 1.
+1. First launch: the SAE units (four in the micro grid) go out as one job array. While it runs, one task
+   is cancelled (``scancel``). Another is made to hang (SIGSTOP) and its time limit is lowered to 0
+   (``scontrol``), so Slurm kills it for running past its time limit (``TIMEOUT``). The launcher reports
+   both failures, finishes the other units, aggregate and report, and exits 1.
 2. Relaunch: only the two failed units are submitted. The launcher is SIGKILLed while their tasks run;
    ``status`` shows each task's job id and state.
 3. Third launch: it waits for those two tasks instead of submitting them again, then aggregates. Every
@@ -239,18 +239,19 @@ def test_launcher_goes_on_and_the_other_units_ran_as_array_tasks(first_launch):
     failed = {r["cancelled"][0], r["timed_out"][0]}
     finished = dict((uid, status) for status, uid in finished_lines(r["log"]))
     assert finished == {**{u.uid: "done" for u in us[1:] if u.uid not in failed}, **dict.fromkeys(failed, "FAILED")}
-    arrays = set()
-    for u in us:
-        if u.stage == "sae" and u.uid not in failed:
+    sae = [u for u in us if u.stage == "sae"]
+    submitted = {u.uid: json.loads((u.run_dir(r["out"]) / "slurm.json").read_text()) for u in sae}
+    tasks = {rec["job_id"] for rec in submitted.values()}
+    assert {j.split("_")[0] for j in tasks} == {r["cancelled"][1].split("_")[0]}, f"not one job array: {tasks}"
+    assert {j.split("_")[1] for j in tasks} == {str(i) for i in range(len(sae))}, tasks
+    for u in sae:
+        if u.uid not in failed:  # the task's own record: it ran as the task the launcher submitted
             done = json.loads((u.run_dir(r["out"]) / "done.json").read_text())
-            submitted = json.loads((u.run_dir(r["out"]) / "slurm.json").read_text())
-            assert done["slurm"]["job_id"] == submitted["job_id"], (done["slurm"], submitted)
-            assert re.fullmatch(r"\d+_[0-3]", done["slurm"]["job_id"]) and done["slurm"]["partition"] == PARTITION
-            arrays.add(done["slurm"]["job_id"].split("_")[0])
-    assert len(arrays) == 1, f"the SAE units did not run as one job array: {arrays}"
-    assert r["cancelled"][1].split("_")[0] in arrays and r["timed_out"][1].split("_")[0] in arrays
-    script = Path(json.loads((us[1].run_dir(r["out"]) / "slurm.json").read_text())["sbatch_script"]).read_text()
-    for line in ("--array=0-3%2", "--cpus-per-task=1", "--mem=1GB", "--time=10", f"--partition={PARTITION}"):
+            assert done["slurm"]["job_id"] == submitted[u.uid]["job_id"], (done["slurm"], submitted[u.uid])
+            assert done["slurm"]["partition"] == PARTITION and done["slurm"]["node"], done["slurm"]
+    script = Path(submitted[sae[0].uid]["sbatch_script"]).read_text()
+    for line in (f"--array=0-{len(sae) - 1}%2", "--cpus-per-task=1", "--mem=1GB", "--time=10",
+                 f"--partition={PARTITION}"):
         assert f"#SBATCH {line}\n" in script, script
     # visibility: one line about accounting instead of submitit's warning on every sacct poll
     assert "Bypassing" not in r["log"], r["log"]
@@ -281,13 +282,13 @@ def test_rerun_after_kill_waits_for_live_tasks_and_ends_with_the_local_numbers(c
     done = done_mtimes(out)
     assert {u: t for u, t in done.items() if u not in failed | {"aggregate", "report"}} == \
         {u: t for u, t in first_launch["done"].items() if u not in {"aggregate", "report"}}, "a finished unit ran again"
-    # every SAE unit ran as exactly one completed task: 4 + 2 tasks in all, none submitted twice
+    # every SAE unit ran as exactly one completed task (plus the cancelled and the timed-out one): none twice
     queue = task_table(cluster)
     sae = [u for u in us if u.stage == "sae"]
     ran = [json.loads((u.run_dir(out) / "done.json").read_text())["slurm"]["job_id"] for u in sae]
     assert {r["tasks"][u] for u in failed} <= set(ran)
     assert all(queue[j] == "COMPLETED" for j in ran), queue
-    assert sorted(queue.values()) == sorted(["COMPLETED"] * 4 + ["CANCELLED", "TIMEOUT"]), queue
+    assert sorted(queue.values()) == sorted(["COMPLETED"] * len(sae) + ["CANCELLED", "TIMEOUT"]), queue
     assert not list((out / "runs").glob("*/running.json")) and not (out / ".proxygap.lock").exists()
     deadline = time.time() + 30  # slurmstepd exits a moment after its task
     while stray_processes(cluster) and time.time() < deadline:
@@ -296,3 +297,47 @@ def test_rerun_after_kill_waits_for_live_tasks_and_ends_with_the_local_numbers(c
     # Slurm and the local executor give the same numbers, bit for bit
     assert_same_numbers(out, base_out, [s.sae_id for s in p.sae_specs()])
     print(f"slurm scenario: launch 1 {first_launch['wall']:.0f}s, launches 2+3 {r['wall']:.0f}s")
+
+
+# ------------------------------------------------------------------------------------------------ the follower's rules
+
+
+def test_follower_judges_a_task_by_its_own_records_and_slurms_final_state(tmp_path):
+    """done.json counts only when the task itself wrote it; error.json of a task that Slurm ended gets Slurm's
+    state, reason and log; a notebook error in a task that ran to its end keeps the unit's own message."""
+    from proxygap_helpers.grid import Unit
+    from proxygap_helpers.slurm import Follower, TaskState
+
+    unit = Unit("sae-x", "sae", ("02_train",))
+    rd = unit.run_dir(tmp_path)
+    rd.mkdir(parents=True)
+    rec = {"job_id": "7_1", "stderr": "/logs/7_1_0_log.err", "stdout": "/logs/7_1_0_log.out"}
+    f = Follower(tmp_path, accounting=False, say=print)
+    (rd / "done.json").write_text(json.dumps({"slurm": {"job_id": "3_0"}}))  # an earlier attempt's
+    assert f.outcome(unit, rec, TaskState("7_1", "RUNNING")) is None
+    assert f.outcome(unit, rec, None) is None  # squeue not asked yet
+    (rd / "running.json").write_text(json.dumps({"pid": 1, "slurm": {"job_id": "7_1"}}))
+    res = f.outcome(unit, rec, TaskState("7_1", "TIMEOUT", "TimeLimit", "10:00", "10:00", "n1"))
+    assert res["ok"] is False and res["slurm_state"] == "TIMEOUT" and res["log"] == rec["stderr"]
+    assert res["message"].startswith("Slurm job 7_1 TIMEOUT [TimeLimit]: ran past its time limit")
+    assert json.loads((rd / "error.json").read_text())["slurm_state"] == "TIMEOUT"
+    assert not (rd / "running.json").exists()
+
+    (rd / "error.json").write_text(json.dumps({"message": "ValueError: bad store", "slurm": {"job_id": "7_1"}}))
+    assert f.outcome(unit, rec, TaskState("7_1", "COMPLETING")) is None  # wait until Slurm has ended it
+    res = f.outcome(unit, rec, TaskState("7_1", "COMPLETED"))
+    assert res["message"] == "ValueError: bad store" and res["slurm_state"] == "COMPLETED"
+
+    (rd / "done.json").write_text(json.dumps({"wall_seconds": 1.0, "slurm": {"job_id": "7_1"}}))
+    assert f.outcome(unit, rec, TaskState("7_1", "RUNNING"))["ok"] is True  # done as soon as it is written
+
+
+def test_job_env_names_the_array_task():
+    from proxygap_helpers.slurm import job_env
+
+    assert job_env({}) is None
+    env = {"SLURM_JOB_ID": "12", "SLURM_ARRAY_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "3", "SLURMD_NODENAME": "n1",
+           "SLURM_JOB_PARTITION": "gpu"}
+    assert job_env(env) | {"cluster": None} == {"job_id": "9_3", "raw_job_id": "12", "node": "n1", "cluster": None,
+                                                "partition": "gpu"}
+    assert job_env({"SLURM_JOB_ID": "12"})["job_id"] == "12"
