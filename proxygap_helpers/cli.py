@@ -135,11 +135,11 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
         return 0
     counted = _already_complete(todo, complete)
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=len(counted), desc=f"grid {p.name}", unit="unit", disable=not interactive,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} units [{elapsed}<{remaining}]")
     how = f"{kind}, {jobs} job(s)" if kind == "local" else f"{kind}: the SAE units as one job array"
     print(f"proxygap: grid '{p.name}': {len(counted)}/{total} units already complete; running the rest "
-          f"({how}) into {out}", flush=True)
+          f"({how}) into {out}", flush=True)  # before the bar, which would cut this line in two
+    bar = tqdm(total=total, initial=len(counted), desc=f"grid {p.name}", unit="unit", disable=not interactive,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} units [{elapsed}<{remaining}]")
     t0, failed = time.time(), []
 
     def count(uid: str, line: str) -> None:

@@ -59,8 +59,8 @@ def _debian_like() -> bool:
 def ensure_installed() -> None:
     """Install the Slurm and munge packages if programs are missing (root on Debian/Ubuntu), else raise."""
     if os.geteuid() != 0:
-        raise NotAvailable("the Slurm tests start munged, slurmctld and slurmd and must run as root"
-                           + (f" (and need {', '.join(_missing())}: install them {INSTALL_HINT})" if _missing() else ""))
+        need = f" (and need {', '.join(_missing())}: install them {INSTALL_HINT})" if _missing() else ""
+        raise NotAvailable(f"the Slurm tests start munged, slurmctld and slurmd and must run as root{need}")
     need = _missing()
     if not need:
         return
@@ -80,7 +80,7 @@ def ensure_installed() -> None:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
             if res.returncode:
                 tail = " ".join(res.stderr.strip().splitlines()[-2:])
-                raise NotAvailable(f"`{' '.join(cmd)}` failed ({tail}); install the Slurm test dependencies {INSTALL_HINT}")
+                raise NotAvailable(f"`{' '.join(cmd)}` failed ({tail}); install them {INSTALL_HINT}")
     finally:
         if own_policy:
             policy.unlink(missing_ok=True)
@@ -99,7 +99,8 @@ def _wait(what: str, ok, timeout: float, log: Path | None = None) -> None:
     while not ok():
         if time.time() > deadline:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log and log.exists() else ""
-            raise NotAvailable(f"{what} did not happen within {timeout:.0f}s" + (f"; log {log}:\n{tail}" if tail else ""))
+            where = f"; log {log}:\n{tail}" if tail else ""
+            raise NotAvailable(f"{what} did not happen within {timeout:.0f}s{where}")
         time.sleep(0.2)
 
 

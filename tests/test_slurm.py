@@ -5,15 +5,15 @@ this module starts and tears down, and the launcher run as a user runs it (``--e
 One scenario, whose steps the tests below check (they share its module fixtures: it runs once, about
 3.5 minutes here, not once per test):
 
-1. First launch: the SAE units (four in the micro grid) go out as one job array. While it runs, one task
-   is cancelled (``scancel``). Another is made to hang (SIGSTOP) and its time limit is lowered to 0
-   (``scontrol``), so Slurm kills it for running past its time limit (``TIMEOUT``). The launcher reports
-   both failures, finishes the other units, aggregate and report, and exits 1.
+1. First launch: the SAE units (the micro grid in two shards per role: four) go out as one job array.
+   While it runs, one task is cancelled (``scancel``). Another is made to hang (SIGSTOP) and its time limit
+   is lowered to 0 (``scontrol``), so Slurm kills it for running past its time limit (``TIMEOUT``). The
+   launcher reports both failures, finishes the other units, aggregate and report, and exits 1.
 2. Relaunch: only the two failed units are submitted. The launcher is SIGKILLed while their tasks run;
    ``status`` shows each task's job id and state.
 3. Third launch: it waits for those two tasks instead of submitting them again, then aggregates. Every
-   number equals the local executor's (the micro baseline), and every SAE unit ran as exactly one
-   completed Slurm task.
+   number equals the local executor's (the micro baseline, one unit per role), and every SAE unit ran as
+   exactly one completed Slurm task.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from microgrid import (REPO, assert_same_numbers, cli, copy_out, done_mtimes, explain, finished_lines, grid_units,
-                       kill_tree, write_params)
+from microgrid import (REPO, UNIT_LINE, assert_same_numbers, cli, copy_out, done_mtimes, explain, finished_lines,
+                       grid_units, kill_tree, write_params)
 from slurm_cluster import PARTITION, NotAvailable, SlurmCluster, ensure_installed
 
 from proxygap_helpers.executors import submitit_executor
@@ -41,6 +41,7 @@ pytestmark = pytest.mark.slow
 
 WAIT_S = 300  # bound on every wait for the cluster (a unit takes ~40 s here)
 SLURM = {"partition": PARTITION, "cpus_per_task": 1, "mem_gb": 1, "time_min": 10, "array_parallelism": 2}
+SHARDS = 2  # SAE units per role: 4 tasks, so that two finish beside the two that fail
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -65,7 +66,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def params(tmp_path_factory) -> Path:
     return write_params(tmp_path_factory.mktemp("slurm-params") / "slurm.yaml", executor__kind="submitit",
-                        executor__slurm=SLURM)
+                        executor__shards=SHARDS, executor__slurm=SLURM)
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +238,7 @@ def test_launcher_goes_on_and_the_other_units_ran_as_array_tasks(first_launch):
     r = first_launch
     _, us = grid_units(r["params"], r["out"])
     failed = {r["cancelled"][0], r["timed_out"][0]}
+    assert f"1/{len(us)} units already complete" in r["log"], r["log"]  # the copied extract stage is reused
     finished = dict((uid, status) for status, uid in finished_lines(r["log"]))
     assert finished == {**{u.uid: "done" for u in us[1:] if u.uid not in failed}, **dict.fromkeys(failed, "FAILED")}
     sae = [u for u in us if u.stage == "sae"]
@@ -279,6 +281,8 @@ def test_rerun_after_kill_waits_for_live_tasks_and_ends_with_the_local_numbers(c
     for uid, jid in r["tasks"].items():
         assert f"{uid}: Slurm job {jid} of an earlier launcher is RUNNING; waiting for it" in third.stdout, third.stdout
     assert {uid for _, uid in finished_lines(third.stdout)} == failed | {"aggregate", "report"}, third.stdout
+    counters = [m.groups()[:2] for line in third.stdout.splitlines() if (m := UNIT_LINE.match(line))]
+    assert counters[-1] == (str(len(us)), str(len(us))), third.stdout  # aggregate/report redone: not 9/7
     done = done_mtimes(out)
     assert {u: t for u, t in done.items() if u not in failed | {"aggregate", "report"}} == \
         {u: t for u, t in first_launch["done"].items() if u not in {"aggregate", "report"}}, "a finished unit ran again"
