@@ -65,8 +65,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def params(tmp_path_factory) -> Path:
-    return write_params(tmp_path_factory.mktemp("slurm-params") / "slurm.yaml", executor__kind="submitit",
-                        executor__shards=SHARDS, executor__slurm=SLURM)
+    return write_params(tmp_path_factory.mktemp("slurm-params") / "slurm.yaml", executor__shards=SHARDS,
+                        executor__slurm=SLURM)  # executor.kind stays local: --executor submitit picks Slurm
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,8 @@ def slurm_env(env, cluster) -> dict:
 
 def launch(slurm_env, params: Path, out: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "proxygap_helpers", "run", str(params), "--out", str(out)],
+        return subprocess.Popen([sys.executable, "-m", "proxygap_helpers", "run", str(params), "--out", str(out),
+                                 "--executor", "submitit"],
                                 cwd=REPO, env=slurm_env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
 
@@ -186,7 +187,7 @@ def relaunch(cluster, slurm_env, first_launch, tmp_path_factory) -> dict:
     killed_log = log.read_text()
     queue = task_table(cluster)
     status = cli(slurm_env, "status", params, "--out", out)
-    third = cli(slurm_env, "run", params, "--out", out)
+    third = cli(slurm_env, "run", params, "--out", out, "--executor", "submitit")
     (root / "status.txt").write_text(status.stdout + status.stderr)  # for a person reading a failure
     (root / "launch3.log").write_text(third.stdout + third.stderr)
     return {"tasks": tasks, "killed_log": killed_log, "queue_after_kill": queue, "status": status,
