@@ -17,7 +17,7 @@ venv: $(STAMP)
 
 # System programs the tests need: installed when root on Debian/Ubuntu, else one line says what to install.
 system-deps:
-	@bash scripts/system_deps.sh chromium
+	@bash scripts/system_deps.sh chromium slurm
 
 test: system-deps $(STAMP)
 	PROXYGAP_THREADS=1 $(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg

@@ -3,7 +3,7 @@
 # missing when running as root on Debian/Ubuntu (apt-get), otherwise stop with one line saying what to install.
 # `make test` calls it before the tests, so that no test fails or is skipped for want of a system program.
 #
-#   scripts/system_deps.sh chromium [other ...]      exit 0: all present (or just installed); 1: missing
+#   scripts/system_deps.sh chromium slurm [...]      exit 0: all present (or just installed); 1: missing
 #
 # Adding a dependency: a `have_<name>` function (exit 0 when present), its Debian packages in `apt_packages`
 # and what it is for in `purpose`.
@@ -17,9 +17,17 @@ have_chromium() {  # the names proxygap_helpers.report.chromium_path() looks for
     || command -v google-chrome >/dev/null 2>&1
 }
 
+have_slurm() {  # what tests/slurm_cluster.py starts (munged, slurmctld, slurmd) and the clients it and submitit call
+  local p
+  for p in munged mungekey slurmctld slurmd sbatch squeue scancel scontrol sinfo srun; do
+    command -v "$p" >/dev/null 2>&1 || return 1
+  done
+}
+
 apt_packages() {
   case "$1" in
     chromium) echo chromium ;;
+    slurm) echo slurmctld slurmd slurm-client munge ;;
     *) return 1 ;;
   esac
 }
@@ -28,6 +36,9 @@ purpose() {
   case "$1" in
     chromium)
       echo "headless Chromium (renders the HTML report in tests/test_report.py; or set PROXYGAP_CHROMIUM to its path)"
+      ;;
+    slurm)
+      echo "Slurm and munge (tests/test_slurm.py runs the grid on a one-node cluster it starts as root)"
       ;;
   esac
 }

@@ -1,10 +1,9 @@
 """A one-node Slurm cluster for the tests: munge, slurmctld and slurmd from Debian's packages, run as root,
 with everything they use (munge key and socket, slurm.conf, spool, state, logs) in one temporary directory.
 
-- ``ensure_installed()`` installs ``slurmctld slurmd slurm-client munge`` with apt-get when it runs as root on
-  Debian or Ubuntu (the packages' own system services are kept from starting), and otherwise raises
-  ``NotAvailable`` with one line that says what to install. ``python tests/slurm_cluster.py install`` does the
-  same from a shell (for a script that installs the system dependencies of ``make test``).
+- ``ensure_installed()`` raises ``NotAvailable`` with one line saying what to do when not root or when a
+  program is missing (``make test`` installs Debian's ``slurmctld slurmd slurm-client munge`` beforehand with
+  ``scripts/system_deps.sh slurm``).
 - ``SlurmCluster(root).start()`` writes a minimal slurm.conf: this machine as its only node (``slurmd -C``: its
   CPUs and memory), one partition ``proxygap``, ``select/cons_tres`` with cores as the consumable resource,
   ``proctrack/linuxproc`` and ``task/none`` (no cgroups), no accounting. The daemons listen on free ports of
@@ -23,19 +22,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "sinfo")
+PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "sinfo",
+            "srun")  # as scripts/system_deps.sh have_slurm
 INSTALL_HINT = f"as root: apt-get update && apt-get install -y {' '.join(PACKAGES)}"
 MARKER = "PROXYGAP_TEST_SLURM"
 PARTITION = "proxygap"
 
 
 class NotAvailable(RuntimeError):
-    """Slurm cannot be installed or started here; the message says what to do."""
+    """Slurm is not installed or cannot start here; the message says what to do."""
 
 
 def which(name: str) -> str | None:
@@ -48,44 +47,18 @@ def _missing() -> list[str]:
     return [p for p in PROGRAMS if which(p) is None]
 
 
-def _debian_like() -> bool:
-    try:
-        release = Path("/etc/os-release").read_text().lower()
-    except OSError:
-        return False
-    return "debian" in release or "ubuntu" in release  # ID= or ID_LIKE=
-
-
 def ensure_installed() -> None:
-    """Install the Slurm and munge packages if programs are missing (root on Debian/Ubuntu), else raise."""
+    """Raise ``NotAvailable`` (one line: what to do) unless root with every program at hand.
+
+    ``make test`` installs the packages first (``scripts/system_deps.sh slurm``: apt-get when root on
+    Debian/Ubuntu, else one line saying what to install), so this fires only when pytest runs on its own.
+    """
+    need = f"; {', '.join(_missing())} missing: run `bash scripts/system_deps.sh slurm` ({INSTALL_HINT})" \
+        if _missing() else ""
     if os.geteuid() != 0:
-        need = f" (and need {', '.join(_missing())}: install them {INSTALL_HINT})" if _missing() else ""
         raise NotAvailable(f"the Slurm tests start munged, slurmctld and slurmd and must run as root{need}")
-    need = _missing()
-    if not need:
-        return
-    if not _debian_like() or not shutil.which("apt-get"):
-        raise NotAvailable(f"the Slurm tests need {', '.join(need)}; install slurmctld, slurmd, the Slurm client "
-                           "programs and munge with this system's package manager")
-    print(f"installing {' '.join(PACKAGES)} for the Slurm tests (missing: {', '.join(need)})", file=sys.stderr)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    policy = Path("/usr/sbin/policy-rc.d")
-    own_policy = not policy.exists()
-    if own_policy:  # keep the packages from starting system-wide munge/slurm services
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
-    try:
-        for cmd in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-            if res.returncode:
-                tail = " ".join(res.stderr.strip().splitlines()[-2:])
-                raise NotAvailable(f"`{' '.join(cmd)}` failed ({tail}); install them {INSTALL_HINT}")
-    finally:
-        if own_policy:
-            policy.unlink(missing_ok=True)
-    if _missing():
-        raise NotAvailable(f"still missing after apt-get install: {', '.join(_missing())}")
+    if need:
+        raise NotAvailable(f"the Slurm tests need Slurm and munge{need}")
 
 
 def _free_port() -> int:
@@ -243,12 +216,3 @@ class SlurmCluster:
                 pass
         return leftovers
 
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["install"]:
-        raise SystemExit("usage: python tests/slurm_cluster.py install")
-    try:
-        ensure_installed()
-    except NotAvailable as exc:
-        raise SystemExit(f"slurm_cluster: {exc}")
-    print("slurm_cluster: munge, slurmctld, slurmd and the Slurm clients are installed")

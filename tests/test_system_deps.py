@@ -104,6 +104,26 @@ def test_failed_apt_install_stops_with_the_hint(box):
     assert "could not install chromium" in last and "apt-get install -y chromium" in last, res.stderr
 
 
+SLURM_PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "sinfo",
+                  "srun")
+
+
+def test_slurm_needs_every_daemon_and_client(box):
+    """One program short is missing Slurm: root on Debian installs the four packages; else one line names them."""
+    for name in SLURM_PROGRAMS[:-1]:
+        _executable(box["bin"] / name, "")
+    res = box["run"]("slurm", euid=1000, os_release=DEBIAN)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "Slurm and munge" in res.stderr and "apt-get install -y slurmctld slurmd slurm-client munge" in res.stderr
+    _executable(box["bin"] / "apt-get", f'echo "$@" >> {box["log"]}\n'
+                f'if [[ "$1" == install ]]; then printf "#!/bin/bash\\n" > {box["bin"]}/srun; '
+                f'/bin/chmod +x {box["bin"]}/srun; fi\n')
+    res = box["run"]("slurm", euid=0, os_release=DEBIAN)
+    assert res.returncode == 0, res.stderr
+    assert box["log"].read_text().splitlines()[1].split()[-4:] == ["slurmctld", "slurmd", "slurm-client", "munge"]
+    assert box["run"]("slurm", euid=1000, os_release=FEDORA).returncode == 0  # all present: silent, anywhere
+
+
 def test_unknown_dependency_is_a_usage_error(box):
     res = box["run"]("slurmd-typo", euid=0, os_release=DEBIAN)
     assert res.returncode == 2 and "unknown dependency 'slurmd-typo'" in res.stderr
@@ -116,5 +136,5 @@ def test_make_test_runs_the_check_before_the_tests():
     rules = {line.split(":")[0]: line.split(":", 1)[1].split() for line in make.stdout.splitlines()
              if line.startswith(("test:", "system-deps:"))}
     assert rules["test"][0] == "system-deps", rules
-    assert "bash scripts/system_deps.sh chromium" in make.stdout
+    assert "bash scripts/system_deps.sh chromium slurm" in make.stdout
     assert "make test" in (REPO / ".ci" / "run").read_text()
