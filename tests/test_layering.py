@@ -19,7 +19,7 @@ PKG = Path(__file__).resolve().parents[1] / "proxygap_helpers"
 
 LAYERS: dict[str, tuple[str, ...]] = {  # top to bottom
     "face": ("__main__", "cli"),
-    "orchestration": ("grid", "executors", "plan", "runlock"),
+    "orchestration": ("grid", "executors", "slurm", "plan", "runlock"),
     "stages": ("extract", "train", "evaluate", "aggregate", "publish"),
     "science and analysis": ("data", "models", "activations", "training", "engine", "sparse_step", "metrics",
                              "stats", "leaderboard", "claims", "plots", "report", "summary"),
