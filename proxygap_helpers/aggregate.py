@@ -1,8 +1,10 @@
 """Stage 3: every finished metrics.json -> the aggregate tables of a grid (``<out>/aggregate/``).
 
 Writes ``sae_metrics.csv``, ``dropped_duplicates.csv``, ``unpaired.csv``, ``pairs.csv``, ``phase2_table.csv``
-and ``.md``, ``sign_flip.csv``, ``heldout_predictions.csv``, ``proxy_leaderboard.csv``, ``claims.csv`` and
-``summary.json`` (what went in). Missing cells are simply absent: the claims say "pending".
+and ``.md``, ``sign_flip.csv``, ``heldout_predictions.csv``, ``proxy_leaderboard.csv``, ``claims.csv``, the
+budget-curve tables of ``budget_curves`` (``budget_fits.csv``, ``tstar.csv``, ``budget_curves.csv``,
+``next_budget.csv``) and ``summary.json`` (what went in). Missing cells are simply
+absent: the claims say "pending".
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import claims, leaderboard, stats
+from . import budget_curves, claims, leaderboard, stats
 from .files import read_json, write_json_atomic, write_text_atomic
 from .layout import aggregate_dir, metrics_files
 from .params import Params
 
 TABLES = ("sae_metrics", "pairs", "phase2_table", "sign_flip", "heldout_predictions", "proxy_leaderboard", "claims")
+CURVE_TABLES = ("budget_fits", "tstar", "budget_curves", "next_budget")  # budget_curves.analyse
 
 
 def _csv(df: pd.DataFrame, path: Path) -> None:
@@ -49,6 +52,7 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
     out = {"sae_metrics": kept, "dropped_duplicates": dropped, "unpaired": stats.unpaired(kept) if len(kept)
            else pd.DataFrame(), "pairs": pairs, "phase2_table": table, "sign_flip": flips,
            "heldout_predictions": preds, "proxy_leaderboard": board, "claims": claim_table}
+    out |= budget_curves.analyse(pairs, n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed, level=p.stats.ci)
     for name, df in out.items():
         _csv(df, agg / f"{name}.csv")
     write_text_atomic(agg / "phase2_table.md", stats.phase2_markdown(table, level=p.stats.ci) if len(table) else
@@ -64,7 +68,7 @@ def load_aggregate(out_dir: Path) -> dict[str, pd.DataFrame]:
     """Read back what :func:`run_aggregate` wrote (empty frames for empty or missing tables)."""
     agg = aggregate_dir(out_dir)
     res = {}
-    for name in (*TABLES, "dropped_duplicates", "unpaired"):
+    for name in (*TABLES, *CURVE_TABLES, "dropped_duplicates", "unpaired"):
         path = agg / f"{name}.csv"
         try:
             res[name] = pd.read_csv(path)

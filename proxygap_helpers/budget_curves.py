@@ -1,4 +1,4 @@
-"""Budget curves: each model's CE_rec(T) and R²(T) as a saturating power law, the extrapolated sign flip T*,
+r"""Budget curves: each model's CE_rec(T) and R²(T) as a saturating power law, the extrapolated sign flip T*,
 and the next budget to run. Works on ``pairs.csv`` only (statistics work on tables).
 
 **Model.** For one model role, sparsity k and metric (quality rising with the SAE training budget T)::
@@ -70,7 +70,7 @@ LOBO_Z = 3.0
 EXTRAPOLATION_DECADES = 2.0
 CANDIDATE_DECADES = 1.0
 N_BETA_GRID = 48
-GOLDEN_STEPS = 32
+GOLDEN_STEPS = 28
 STATUS_FIT, STATUS_REFUSED = "fit", "cannot be said"
 ROLES = ("small", "large")
 METRICS = ("ce_rec", "r2")
@@ -113,6 +113,20 @@ def _profile(beta: np.ndarray, x: np.ndarray, m: np.ndarray, w: np.ndarray):
     return np.maximum(ss, 0.0), b, my + b * mp
 
 
+def _grid_profile(betas: np.ndarray, x: np.ndarray, m: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``_profile``'s residual SS for every row of ``m`` [R, J] and every beta of ``betas`` [G], with weights
+    ``w`` [J] shared by all rows: [R, G]."""
+    wsum = w.sum()
+    dm = m - (m @ w / wsum)[:, None]
+    phi = np.exp(-betas[:, None] * x[None, :])
+    dp = phi - (phi @ w / wsum)[:, None]
+    spp = (dp * dp) @ w
+    spy = dm @ (w * dp).T
+    syy = (dm * dm) @ w
+    b = np.maximum(-spy / spp, 0.0)
+    return np.maximum(np.where(b > 0, syy[:, None] - spy * spy / spp, syy[:, None]), 0.0)
+
+
 def fit_means(x: np.ndarray, m: np.ndarray, w: np.ndarray, beta_bounds: tuple[float, float]) -> dict[str, np.ndarray]:
     """Least-squares fit of ``y = y_inf - b exp(-beta x)`` to each row of ``m``.
 
@@ -122,10 +136,14 @@ def fit_means(x: np.ndarray, m: np.ndarray, w: np.ndarray, beta_bounds: tuple[fl
     squares) and ``at_bound`` (-1 lower, +1 upper, 0 inside).
     """
     m = np.atleast_2d(np.asarray(m, dtype=float))
-    w = np.broadcast_to(np.asarray(w, dtype=float), m.shape)
     lo, hi = np.log(beta_bounds[0]), np.log(beta_bounds[1])
     grid = np.linspace(lo, hi, N_BETA_GRID)
-    ss_grid = _profile(np.exp(np.broadcast_to(grid, (len(m), N_BETA_GRID))), x, m[:, None, :], w[:, None, :])[0]
+    if np.ndim(w) == 1:  # the same weights for every row: the grid stage is two matrix products
+        ss_grid = _grid_profile(np.exp(grid), x, m, np.asarray(w, dtype=float))
+    else:
+        ss_grid = _profile(np.exp(np.broadcast_to(grid, (len(m), N_BETA_GRID))), x, m[:, None, :],
+                           np.asarray(w, dtype=float)[:, None, :])[0]
+    w = np.broadcast_to(np.asarray(w, dtype=float), m.shape)
     i = ss_grid.argmin(axis=1)
     a, b = grid[np.maximum(i - 1, 0)], grid[np.minimum(i + 1, N_BETA_GRID - 1)]
     g = (np.sqrt(5) - 1) / 2  # golden section on log beta within the grid neighbours of the best grid point
@@ -144,7 +162,8 @@ def fit_means(x: np.ndarray, m: np.ndarray, w: np.ndarray, beta_bounds: tuple[fl
     pick = ss_c.argmin(axis=0)
     log_beta = cands[pick, np.arange(len(m))]
     ss, bb, y_inf = _profile(np.exp(log_beta), x, m, w)
-    at_bound = np.where(np.abs(log_beta - lo) < 1e-9, -1, np.where(np.abs(log_beta - hi) < 1e-9, 1, 0))
+    near = 1e-4  # within 0.01% of a bound counts as on it (rounding stops the search short of a flat edge)
+    at_bound = np.where(log_beta - lo < near, -1, np.where(hi - log_beta < near, 1, 0))
     return {"y_inf": y_inf, "b": bb, "beta": np.exp(log_beta), "ss": ss, "at_bound": at_bound}
 
 
@@ -193,10 +212,10 @@ def boot_means(samples: Sequence[np.ndarray], n_boot: int, level: float, rng: np
 
 
 def first_crossing(fit_small: dict[str, np.ndarray], fit_large: dict[str, np.ndarray], scale: Scale,
-                   u_lo: float, u_hi: float, sign_before: float, n_grid: int = 512) -> np.ndarray:
+                   u_lo: float, u_hi: float, sign_before: float, n_grid: int = 128) -> np.ndarray:
     """log10 T* per replicate: the first u in (u_lo, u_hi] (u = log10 T) where the gap large - small leaves the
     sign ``sign_before`` (-1: first u with gap >= 0; +1: gap <= 0), located on an ``n_grid`` grid and refined by
-    60 bisection steps. Censored: -inf when the gap already has the other sign at u_lo, +inf when it keeps
+    40 bisection steps. Censored: -inf when the gap already has the other sign at u_lo, +inf when it keeps
     ``sign_before`` up to u_hi. Shape [R]."""
     u = np.linspace(u_lo, u_hi, n_grid)
 
@@ -215,7 +234,7 @@ def first_crossing(fit_small: dict[str, np.ndarray], fit_large: dict[str, np.nda
         idx = np.flatnonzero(inner)
         lo, hi = u[first[inner] - 1], u[first[inner]]
         sub = {key: {k: v[idx] for k, v in f.items()} for key, f in (("s", fit_small), ("l", fit_large))}
-        for _ in range(60):
+        for _ in range(40):
             mid = (lo + hi) / 2
             g = gap_at(sub["s"], sub["l"], scale, mid)
             past = sign_before * g <= 0
@@ -859,9 +878,11 @@ def proposal(next_budget: pd.DataFrame) -> pd.DataFrame:
     return next_budget[next_budget["proposed"].astype(bool)]
 
 
-def next_budget_text(next_budget: pd.DataFrame, cost: dict | None = None) -> str:
-    """The proposal in one paragraph (markdown): budget(s), kind, why, and the ``plan`` cost when given
-    (``cost``: ``plan.budget_cost``'s dict, or ``{"error": text}``)."""
+def next_budget_text(next_budget: pd.DataFrame, cost: dict | None = None, markdown: bool = True) -> str:
+    """The proposal in one paragraph (markdown, or plain text for a terminal): budget(s), kind, why, and the
+    ``plan`` cost when given (``cost``: ``plan.budget_cost``'s dict, or ``{"error": text}``)."""
+    if not markdown:
+        return next_budget_text(next_budget, cost).replace("**", "").replace("`", "")
     chosen = proposal(next_budget)
     if not len(chosen):
         return "**Next budget:** pending (no complete pairs yet)."
@@ -888,8 +909,8 @@ def cost_text(cost: dict) -> str:
         return f"Cost estimate unavailable: {cost['error']}."
     s = cost["total_s"]
     when = f"{s / 3600:.1f} h" if s > 5400 else f"{s / 60:.1f} min" if s > 90 else f"{s:.0f} s"
-    text = (f"Estimated cost on this machine ({cost['machine']}): {when} for {cost['n_saes']} SAEs "
-            f"({cost['jobs']} job(s) at a time; `plan`'s calibration)")
+    text = (f"Estimated cost on this machine: {when} for {cost['n_saes']} SAEs ({cost['jobs']} job(s) at a time; "
+            "`plan`'s calibration)")
     if cost.get("store_note"):
         text += f"; {cost['store_note']}"
     return text + "."

@@ -9,12 +9,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .aggregate import load_aggregate
+from .aggregate import CURVE_TABLES, load_aggregate
 from .layout import aggregate_dir, report_dir
 from .params import Params
 
 PUBLISHED = ("phase2_table.csv", "phase2_table.md", "pairs.csv", "sae_metrics.csv", "proxy_leaderboard.csv",
-             "claims.csv", "sign_flip.csv", "heldout_predictions.csv")
+             "claims.csv", "sign_flip.csv", "heldout_predictions.csv", *(f"{t}.csv" for t in CURVE_TABLES))
 
 
 def publish(p: Params, out_dir: Path, executed_report: Path) -> Path:
@@ -44,7 +44,8 @@ def _sign_flip_png(out_dir: Path, png: Path) -> None:
 
     agg = load_aggregate(out_dir)
     plots.set_theme()
-    fig = plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"])
+    fig = plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"], curves=agg["budget_curves"],
+                                 tstar=agg["tstar"])
     tmp = png.with_name(png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(png)
