@@ -63,6 +63,16 @@ CAPTIONS = {
         "without a complete pair. Red bands: budgets where the mismatch rate (share of seeds with ΔR² > 0 "
         "while ΔCE_rec < 0) is above 0, darker = higher rate. Dashed line: T*, the budget where mean ΔCE_rec "
         "changes sign (interpolated in log T), with its seed-bootstrap interval shaded grey when available."),
+    "sign_flip_curves": (
+        " Thin lines: the gap between the two models' fitted saturating curves y(T) = y∞ − a·T^−α (solid over the "
+        "tested budgets, dashed past them) with its 95% seed-bootstrap band; ◆ on the zero line: T* where the "
+        "fitted gap changes sign, the bar its bootstrap interval (an arrow: open-ended)."),
+    "sign_flip_note": (
+        " The note in the corner of each panel says what the budget-curve fit says (T*, no crossing, or why it "
+        "cannot be said)."),
+    "per_model_curves": (
+        " Thin lines: each model's fitted saturating curve y(T) = y∞ − a·T^−α, solid over the tested budgets and "
+        "dashed for one decade past them."),
     "per_model": (
         "Per-model SAE quality against the SAE training budget. Colour: model role; line style and marker: k. "
         "Points are means over seeds; error bars are 95% Student-t intervals (none when n = 1). Markers are "
@@ -147,13 +157,13 @@ def enable_notebook_display() -> bool:
     return True
 
 
-def _finish(fig: Figure, name: str, title: str, caption: bool) -> Figure:
+def _finish(fig: Figure, name: str, title: str, caption: bool, extra: Sequence[str] = ()) -> Figure:
     enable_notebook_display()
     fig.suptitle(title, fontweight="bold")
-    fig.proxygap_caption = CAPTIONS[name]  # type: ignore[attr-defined]
+    fig.proxygap_caption = CAPTIONS[name] + "".join(CAPTIONS[e] for e in extra)  # type: ignore[attr-defined]
     if caption:
         width_chars = max(60, int(fig.get_figwidth() * 100 / 7.5))
-        text = textwrap.fill(CAPTIONS[name], width_chars)
+        text = textwrap.fill(fig.proxygap_caption, width_chars)
         lines = text.count("\n") + 1
         height = fig.get_figheight()
         bottom = min(0.4, (lines * 0.16 + 0.15) / height)
@@ -216,9 +226,13 @@ def _plot_gap_row(ax: Axes, cells: pd.DataFrame, seeds: pd.DataFrame, metric: st
 
 
 def sign_flip_figure(pairs: pd.DataFrame | None, table: pd.DataFrame | None, sign_flip: pd.DataFrame | None,
-                     caption: bool = True) -> Figure:
-    """ΔCE_rec (top row) and ΔR² (bottom row) against the budget, one column per k (see ``CAPTIONS``)."""
+                     caption: bool = True, curves: pd.DataFrame | None = None,
+                     tstar: pd.DataFrame | None = None) -> Figure:
+    """ΔCE_rec (top row) and ΔR² (bottom row) against the budget, one column per k (see ``CAPTIONS``). With
+    ``curves`` / ``tstar`` (``aggregate/budget_curves.csv`` / ``tstar.csv``) also the fitted gap, its band,
+    the fitted T* and what the fit says, with the x axis extended past the data as far as they need."""
     pairs, table, flips = _frame(pairs), _frame(table), _frame(sign_flip)
+    curves, tstar = _frame(curves), _frame(tstar)
     ks = sorted({*pairs.get("k", pd.Series(dtype=float)).dropna().astype(int),
                  *table.get("k", pd.Series(dtype=float)).dropna().astype(int)})
     title = "Behavioural gap vs reconstruction proxy across SAE training budgets"
@@ -281,6 +295,7 @@ def sign_flip_figure(pairs: pd.DataFrame | None, table: pd.DataFrame | None, sig
             _set_log_x(ax, budgets)
             if i == 1:
                 ax.set_xlabel(TOKENS_LABEL)
+    fitted, marked = _draw_fits(axes, ks, [r[0] for r in rows], [r[2] for r in rows], budgets, curves, tstar)
     handles = [Line2D([], [], color="C0", lw=1.8, marker="o", label="mean ΔCE_rec ± 95% CI"),
                Line2D([], [], color="C2", lw=1.8, marker="o", label="mean ΔR² ± 95% CI"),
                Line2D([], [], color="0.4", lw=0, marker="o", alpha=0.5, markersize=4, label="one seed (pair)")]
@@ -295,8 +310,117 @@ def sign_flip_figure(pairs: pd.DataFrame | None, table: pd.DataFrame | None, sig
         handles.append(Patch(color="0.5", alpha=0.25, label="T* bootstrap 95% interval"))
     if any_pending:
         handles.append(Line2D([], [], lw=0, label="'pending' = no complete pair at that budget"))
+    if fitted:
+        handles += [Line2D([], [], color="0.3", lw=1.0, label="fitted gap (saturating law per model)"),
+                    Line2D([], [], color="0.3", lw=1.0, ls="--", label="… extrapolated past the data")]
+    if marked:
+        handles.append(Line2D([], [], color="0.1", lw=0, marker="D", markersize=5, label="T* of the fitted gap ± 95%"))
     fig.legend(handles=handles, loc="outside right center", fontsize="small")
-    return _finish(fig, "sign_flip", title, caption)
+    extra = (("sign_flip_curves",) if fitted else ()) + (("sign_flip_note",) if len(tstar) else ())
+    return _finish(fig, "sign_flip", title, caption, extra=extra)
+
+
+def _fit_note(row: pd.Series | None) -> str:
+    """What the fit says about T*, in a few words, for a panel corner."""
+    if row is None:
+        return ""
+    status = str(row.get("status"))
+    if status in ("in range", "extrapolated"):
+        lo, hi = _num(row.get("t_star_lo")), _num(row.get("t_star_hi"))
+        interval = "" if np.isnan(lo) else f" [{format_tokens(lo)}, {format_tokens(hi)}]"
+        where = "" if status == "in range" else f", {_num(row.get('factor_beyond')):.3g}x past data"
+        return f"fit: T* ≈ {format_tokens(_num(row.get('t_star')))}{interval}{where}"
+    if status == "cannot be said":  # "small model: not monotone: ..." -> "small model: not monotone"
+        short = [": ".join(part.split(": ")[:2]).split(" (")[0] for part in str(row.get("reason", "")).split("; ")]
+        return "fit: cannot be said\n" + "\n".join(textwrap.shorten(p, 48, placeholder="…") for p in short)
+    limit, factor = _num(row.get("gap_inf")), _num(row.get("search_max")) / _num(row.get("tokens_max"))
+    return (f"fit: no crossing within {factor:.3g}x\n(limit gap {limit:+.3f})" if np.isfinite(limit)
+            else f"fit: {status}")
+
+
+def _fit_right_edge(budgets: Sequence[float], tstar: pd.DataFrame) -> float:
+    """How far right the sign-flip panels go: a decade past the data, or past the largest finite fitted T*
+    (or its upper bound) when that lies further out, at most to the end of the T* search range."""
+    top = max(budgets)
+    right = top * 10
+    if len(tstar) and "t_star" in tstar:
+        far = pd.concat([_col(tstar, "t_star"), _col(tstar, "t_star_hi")])
+        far = far[np.isfinite(far)]
+        if len(far):
+            right = max(right, 2 * float(far.max()))
+        right = min(right, float(_col(tstar, "search_max").max()) if _col(tstar, "search_max").notna().any()
+                    else right)
+    return max(right, top * 3)
+
+
+def _draw_fits(axes: np.ndarray, ks: Sequence[int], metrics: Sequence[str], colors: Sequence[str],
+               budgets: Sequence[float], curves: pd.DataFrame, tstar: pd.DataFrame) -> tuple[bool, bool]:
+    """The fitted gaps (solid over the data, dashed past it, bootstrap band), the fitted T* marker with its
+    interval and a note per panel on what the fit says; the x axis is extended past the data and each row's
+    y range kept to the data and the fitted lines (a far band does not stretch it). Returns (a curve was
+    drawn, a T* marker was drawn)."""
+    has_curves = len(curves) and {"k", "metric", "series", "tokens", "fit", "extrapolated"} <= set(curves.columns)
+    has_tstar = len(tstar) and {"k", "metric", "status"} <= set(tstar.columns)
+    if not budgets or not (has_curves or has_tstar):
+        return False, False
+    gaps = curves[curves["series"] == "gap"] if has_curves else pd.DataFrame()
+    right = _fit_right_edge(budgets, tstar) if len(gaps) else max(budgets)
+    drawn = marked = False
+    for i, (metric, color) in enumerate(zip(metrics, colors)):
+        lo_y, hi_y = axes[i, 0].get_ylim()
+        for j, k in enumerate(ks):
+            ax = axes[i, j]
+            row = None
+            if has_tstar:
+                hit = tstar[(tstar["k"] == k) & (tstar["metric"] == metric)]
+                row = hit.iloc[0] if len(hit) else None
+            g = gaps[(gaps["k"] == k) & (gaps["metric"] == metric) & (gaps["tokens"] <= right * 1.001)] \
+                if len(gaps) else gaps
+            if len(g):
+                drawn = True
+                g = g.sort_values("tokens")
+                x, fit = g["tokens"].to_numpy(float), _col(g, "fit").to_numpy()
+                lo, hi = _col(g, "lo").to_numpy(), _col(g, "hi").to_numpy()
+                past = g["extrapolated"].astype(bool).to_numpy()
+                join = np.r_[~past[1:], False]  # the last point over the data starts the dashed part
+                ax.plot(x[~past], fit[~past], color=color, lw=1.0, alpha=0.9, zorder=3)
+                ax.plot(x[past | join], fit[past | join], color=color, lw=1.0, ls="--", alpha=0.9, zorder=3)
+                band = np.isfinite(lo) & np.isfinite(hi)
+                ax.fill_between(x[band], lo[band], hi[band], color=color, alpha=0.10, lw=0, zorder=1)
+                lo_y, hi_y = min(lo_y, float(np.nanmin(fit))), max(hi_y, float(np.nanmax(fit)))
+            if row is not None and np.isfinite(_num(row.get("t_star"))):
+                marked = True
+                _tstar_marker(ax, row, budgets[0], right)
+            if (note := _fit_note(row)):
+                ax.text(0.98, 0.03, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+                        color="0.2", zorder=8, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.8))
+            if len(gaps):
+                ax.set_xlim(ax.get_xlim()[0], right)
+                _extra_ticks(ax, budgets, right)
+        pad = 0.05 * (hi_y - lo_y) if hi_y > lo_y else 0.01
+        axes[i, 0].set_ylim(lo_y - pad, hi_y + pad)
+    return drawn, marked
+
+
+def _tstar_marker(ax: Axes, row: pd.Series, left: float, right: float) -> None:
+    """◆ at (T*, 0) and its bootstrap interval as a bar (an arrow head where it runs past the panel)."""
+    t, a, b = _num(row["t_star"]), _num(row.get("t_star_lo")), _num(row.get("t_star_hi"))
+    if np.isfinite(a) or np.isfinite(b):
+        a = max(a, left) if np.isfinite(a) else left
+        style = "|-|" if b <= right else "]->"
+        ax.annotate("", (min(b, right), 0), (a, 0), zorder=6,
+                    arrowprops=dict(arrowstyle=style, color="0.1", lw=1.0, shrinkA=0, shrinkB=0))
+    ax.plot([t], [0], marker="D", color="0.1", markersize=5, zorder=7)
+
+
+def _extra_ticks(ax: Axes, budgets: Sequence[float], right: float) -> None:
+    """Tick labels at the tested budgets plus powers of ten past them (the extrapolated part)."""
+    top = max(budgets)
+    extra = [10.0 ** e for e in range(int(np.floor(np.log10(top))) + 1, int(np.floor(np.log10(right))) + 1)
+             if 10.0 ** e > top * 1.5]
+    ticks = sorted(set(budgets)) + extra
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([format_tokens(t) for t in ticks], fontsize="small")
 
 
 def _num(value: Any) -> float:
@@ -320,10 +444,13 @@ def _summarise(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def per_model_figure(sae_metrics: pd.DataFrame | None, metrics: Sequence[str] = ("ce_rec", "r2"),
-                     caption: bool = True) -> Figure:
+                     caption: bool = True, curves: pd.DataFrame | None = None) -> Figure:
     """One panel per metric: per-role means over seeds (error bars: 95% t-intervals) against the budget;
-    colour = model role, line style / marker = k."""
+    colour = model role, line style / marker = k. With ``curves`` (``aggregate/budget_curves.csv``) each
+    accepted fitted curve too, dashed for one decade past the data."""
     df = _frame(sae_metrics)
+    curves = _frame(curves)
+    fitted = False
     fig, axes = _new_figure(1, len(metrics), (5.2, 3.6), legend=1.4)
     title = "SAE quality per model against the training budget"
     needed = {"model_role", "k", "tokens"}
@@ -353,13 +480,36 @@ def per_model_figure(sae_metrics: pd.DataFrame | None, metrics: Sequence[str] = 
                 ax.errorbar(x, s["mean"], yerr=np.nan_to_num(err), color=ROLE_COLORS.get(role, f"C{i}"),
                             ls=styles[i % len(styles)], marker=markers[i % len(markers)], ms=5, lw=1.5,
                             capsize=3, label=f"{role}, k={k}")
+                fitted |= _draw_role_curve(ax, curves, metric, role, k, max(budgets) * 10,
+                                           ROLE_COLORS.get(role, f"C{i}"))
         _set_log_x(ax, budgets)
+        if fitted:
+            ax.set_xlim(ax.get_xlim()[0], max(budgets) * 10 ** 1.05)
+            _extra_ticks(ax, budgets, max(budgets) * 10)
     handles = [Line2D([], [], color=ROLE_COLORS.get(r, "0.3"), lw=2, label=f"{r} model") for r in roles]
     handles += [Line2D([], [], color="0.3", ls=styles[i % len(styles)], marker=markers[i % len(markers)],
                        label=f"k = {k}") for i, k in enumerate(ks)]
+    if fitted:
+        handles.append(Line2D([], [], color="0.3", lw=0.9, ls="--", label="fitted curve, past the data"))
     if handles:
         fig.legend(handles=handles, loc="outside right center", fontsize="small", title="role / k")
-    return _finish(fig, "per_model", title, caption)
+    return _finish(fig, "per_model", title, caption, extra=("per_model_curves",) if fitted else ())
+
+
+def _draw_role_curve(ax: Axes, curves: pd.DataFrame, metric: str, role: str, k: int, right: float,
+                     color: str) -> bool:
+    """One role's fitted curve at one k: thin, solid over the data and dashed past it up to ``right``."""
+    if not len(curves) or not {"k", "metric", "series", "tokens", "fit", "extrapolated"} <= set(curves.columns):
+        return False
+    c = curves[(curves["k"] == k) & (curves["metric"] == metric) & (curves["series"] == role)
+               & (curves["tokens"] <= right * 1.001)].sort_values("tokens")
+    if c.empty:
+        return False
+    x, y, past = c["tokens"].to_numpy(float), _col(c, "fit").to_numpy(), c["extrapolated"].astype(bool).to_numpy()
+    join = np.r_[~past[1:], False]  # the last point over the data starts the dashed part
+    ax.plot(x[~past], y[~past], color=color, lw=0.9, alpha=0.7, zorder=2)
+    ax.plot(x[past | join], y[past | join], color=color, lw=0.9, ls="--", alpha=0.7, zorder=2)
+    return True
 
 
 # ---------------------------------------------------------------- leaderboard
