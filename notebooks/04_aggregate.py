@@ -19,6 +19,8 @@
 # * **Phase-2 table** per (k, T): n, mean and Student-t 95% CI of ΔCE_rec and ΔR² (n = 1 gives the point as
 #   both bounds, flagged *directional*), mismatch rate, secondary deltas.
 # * **Sign flip**: the budget T* where mean ΔCE_rec crosses zero (interpolated in log T), bootstrap interval.
+# * **Budget curves**: each model's CE_rec(T) and R²(T) per k fitted with a saturating power law; T* where the
+#   fitted curves cross (extrapolated past the data, or "cannot be said" with the reason); the next budget.
 # * **Gate D2**: each proxy's delta predicts ΔCE_rec of *held-out* cells (leave-one-budget-out,
 #   leave-one-k-out), scored by sign accuracy, Spearman and MAE, with paired bootstrap CIs against ΔR².
 # * **Claims** from the explicit rules in params: supported / pending / rejected, with evidence.
@@ -31,7 +33,7 @@ threads = 0  # torch threads: 0 keeps the default
 # %% tags=["imports"]
 from IPython.display import Markdown
 
-from proxygap_helpers import aggregate, grid, layout
+from proxygap_helpers import aggregate, budget_curves, grid, layout
 
 # %%
 p, out, device = grid.setup(params_path, out_dir, threads)
@@ -50,6 +52,12 @@ Markdown((layout.aggregate_dir(out) / "phase2_table.md").read_text())
 
 # %%
 agg["sign_flip"].round(4)
+
+# %% [markdown]
+# ## Budget curves: where the fitted gap changes sign
+
+# %%
+budget_curves.tstar_frame(agg["tstar"])
 
 # %% [markdown]
 # ## Gate D2: held-out proxy leaderboard (positive `*_vs_r2` = better than ΔR²)

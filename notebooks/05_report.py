@@ -18,7 +18,7 @@ threads = 0  # torch threads: 0 keeps the default
 # %% tags=["imports", "remove"]
 from IPython.display import Markdown
 
-from proxygap_helpers import aggregate, grid, plots, report
+from proxygap_helpers import aggregate, budget_curves, grid, plan, plots, report, stats
 from proxygap_helpers import summary as sections
 
 # %% tags=["remove"]
@@ -50,16 +50,47 @@ Markdown(summary["study_table"])
 # ## Sign flip: does the gap close with more SAE training?
 
 # %%
-plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"])
+plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"], curves=agg["budget_curves"],
+                       tstar=agg["tstar"])
 
 # %%
 sections.sign_flip_frame(agg["sign_flip"])
 
 # %% [markdown]
+# ## Where will the sign flip? Each model's budget curve, extrapolated
+# Per k, each model's CE_rec(T) and R²(T) is fitted with the saturating power law y(T) = y∞ − a·T^−α (a ≥ 0,
+# α > 0; Gao et al. 2024) by least squares on the per-seed values. T* is where the two fitted curves cross,
+# searched up to 100× the largest tested budget, with a 95% seed-bootstrap interval ("extrapolated" says how far
+# past the data). A fit is refused — "cannot be said", nothing extrapolated — with fewer than 3 budgets, a curve
+# that is not monotone, a flat or ill-conditioned fit (α at a bound), or a failed leave-one-budget-out forecast.
+# The next budget is the one whose run is expected to narrow the interval most (simulated from the fitted
+# curves and the observed seed noise); its cost is `plan`'s estimate on this machine.
+
+# %%
+proposed = budget_curves.proposal(agg["next_budget"])
+cost = (plan.budget_cost(p, out, proposed["tokens"].astype(int).tolist(), int(proposed["n_new_seeds"].max()))
+        if len(proposed) else None)
+Markdown(budget_curves.markdown(agg["tstar"], agg["budget_fits"], agg["next_budget"], cost))
+
+# %%
+budget_curves.tstar_frame(agg["tstar"])
+
+# %%
+budget_curves.fits_frame(agg["budget_fits"])
+
+# %% [markdown]
+# ### The study's published table: what it can and cannot say
+# Only the gaps ΔCE_rec per (k, T) are published, three budgets (10M, 50M, 100M), so the saturating law is fitted
+# to the mean gap directly, under the same refusal rule.
+
+# %%
+Markdown(budget_curves.reference_markdown(budget_curves.reference_fits(stats.reference_table())))
+
+# %% [markdown]
 # ## Each model on its own: CE_rec and R² against the budget
 
 # %%
-plots.per_model_figure(agg["sae_metrics"])
+plots.per_model_figure(agg["sae_metrics"], curves=agg["budget_curves"])
 
 # %% [markdown]
 # ## Gate D2: which proxy predicts held-out ΔCE_rec?

@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
                 write_text_atomic(resolved, text)
             if args.command == "report":
                 todo = [u for u in todo if u.stage in ("aggregate", "report")]
-                return _run(p, out, resolved, todo, "local", 1, force=True)
+                rc = _run(p, out, resolved, todo, "local", 1, force=True)
+                if rc == 0:
+                    _print_next_budget(p, out)
+                return rc
             kind = args.executor or p.executor.kind
             return _run(p, out, resolved, todo, kind, args.jobs or p.executor.jobs, args.force)
     except LockError as e:
@@ -195,6 +198,25 @@ def _already_complete(todo: list[Unit], complete: set[str]) -> set[str]:
             counted.add(u.uid)
         upstream_ok = upstream_ok and u.uid in complete
     return counted
+
+
+def _print_next_budget(p, out: Path) -> None:
+    """The last line of ``report``: the proposed next budget (``aggregate/next_budget.csv``) with
+    ``plan``'s cost estimate. Its calibration is cached by then (the report notebook used it); the torch
+    thread count, part of the cache key, is set as the report unit's kernel had it."""
+    import torch
+
+    from .aggregate import load_aggregate
+    from .budget_curves import next_budget_text, proposal
+    from .executors import local_threads
+    from .plan import budget_cost
+
+    torch.set_num_threads(local_threads(1))
+    table = load_aggregate(out)["next_budget"]
+    chosen = proposal(table)
+    if len(chosen):
+        cost = budget_cost(p, out, chosen["tokens"].astype(int).tolist(), int(chosen["n_new_seeds"].max()))
+        print(f"proxygap: {next_budget_text(table, cost, markdown=False)}")
 
 
 def _report_path(p, out: Path) -> Path:

@@ -292,3 +292,28 @@ def print_plan(p: Params, out_dir: Path) -> None:
     if not p.embedded:
         print("note: this grid loads Pythia from the hub and streams the Pile: it needs internet, and a GPU "
               "to finish in hours rather than weeks (README: 'Reference grid').")
+
+
+def budget_cost(p: Params, out_dir: Path, tokens: list[int], n_seeds: int) -> dict:
+    """Estimated wall time here of training and evaluating the grid's k x ``n_seeds`` seeds x both models at
+    the extra budget(s) ``tokens`` (the proposal of ``budget_curves.next_budget``), timed like ``estimate``:
+    the cached calibration, one unit per (role, seed) with its notebook starts, ``jobs`` units at a time.
+    For an embedded grid a budget above the activation store also needs a larger store (``store_note``): the
+    store's size is part of the extract hash, so raising it re-runs the grid. Returns ``total_s``,
+    ``n_saes``, ``jobs``, ``store_note``; ``{"error": text}`` when the calibration fails."""
+    try:
+        cal = calibration(p, out_dir)
+    except Exception as err:  # noqa: BLE001 - a cost estimate must not break the report
+        return {"error": f"the calibration failed ({type(err).__name__}: {err})"}
+    raw = p.model_dump()
+    raw["sae"] |= {"tokens": sorted({int(t) for t in tokens}), "seeds": list(range(max(1, n_seeds)))}
+    extra = Params.model_validate(raw)
+    per_unit = [sae_seconds(extra, cal, extra.sae_specs(role=r, seed=s)) + 2 * NOTEBOOK_OVERHEAD_S
+                for r in ROLES for s in extra.sae.seeds]
+    note = ""
+    if p.embedded and max(tokens) > p.store_tokens:
+        note = (f"a budget above the activation store ({format_tokens(p.store_tokens)} tokens per model) needs a "
+                "larger store, and adding it to this grid's `sae.tokens` changes the extract hash, so the whole "
+                "grid re-runs (`plan` on the edited params gives that cost)")
+    return {"total_s": _makespan(sorted(per_unit, reverse=True), p.executor.jobs), "n_saes": len(extra.sae_specs()),
+            "jobs": p.executor.jobs, "store_note": note}
