@@ -130,20 +130,17 @@ def _grid_profile(betas: np.ndarray, x: np.ndarray, m: np.ndarray, w: np.ndarray
 def fit_means(x: np.ndarray, m: np.ndarray, w: np.ndarray, beta_bounds: tuple[float, float]) -> dict[str, np.ndarray]:
     """Least-squares fit of ``y = y_inf - b exp(-beta x)`` to each row of ``m``.
 
-    ``x``: [J] scaled log budgets; ``m``: [R, J] budget means (R replicates); ``w``: [J] or [R, J] seeds per
-    budget (the per-seed least-squares fit equals this weighted fit of the means). Returns arrays [R]:
+    ``x``: [J] scaled log budgets; ``m``: [R, J] budget means (R replicates); ``w``: [J] seeds per budget
+    (the per-seed least-squares fit equals this weighted fit of the means). Returns arrays [R]:
     ``y_inf``, ``b`` (>= 0), ``beta`` (in ``beta_bounds``), ``ss`` (weighted between-budget residual sum of
     squares) and ``at_bound`` (-1 lower, +1 upper, 0 inside).
     """
     m = np.atleast_2d(np.asarray(m, dtype=float))
+    w = np.asarray(w, dtype=float)
     lo, hi = np.log(beta_bounds[0]), np.log(beta_bounds[1])
     grid = np.linspace(lo, hi, N_BETA_GRID)
-    if np.ndim(w) == 1:  # the same weights for every row: the grid stage is two matrix products
-        ss_grid = _grid_profile(np.exp(grid), x, m, np.asarray(w, dtype=float))
-    else:
-        ss_grid = _profile(np.exp(np.broadcast_to(grid, (len(m), N_BETA_GRID))), x, m[:, None, :],
-                           np.asarray(w, dtype=float)[:, None, :])[0]
-    w = np.broadcast_to(np.asarray(w, dtype=float), m.shape)
+    ss_grid = _grid_profile(np.exp(grid), x, m, w)
+    w = np.broadcast_to(w, m.shape)
     i = ss_grid.argmin(axis=1)
     a, b = grid[np.maximum(i - 1, 0)], grid[np.minimum(i + 1, N_BETA_GRID - 1)]
     g = (np.sqrt(5) - 1) / 2  # golden section on log beta within the grid neighbours of the best grid point
@@ -218,26 +215,16 @@ def first_crossing(fit_small: dict[str, np.ndarray], fit_large: dict[str, np.nda
     40 bisection steps. Censored: -inf when the gap already has the other sign at u_lo, +inf when it keeps
     ``sign_before`` up to u_hi. Shape [R]."""
     u = np.linspace(u_lo, u_hi, n_grid)
-
-    def gap(uu: np.ndarray) -> np.ndarray:  # uu [R, G] -> [R, G]
-        xx = (uu - scale.c) / scale.s
-        return ((fit_large["y_inf"][:, None] - fit_large["b"][:, None] * np.exp(-fit_large["beta"][:, None] * xx))
-                - (fit_small["y_inf"][:, None] - fit_small["b"][:, None] * np.exp(-fit_small["beta"][:, None] * xx)))
-
-    r = len(fit_small["y_inf"])
-    after = sign_before * gap(np.broadcast_to(u, (r, n_grid))) <= 0
+    after = sign_before * gap_at(fit_small, fit_large, scale, np.broadcast_to(u, (len(fit_small["b"]), n_grid))) <= 0
     first = np.where(after.any(axis=1), after.argmax(axis=1), -1)
-    out = np.full(r, np.inf)
-    out[first == 0] = -np.inf
-    inner = first > 0
-    if inner.any():
-        idx = np.flatnonzero(inner)
-        lo, hi = u[first[inner] - 1], u[first[inner]]
-        sub = {key: {k: v[idx] for k, v in f.items()} for key, f in (("s", fit_small), ("l", fit_large))}
+    out = np.where(first == 0, -np.inf, np.inf)
+    idx = np.flatnonzero(first > 0)
+    if idx.size:
+        lo, hi = u[first[idx] - 1], u[first[idx]]
+        sub_s, sub_l = ({k: v[idx] for k, v in f.items()} for f in (fit_small, fit_large))
         for _ in range(40):
             mid = (lo + hi) / 2
-            g = gap_at(sub["s"], sub["l"], scale, mid)
-            past = sign_before * g <= 0
+            past = sign_before * gap_at(sub_s, sub_l, scale, mid) <= 0
             hi, lo = np.where(past, mid, hi), np.where(past, lo, mid)
         out[idx] = (lo + hi) / 2
     return out
@@ -245,10 +232,11 @@ def first_crossing(fit_small: dict[str, np.ndarray], fit_large: dict[str, np.nda
 
 def gap_at(fit_small: dict[str, np.ndarray], fit_large: dict[str, np.ndarray], scale: Scale,
            u: np.ndarray) -> np.ndarray:
-    """Fitted gap large - small at log10 budgets ``u`` [R] (one per replicate)."""
-    x = (u - scale.c) / scale.s
-    return ((fit_large["y_inf"] - fit_large["b"] * np.exp(-fit_large["beta"] * x))
-            - (fit_small["y_inf"] - fit_small["b"] * np.exp(-fit_small["beta"] * x)))
+    """Fitted gap large - small at log10 budgets ``u``: [R] (one per replicate) or [R, G]."""
+    x = (np.asarray(u) - scale.c) / scale.s
+    col = (slice(None),) + (None,) * (x.ndim - 1)  # fit arrays [R] against u [R, ...]
+    return ((fit_large["y_inf"][col] - fit_large["b"][col] * np.exp(-fit_large["beta"][col] * x))
+            - (fit_small["y_inf"][col] - fit_small["b"][col] * np.exp(-fit_small["beta"][col] * x)))
 
 
 def _clip_width(logs: np.ndarray, u_lo: float, u_hi: float, level: float) -> float:
@@ -262,8 +250,9 @@ def _clip_width(logs: np.ndarray, u_lo: float, u_hi: float, level: float) -> flo
 
 @dataclass
 class RoleFit:
-    """One role's curve at one k: data summary, status (``STATUS_FIT`` / ``STATUS_REFUSED``) and reason, the
-    point fit and its bootstrap replicates (dicts of [1] / [B] arrays, see ``fit_means``) and goodness of fit."""
+    """One role's curve at one k: status (``STATUS_FIT`` / ``STATUS_REFUSED``) and reason, the point fit and its
+    bootstrap replicates (dicts of [1] / [B] arrays, see ``fit_means``; None where not computed) and the
+    goodness of fit (``_goodness`` and ``_lobo``)."""
 
     role: str
     status: str
