@@ -296,8 +296,9 @@ def print_plan(p: Params, out_dir: Path) -> None:
 
 def budget_cost(p: Params, out_dir: Path, tokens: list[int], n_seeds: int) -> dict:
     """Estimated wall time here of training and evaluating the grid's k x ``n_seeds`` seeds x both models at
-    the extra budget(s) ``tokens`` (the proposal of ``budget_curves.next_budget``), timed like ``estimate``:
-    the cached calibration, one unit per (role, seed) with its notebook starts, ``jobs`` units at a time.
+    the extra budget(s) ``tokens`` (the proposal of ``budget_curves.next_budget``), timed like ``estimate``'s
+    SAE units: the cached calibration, the grid's units (per role or shard) with their notebook starts,
+    ``jobs`` units at a time.
     For an embedded grid a budget above the activation store also needs a larger store (``store_note``): the
     store's size is part of the extract hash, so raising it re-runs the grid. Returns ``total_s``,
     ``n_saes``, ``jobs``, ``store_note``; ``{"error": text}`` when the calibration fails."""
@@ -308,8 +309,9 @@ def budget_cost(p: Params, out_dir: Path, tokens: list[int], n_seeds: int) -> di
     raw = p.model_dump()
     raw["sae"] |= {"tokens": sorted({int(t) for t in tokens}), "seeds": list(range(max(1, n_seeds)))}
     extra = Params.model_validate(raw)
-    per_unit = [sae_seconds(extra, cal, extra.sae_specs(role=r, seed=s)) + 2 * NOTEBOOK_OVERHEAD_S
-                for r in ROLES for s in extra.sae.seeds]
+    specs = {s.sae_id: s for s in extra.sae_specs()}
+    per_unit = [sae_seconds(extra, cal, [specs[i] for i in u.sae_ids]) + len(u.notebooks) * NOTEBOOK_OVERHEAD_S
+                for u in units(extra, out_dir, Path("params.resolved.yaml")) if u.stage == "sae"]
     note = ""
     if p.embedded and max(tokens) > p.store_tokens:
         note = (f"a budget above the activation store ({format_tokens(p.store_tokens)} tokens per model) needs a "

@@ -364,13 +364,13 @@ def test_plan_budget_cost_by_hand(monkeypatch):
     from proxygap_helpers import plan
     from proxygap_helpers.params import load_params
 
-    p = load_params(REPO / "params" / "smoke.yaml")  # 2 k, jobs 1, dead window 8192, eval 32 x 64 tokens
+    p = load_params(REPO / "params" / "smoke.yaml")  # 2 k, jobs 1, 1 shard, dead window 8192, eval 32 x 64
     cal = {r: {"sae_tok_s": 1000.0, "sae_aux_tok_s": 500.0, "eval_forward_tok_s": 7000.0} for r in ("small", "large")}
     monkeypatch.setattr(plan, "calibration", lambda p, out: cal)
     cost = plan.budget_cost(p, Path("unused"), [131072], 2)
     per_sae = 8.192 + (131072 - 8192) / 500 + plan.SAE_FIXED_S + plan.EVAL_FORWARD_EQUIV * 32 * 64 / 7000
-    per_unit = 2 * per_sae + 2 * plan.NOTEBOOK_OVERHEAD_S  # one unit per (role, seed): both k
-    assert cost["total_s"] == pytest.approx(4 * per_unit) and cost["n_saes"] == 8 and cost["jobs"] == 1
+    per_unit = 4 * per_sae + 2 * plan.NOTEBOOK_OVERHEAD_S  # one unit per role: 2 k x 2 seeds, 2 notebooks
+    assert cost["total_s"] == pytest.approx(2 * per_unit) and cost["n_saes"] == 8 and cost["jobs"] == 1
     assert "activation store" in cost["store_note"]
     assert "min for 8 SAEs" in bc.cost_text(cost)
     monkeypatch.setattr(plan, "calibration", lambda p, out: 1 / 0)
