@@ -66,10 +66,12 @@ sections.sign_flip_frame(agg["sign_flip"])
 # The next budget is the one whose run is expected to narrow the interval most (simulated from the fitted
 # curves and the observed seed noise); its cost is `plan`'s estimate on this machine.
 
-# %%
+# %% tags=["remove"]
 proposed = budget_curves.proposal(agg["next_budget"])
 cost = (plan.budget_cost(p, out, proposed["tokens"].astype(int).tolist(), int(proposed["n_new_seeds"].max()))
         if len(proposed) else None)
+
+# %%
 Markdown(budget_curves.markdown(agg["tstar"], agg["budget_fits"], agg["next_budget"], cost))
 
 # %%
