@@ -382,7 +382,7 @@ def _draw_fits(axes: np.ndarray, ks: Sequence[int], metrics: Sequence[str], colo
                 x, fit = g["tokens"].to_numpy(float), _col(g, "fit").to_numpy()
                 lo, hi = _col(g, "lo").to_numpy(), _col(g, "hi").to_numpy()
                 past = g["extrapolated"].astype(bool).to_numpy()
-                join = np.r_[~past[1:], False]  # the last point over the data starts the dashed part
+                join = np.r_[~past[:-1] & past[1:], False]  # the last point over the data starts the dashed part
                 ax.plot(x[~past], fit[~past], color=color, lw=1.0, alpha=0.9, zorder=3)
                 ax.plot(x[past | join], fit[past | join], color=color, lw=1.0, ls="--", alpha=0.9, zorder=3)
                 band = np.isfinite(lo) & np.isfinite(hi)
@@ -506,7 +506,7 @@ def _draw_role_curve(ax: Axes, curves: pd.DataFrame, metric: str, role: str, k: 
     if c.empty:
         return False
     x, y, past = c["tokens"].to_numpy(float), _col(c, "fit").to_numpy(), c["extrapolated"].astype(bool).to_numpy()
-    join = np.r_[~past[1:], False]  # the last point over the data starts the dashed part
+    join = np.r_[~past[:-1] & past[1:], False]  # the last point over the data starts the dashed part
     ax.plot(x[~past], y[~past], color=color, lw=0.9, alpha=0.7, zorder=2)
     ax.plot(x[past | join], y[past | join], color=color, lw=0.9, ls="--", alpha=0.7, zorder=2)
     return True
