@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {  # top to bottom
     "orchestration": ("grid", "executors", "slurm", "plan", "runlock"),
     "stages": ("extract", "train", "evaluate", "aggregate", "publish"),
     "science and analysis": ("data", "models", "activations", "training", "engine", "sparse_step", "metrics",
-                             "stats", "leaderboard", "claims", "plots", "report", "summary"),
+                             "stats", "leaderboard", "claims", "budget_curves", "plots", "report", "summary"),
     "config": ("params", "files", "layout", "provenance"),
 }
 RANK = {m: len(LAYERS) - i for i, mods in enumerate(LAYERS.values()) for m in mods}  # config = 1, face = 5
