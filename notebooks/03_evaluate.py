@@ -23,9 +23,17 @@
 #   `ce_rec_zero_norm = (ce_zero - ce_sae) / (ce_zero - ce_clean)` (SAELens' ce_loss_score); `kl`;
 # * reconstruction proxies: `r2`, `cosine`, `rel_err_norm`;
 # * the pullback proxy `swd` = mean 1/2 (J e)^T (diag p - p p^T) (J e), one forward-mode JVP per batch;
+# * the first-order gradient-weighted distortion `gwd` = mean (g_t^T e_t)^2, g_t = dCE_seq/dx_t on the
+#   clean run (the study author's "SWD"; one backward per batch, shared by all SAEs of the model);
+# * the random-error baseline (Gurnee 2024): `random_error_ratio` = KL with the SAE error spliced in / KL
+#   with a random error of the same norm per token (seeded isotropic directions, `kl_random_sd` their spread);
+# * scale and dimensionality: `mse`, `nmse` = MSE / mean ||x||^2; per model `sst_per_token` (what R² divides
+#   by), `act_norm_mean`, the participation ratio `pr_act` and TwoNN dimension `twonn_dim` (gate D3); per
+#   SAE `pr_recon`, the participation ratio of the reconstruction;
 # * sparsity: `l0`, `dead_frac`.
 #
-# Each SAE's numbers go to `runs/<sae id>/metrics.json` with provenance, written atomically.
+# The per-model work (activation statistics, clean forward and gradient, ablations) runs once for all SAEs
+# of a model. Each SAE's numbers go to `runs/<sae id>/metrics.json` with provenance, written atomically.
 
 # %% tags=["parameters"]
 params_path = "params/smoke.yaml"
@@ -45,7 +53,7 @@ from proxygap_helpers import evaluate, grid
 # (output is volatile: progress bars, and whether the work ran or was found already done)
 p, out, device = grid.setup(params_path, out_dir, threads)
 records = []
-for r in [role] if role else ["small", "large"]:
+for r in [role] if role else ["small", "large"]:  # one call per model: its SAEs share the per-model passes
     records += evaluate.evaluate_unit(p, r, out, sae_ids=sae_ids, device=device, force=force)
 
 # %% [markdown]
@@ -53,5 +61,12 @@ for r in [role] if role else ["small", "large"]:
 
 # %%
 cols = ["model_role", "k", "tokens", "seed", "ce_clean", "ce_sae", "ce_rec", "r2", "cosine", "rel_err_norm",
-        "kl", "swd", "l0", "dead_frac"]
+        "nmse", "kl", "swd", "gwd", "random_error_ratio", "pr_recon", "l0", "dead_frac"]
 pd.DataFrame(records)[cols].round(4)
+
+# %% [markdown]
+# ## Per model and hook: the scale R² divides by, and dimensionality (gate D3)
+
+# %%
+model_cols = ["model_role", "hook", "sst_per_token", "act_norm_mean", "pr_act", "twonn_dim", "twonn_points"]
+pd.DataFrame(records)[model_cols].drop_duplicates("model_role").round(4)

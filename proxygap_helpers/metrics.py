@@ -1,4 +1,5 @@
-"""Metrics of one SAE spliced into one model: behaviour (CE, KL), geometry (SWD) and reconstruction proxies.
+"""Metrics of SAEs spliced into one model: behaviour (CE, KL), geometry (SWD, GWD), the random-error
+baseline, reconstruction proxies and the model's own activation statistics (D3, SST).
 
 Everything is computed on the HF fast path (``GPTNeoXForCausalLM`` with a forward hook on
 ``gpt_neox.layers[L]``, whose output is ``blocks.L.hook_resid_post``); the tests check it against
@@ -33,15 +34,39 @@ Definitions (ratio of means: every sum runs over all eval sequences, never a mea
   pass and restored. The other passes keep the model's own (fused) attention.
 * ``l0`` = mean over eval tokens of the number of latents with ``f != 0``; ``dead_frac`` = fraction of
   the ``d_sae`` latents that are 0 on every eval token.
+* ``mse = sum_n ||x_n - x_hat_n||^2 / N`` (SAELens' ``mse``: squared activation units per token);
+  ``nmse = sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n||^2`` (= mse / ``act_sq_norm_mean``; dimensionless, the
+  scale-free alternative to ``1 - r2``, which divides by the *centred* variance instead).
+* ``gwd`` (gradient-weighted distortion; the study author's "SWD" E[(g^T delta)^2], a *first-order* proxy,
+  not the Fisher ``swd`` above) = mean over predictions t of ``(g_t^T e_t)^2`` in nats^2, where
+  ``g_t = dL/dx_t`` on the clean run and ``L`` is the sequence's *total* next-token CE (sum over its
+  predictions, in nats). ``g_t^T e_t`` is the first-order change of the sequence's total CE when only
+  position t gets the SAE error: ``L(x + eps e) - L(x) = eps sum_t g_t^T e_t + O(eps^2)``. One backward
+  pass per eval batch, shared by every SAE (:func:`clean_pass`).
+* Random-error baseline (Gurnee 2024, "SAE reconstruction errors are (empirically) pathological"): on a
+  fixed subset of eval sequences (``random_error_sequences``, evenly spaced: :func:`random_error_rows`),
+  each token's SAE error is replaced by ``||e_t|| u_t`` with ``u_t`` a seeded isotropic unit vector
+  (:func:`random_directions`), for ``random_error_draws`` independent draws. ``kl_random`` = mean over draws
+  of the mean KL(p_clean || p_random) over the subset's predictions (``kl_random_sd``: SD over draws);
+  ``random_error_ratio = KL_sae / kl_random`` with ``KL_sae`` the SAE's KL on the same predictions
+  (``random_error_ratio_sd``: SD over draws of the per-draw ratio). > 1: the SAE's error hurts behaviour
+  more than a random error of the same size (Gurnee found 2-4.5x). ``random_error_predictions`` counts the
+  subset's predictions.
+* D3 and scale, per model and hook (:func:`activation_statistics`, the same in every SAE record of a model):
+  ``pr_act`` (participation ratio of the activation covariance), ``twonn_dim`` (TwoNN intrinsic
+  dimension on ``twonn_points`` seeded positions), ``sst_per_token = sum_n ||x_n - mean||^2 / N`` (what r2
+  divides by), ``act_norm_mean = mean_n ||x_n||``, ``act_sq_norm_mean = mean_n ||x_n||^2``; per SAE,
+  ``pr_recon`` (participation ratio of the covariance of ``x_hat``) and ``pr_recon_frac = pr_recon /
+  pr_act``. See :mod:`proxygap_helpers.dimensionality`.
 
 ``eval_tokens`` counts the token positions that enter r2 / cosine / rel_err_norm / l0 / dead_frac and
-the ablation mean; ``eval_predictions`` counts the predictions that enter CE / KL / SWD.
+the ablation mean; ``eval_predictions`` counts the predictions that enter CE / KL / SWD / GWD.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +76,12 @@ from .models import patched
 
 METRIC_KEYS = ("ce_clean", "ce_sae", "ce_zero", "ce_mean_ablation", "ce_rec_relative", "ce_rec_zero_norm",
                "r2", "cosine", "rel_err_norm", "kl", "swd", "l0", "dead_frac", "eval_tokens",
-               "eval_predictions")
+               "eval_predictions", "mse", "nmse", "gwd", "kl_random", "kl_random_sd", "random_error_ratio",
+               "random_error_ratio_sd", "random_error_predictions", "pr_recon", "pr_recon_frac",
+               "pr_act", "twonn_dim", "twonn_points", "sst_per_token", "act_norm_mean", "act_sq_norm_mean")
+# per model and hook (the same in every SAE's record of one model): what the SAE does not change
+MODEL_KEYS = ("ce_clean", "ce_zero", "ce_mean_ablation", "eval_tokens", "eval_predictions", "pr_act", "twonn_dim",
+              "twonn_points", "sst_per_token", "act_norm_mean", "act_sq_norm_mean")
 
 
 # --------------------------------------------------------------------------- reconstruction proxies
@@ -263,61 +293,247 @@ def _capture_layer(model, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, 
     return logits, box["x"]
 
 
+@contextlib.contextmanager
+def _frozen(model):
+    """Parameters without ``requires_grad`` inside the block (so a backward to the hook builds no weight graph)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def clean_pass(model, layer: int, ids: torch.Tensor, pred_mask: torch.Tensor, gradient: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(logits, x, g)`` of the clean run: logits ``[B, ctx, V]``, the hook activation ``x`` ``[B, ctx, d]``
+    and, if ``gradient``, ``g = dL/dx`` ``[B, ctx, d]`` with ``L = sum over the kept predictions
+    (pred_mask [B, ctx-1]) of the next-token CE`` in nats (one backward pass; else ``g`` is None).
+
+    Sequences do not interact, so ``g[b, t]`` is the gradient of sequence b's *total* CE (sum, not mean, over
+    its predictions) w.r.t. its hook activation at position t; it does not depend on the batching. By
+    causality it collects every prediction at positions >= t, and ``g[:, ctx-1] = 0``.
+    """
+    if not gradient:
+        with torch.no_grad():
+            logits, x = _capture_layer(model, layer, ids)
+        return logits, x, None
+    box: dict[str, torch.Tensor] = {}
+
+    def leaf(out):
+        box["x"] = out.detach().requires_grad_(True)
+        return box["x"]
+
+    with torch.enable_grad(), _frozen(model):
+        logits = _forward_logits(model, ids, layer, leaf)
+        total = next_token_ce(logits, ids)[pred_mask].sum()
+        (g,) = torch.autograd.grad(total, box["x"], allow_unused=True)
+    x = box["x"].detach()
+    return logits.detach(), x, (torch.zeros_like(x) if g is None else g)
+
+
+def random_error_rows(n_seq: int, n_rows: int) -> np.ndarray:
+    """The fixed subset of eval sequences for the random-error baseline: ``min(n_rows, n_seq)`` evenly spaced
+    indices ``round(linspace(0, n_seq - 1, n_rows))`` (all sequences when ``n_rows >= n_seq``; none if 0)."""
+    if n_rows <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if n_rows >= n_seq:
+        return np.arange(n_seq)
+    return np.unique(np.linspace(0, n_seq - 1, n_rows).round().astype(np.int64))
+
+
+def random_directions(sequences: Iterable[int], ctx: int, d: int, draw: int, seed: int) -> torch.Tensor:
+    """Isotropic unit vectors ``[len(sequences), ctx, d]`` (float64): a normalised standard normal per token.
+
+    Sequence ``s`` of draw ``draw`` always gets the same directions (its generator is seeded by
+    ``SeedSequence([seed, draw, s])``), whatever the batching and whichever SAE is evaluated.
+    """
+    out = []
+    for s in sequences:
+        state = int(np.random.SeedSequence([seed, draw, int(s)]).generate_state(1)[0])
+        z = torch.randn(ctx, d, generator=torch.Generator().manual_seed(state), dtype=torch.float64)
+        out.append(z / z.norm(dim=-1, keepdim=True))
+    return torch.stack(out) if out else torch.zeros(0, ctx, d, dtype=torch.float64)
+
+
 # --------------------------------------------------------------------------- the evaluator
 @torch.no_grad()
-def activation_mean(model, layer: int, eval_tokens, batch_sequences: int = 16, special_ids: Iterable[int] = (),
-                    progress: bool = False) -> torch.Tensor:
-    """float64 per-dimension mean of ``blocks.{layer}.hook_resid_post`` over the eval tokens (special ids left out)."""
+def activation_statistics(model, layer: int, tokens: torch.Tensor, tok_mask: torch.Tensor, batch_sequences: int = 16,
+                          twonn_points: int = 2048, seed: int = 0, progress: bool = False
+                          ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per model and hook, one pass that stops at the layer: ``(mean, stats)`` over the kept eval tokens.
+
+    ``tokens`` ``[n_seq, ctx]``, ``tok_mask`` ``[n_seq, ctx]`` (True = the position counts). ``mean`` is the
+    float64 per-dimension mean of ``blocks.{layer}.hook_resid_post`` (sum / N: the mean-ablation value and
+    the centre of R²'s SST). ``stats`` (see :mod:`proxygap_helpers.dimensionality` for the formulas):
+    ``pr_act`` (participation ratio of the activation covariance), ``twonn_dim`` (TwoNN intrinsic dimension
+    of ``twonn_points`` kept positions drawn with ``seed``; ``twonn_points`` = how many were used),
+    ``sst_per_token`` (= sum ||x - mean||^2 / N, the variance R² divides by), ``act_norm_mean`` (mean ||x||)
+    and ``act_sq_norm_mean`` (mean ||x||^2, what ``nmse`` divides by). Raises ValueError if no token is kept.
+    """
     from tqdm.auto import tqdm
 
+    from .dimensionality import CovarianceAccumulator, subsample_positions, twonn_dimension
     from .models import resid_post
 
-    toks = _as_tensor_tokens(eval_tokens)
+    chosen = torch.zeros(tokens.numel(), dtype=torch.bool)
+    chosen[subsample_positions(tok_mask, twonn_points, seed)] = True
+    chosen = chosen.view_as(tokens)
     dev = next(model.parameters()).device
-    total, n = None, 0
-    for i in tqdm(range(0, len(toks), batch_sequences), desc="activation mean", disable=not progress,
+    cov, total, points = CovarianceAccumulator(), None, []
+    for i in tqdm(range(0, len(tokens), batch_sequences), desc="activation statistics", disable=not progress,
                   mininterval=1.0, leave=False):
-        ids = toks[i:i + batch_sequences].to(dev)
-        tok_mask, _ = prediction_mask(ids, special_ids)
-        x = resid_post(model, ids, layer)[tok_mask].to(torch.float64)
-        s = x.sum(0)
+        x = resid_post(model, tokens[i:i + batch_sequences].to(dev), layer)
+        kept = x[tok_mask[i:i + batch_sequences].to(x.device)]
+        s = kept.to(torch.float64).sum(0)
         total = s if total is None else total + s
-        n += x.shape[0]
-    if n == 0:
+        cov.add(kept)
+        points.append(x[chosen[i:i + batch_sequences].to(x.device)].to(torch.float64).cpu())
+    if cov.n == 0:
         raise ValueError("no eval tokens left after excluding special ids")
-    return total / n
+    res = cov.result()
+    pts = torch.cat(points)
+    return total / cov.n, {"pr_act": res["participation_ratio"], "twonn_dim": twonn_dimension(pts),
+                           "twonn_points": float(len(pts)), "sst_per_token": res["sst_per_token"],
+                           "act_norm_mean": res["norm_mean"], "act_sq_norm_mean": res["sq_norm_mean"]}
 
 
-def evaluate_sae(model, layer: int, sae, eval_tokens, batch_sequences: int = 16, swd: bool = True,
-                 exclude_special_tokens: bool = False, special_ids: Iterable[int] = (), progress: bool = True,
-                 activation_scaler=None) -> dict[str, float]:
-    """All metrics of one SAE at ``blocks.{layer}.hook_resid_post`` of an HF GPT-NeoX, on ``eval_tokens``.
+class _RandomErrorAccumulator:
+    """Gurnee's (2024) baseline for one SAE: KL with its error spliced in vs with a random error of the same
+    norm per token, over the rows of the fixed sequence subset (see :func:`evaluate_saes`)."""
+
+    def __init__(self, draws: int):
+        self.kl_sae, self.kl_random, self.n = 0.0, np.zeros(draws), 0
+
+    def add(self, model, layer: int, ids, x, e, logits_clean, kl_sae, pred_mask, directions) -> None:
+        self.kl_sae += kl_sae[pred_mask].double().sum().item()
+        self.n += int(pred_mask.sum())
+        norms = e.to(torch.float64).norm(dim=-1, keepdim=True)
+        for draw, u in enumerate(directions):
+            x_rand = (x.to(torch.float64) + norms * u.to(x.device)).to(x.dtype)
+            logits = _forward_logits(model, ids, layer, lambda out: x_rand)
+            self.kl_random[draw] += kl_per_prediction(logits_clean, logits)[pred_mask].double().sum().item()
+
+    def result(self) -> dict[str, float]:
+        nan = float("nan")
+        if self.n == 0 or not len(self.kl_random):
+            return {"kl_random": nan, "kl_random_sd": nan, "random_error_ratio": nan, "random_error_ratio_sd": nan,
+                    "random_error_predictions": float(self.n)}
+        kl_sae, kl_rand = self.kl_sae / self.n, self.kl_random / self.n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = kl_sae / kl_rand
+            ratio = kl_sae / kl_rand.mean()
+        sd = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else nan)  # noqa: E731
+        return {"kl_random": float(kl_rand.mean()), "kl_random_sd": sd(kl_rand), "random_error_ratio": float(ratio),
+                "random_error_ratio_sd": sd(ratios), "random_error_predictions": float(self.n)}
+
+
+class _SAEAccumulator:
+    """Every per-SAE sum of :func:`evaluate_saes` (float64), fed one eval batch at a time."""
+
+    def __init__(self, sae, scaler, mean: torch.Tensor, draws: int):
+        from .dimensionality import CovarianceAccumulator
+
+        self.sae, self.scaler = sae, scaler
+        self.recon = ReconstructionAccumulator(center=mean)
+        self.cov = CovarianceAccumulator(center=mean)
+        self.random = _RandomErrorAccumulator(draws)
+        self.sums = {k: 0.0 for k in ("ce_sae", "kl", "swd", "gwd", "l0")}
+        self.fired: torch.Tensor | None = None
+
+    def add(self, model, layer: int, ids, x, logits_clean, g, tok_mask, pred_mask, rows, directions,
+            swd: bool) -> None:
+        with torch.no_grad():
+            f, x_hat = sae_reconstruct(self.sae, x, self.scaler)
+            if x_hat.shape != x.shape:
+                raise ValueError(f"SAE output shape {tuple(x_hat.shape)} != activation shape {tuple(x.shape)}")
+            logits_sae = _forward_logits(model, ids, layer, lambda out: x_hat)
+            self.sums["ce_sae"] += next_token_ce(logits_sae, ids)[pred_mask].double().sum().item()
+            kl = kl_per_prediction(logits_clean, logits_sae)
+            del logits_sae
+            self.sums["kl"] += kl[pred_mask].double().sum().item()
+            self.recon.add(x[tok_mask], x_hat[tok_mask])
+            self.cov.add(x_hat[tok_mask])
+            fk = f.to(x.device)[tok_mask] != 0
+            self.sums["l0"] += fk.sum(-1).double().sum().item()
+            hit = fk.any(0)
+            self.fired = hit if self.fired is None else self.fired | hit
+            e = x_hat - x
+            if g is not None:
+                first_order = (g.to(torch.float64) * e.to(torch.float64)).sum(-1)[:, :-1]
+                self.sums["gwd"] += first_order[pred_mask].pow(2).sum().item()
+            if len(rows):
+                self.random.add(model, layer, ids[rows], x[rows], e[rows], logits_clean[rows], kl[rows],
+                                pred_mask[rows], directions)
+        if swd:
+            primal, tangent = jvp_logits(model, layer, ids, e)
+            self.sums["swd"] += fisher_quadratic(primal, tangent)[pred_mask].double().sum().item()
+
+    def result(self, base: dict[str, float], swd: bool, gwd: bool) -> dict[str, float]:
+        nan = float("nan")
+        n_pred, n_tok = base["eval_predictions"], base["eval_tokens"]
+        per_pred = lambda k: self.sums[k] / n_pred if n_pred else nan  # noqa: E731
+        ce_clean, ce_zero, ce_sae = base["ce_clean"], base["ce_zero"], per_pred("ce_sae")
+        rs, pr = self.recon.result(), self.cov.result()["participation_ratio"]
+        return {
+            **base, "ce_sae": ce_sae,
+            "ce_rec_relative": 2.0 - ce_sae / ce_clean,
+            "ce_rec_zero_norm": (ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else nan,
+            "r2": rs["r2"], "cosine": rs["cosine"], "rel_err_norm": rs["rel_err_norm"], "kl": per_pred("kl"),
+            "swd": per_pred("swd") if swd else nan,
+            "l0": self.sums["l0"] / n_tok if n_tok else nan,
+            "dead_frac": float(1.0 - self.fired.double().mean().item()) if self.fired is not None else nan,
+            "mse": rs["mse"], "nmse": rs["mse"] / base["act_sq_norm_mean"] if base["act_sq_norm_mean"] else nan,
+            "gwd": per_pred("gwd") if gwd else nan,
+            **self.random.result(),
+            "pr_recon": pr, "pr_recon_frac": pr / base["pr_act"],
+        }
+
+
+def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequences: int = 16, swd: bool = True,
+                  gwd: bool = True, random_error_draws: int = 4, random_error_sequences: int = 64,
+                  twonn_points: int = 2048, seed: int = 0, exclude_special_tokens: bool = False,
+                  special_ids: Iterable[int] = (), progress: bool = True,
+                  activation_scalers: Sequence | None = None) -> list[dict[str, float]]:
+    """All metrics of several SAEs at ``blocks.{layer}.hook_resid_post`` of one HF GPT-NeoX, on ``eval_tokens``.
+
+    The per-model work is done once and shared by every SAE: one pass to the layer for the activation
+    mean and the D3 / SST statistics (:func:`activation_statistics`), then per eval batch one clean
+    forward with one backward to the hook (``g`` for ``gwd``; :func:`clean_pass`) and the zero- and
+    mean-ablated forwards; then, for each SAE, its patched forward, its JVP (``swd``) and, on the rows of the
+    random-error subset only, ``random_error_draws`` randomly patched forwards. Per model: ~0.5 + 3 + 2
+    forward-equivalents per eval token; per SAE: ~1 + ~3 (JVP) + the SAE itself + ``random_error_draws *
+    random_error_sequences / n_seq``.
 
     Args:
-        model: ``GPTNeoXForCausalLM`` in eval mode (any dtype; float32 expected; not modified).
-        layer: hook layer; the SAE reads and replaces the output of ``model.gpt_neox.layers[layer]``.
-        sae: anything with ``encode(x) -> f`` and ``decode(f) -> x_hat`` (a SAELens ``SAE`` or
-            ``TrainingSAE``); raw activations go in, unless ``activation_scaler`` (SAELens
-            ``ActivationScaler``-like: ``scale``/``unscale``) is given.
+        model: ``GPTNeoXForCausalLM`` (any dtype; float32 expected). Put in eval mode for the call; its
+            parameters' ``requires_grad`` are switched off during the backward pass and restored.
+        layer: hook layer; each SAE reads and replaces the output of ``model.gpt_neox.layers[layer]``.
+        saes: SAEs with ``encode(x) -> f`` and ``decode(f) -> x_hat`` (SAELens ``SAE`` / ``TrainingSAE``);
+            all are held in memory for the whole call.
         eval_tokens: int ids ``[n_seq, ctx]`` (numpy or torch). No BOS is prepended.
         batch_sequences: sequences per forward pass. Results do not depend on it (float64 sums).
-        swd: compute the SWD (one extra forward-mode JVP pass per batch, run with SDPA's math backend, or
-            eager attention, because the fused kernels have no forward-AD formula); ``nan`` otherwise.
-        exclude_special_tokens: if true, (a) a prediction t -> t+1 is left out of CE/KL/SWD when its input
-            token ``tokens[t]`` or its target ``tokens[t+1]`` is in ``special_ids``; (b) token positions whose
-            id is special are left out of r2/cosine/rel_err_norm/l0/dead_frac and of the ablation mean. The
-            SAE / zero / mean replacement is still applied at *every* position (unlike SAELens, which
-            leaves special positions un-replaced and masks CE by the input token only).
+        swd: compute the Fisher ``swd`` (a JVP per batch and SAE, SDPA math backend); ``nan`` otherwise.
+        gwd: compute ``gwd`` (one backward per batch, shared); ``nan`` otherwise.
+        random_error_draws: random directions per token for the random-error baseline (0: off, NaNs).
+        random_error_sequences: size of its fixed subset of eval sequences (:func:`random_error_rows`).
+        twonn_points: kept token positions (seeded subsample) for the TwoNN dimension.
+        seed: seeds the TwoNN subsample and the random directions.
+        exclude_special_tokens: if true, (a) a prediction t -> t+1 is left out of CE/KL/SWD/GWD and the
+            random-error KLs when its input token ``tokens[t]`` or its target ``tokens[t+1]`` is in
+            ``special_ids``; (b) token positions whose id is special are left out of r2 / cosine /
+            rel_err_norm / mse / l0 / dead_frac / pr_recon and of every per-model activation statistic. The
+            replacements are still applied at *every* position (unlike SAELens, which leaves special
+            positions un-replaced and masks CE by the input token only).
         special_ids: the ids that count as special (required when ``exclude_special_tokens``).
         progress: show a tqdm bar.
+        activation_scalers: one SAELens ``ActivationScaler``-like (``scale``/``unscale``) per SAE, or None.
 
-    Two passes: (1) the float64 mean of the hook activation over the eval tokens (forward stops at the
-    layer); (2) per batch: clean forward (captures ``x``), SAE / zero / mean-patched forwards, and, if
-    ``swd``, one JVP forward with direction ``e = x_hat - x`` (see the module docstring for every formula).
-
-    Returns floats keyed by :data:`METRIC_KEYS`: ``ce_clean, ce_sae, ce_zero, ce_mean_ablation,
-    ce_rec_relative, ce_rec_zero_norm, r2, cosine, rel_err_norm, kl, swd, l0, dead_frac, eval_tokens,
-    eval_predictions``.
+    Returns one dict per SAE, in order, keyed by :data:`METRIC_KEYS` (the module docstring defines each).
+    Raises ValueError for tokens that are not ``[n_seq, ctx >= 2]``, ``batch_sequences < 1``, missing
+    special ids, no kept token, or an SAE whose output shape differs from the activation's.
     """
     from tqdm.auto import tqdm
 
@@ -327,67 +543,47 @@ def evaluate_sae(model, layer: int, sae, eval_tokens, batch_sequences: int = 16,
         raise ValueError("exclude_special_tokens=True needs the special ids (special_ids=...)")
     if batch_sequences < 1:
         raise ValueError(f"batch_sequences must be >= 1, got {batch_sequences}")
+    scalers = list(activation_scalers) if activation_scalers is not None else [None] * len(saes)
+    tok_mask_all, pred_mask_all = prediction_mask(toks, ids_special)
+    in_subset = np.zeros(len(toks), dtype=bool)
+    in_subset[random_error_rows(len(toks), random_error_sequences if random_error_draws > 0 else 0)] = True
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     try:
-        mean = activation_mean(model, layer, toks, batch_sequences, ids_special, progress)
-        recon = ReconstructionAccumulator(center=mean)
-        sums = {k: 0.0 for k in ("ce_clean", "ce_sae", "ce_zero", "ce_mean_ablation", "kl", "swd")}
-        n_pred, n_tok, l0_sum = 0, 0, 0.0
-        fired: torch.Tensor | None = None
-        starts = range(0, len(toks), batch_sequences)
-        for i in tqdm(starts, desc=f"evaluate L{layer}", disable=not progress, mininterval=1.0):
+        mean, model_stats = activation_statistics(model, layer, toks, tok_mask_all, batch_sequences, twonn_points,
+                                                  seed, progress)
+        states = [_SAEAccumulator(s, sc, mean, random_error_draws) for s, sc in zip(saes, scalers)]
+        ce = {"ce_clean": 0.0, "ce_zero": 0.0, "ce_mean_ablation": 0.0}
+        n_pred, n_tok = 0, 0
+        for i in tqdm(range(0, len(toks), batch_sequences), desc=f"evaluate L{layer} x {len(states)} SAE(s)",
+                      disable=not progress, mininterval=1.0):
             ids = toks[i:i + batch_sequences].to(dev)
-            tok_mask, pred_mask = prediction_mask(ids, ids_special)
+            tok_mask, pm = tok_mask_all[i:i + len(ids)].to(dev), pred_mask_all[i:i + len(ids)].to(dev)
+            logits_clean, x, g = clean_pass(model, layer, ids, pm, gradient=gwd)
             with torch.no_grad():
-                logits_clean, x = _capture_layer(model, layer, ids)
-                f, x_hat = sae_reconstruct(sae, x, activation_scaler)
-                if x_hat.shape != x.shape:
-                    raise ValueError(f"SAE output shape {tuple(x_hat.shape)} != activation shape {tuple(x.shape)}")
-                logits_sae = _forward_logits(model, ids, layer, lambda out: x_hat)
-                logits_zero = _forward_logits(model, ids, layer, lambda out: torch.zeros_like(out))
-                logits_mean = _forward_logits(model, ids, layer,
-                                              lambda out: mean.to(device=out.device, dtype=out.dtype).expand_as(out))
-
-                pm = pred_mask
-                sums["ce_clean"] += next_token_ce(logits_clean, ids)[pm].double().sum().item()
-                sums["ce_sae"] += next_token_ce(logits_sae, ids)[pm].double().sum().item()
-                sums["ce_zero"] += next_token_ce(logits_zero, ids)[pm].double().sum().item()
-                sums["ce_mean_ablation"] += next_token_ce(logits_mean, ids)[pm].double().sum().item()
-                sums["kl"] += kl_per_prediction(logits_clean, logits_sae)[pm].double().sum().item()
-                del logits_sae, logits_zero, logits_mean
-                n_pred += int(pm.sum())
-
-                recon.add(x[tok_mask], x_hat[tok_mask])
-                fk = f.to(x.device)[tok_mask] != 0
-                l0_sum += fk.sum(-1).double().sum().item()
-                hit = fk.any(0)
-                fired = hit if fired is None else fired | hit
-                n_tok += int(tok_mask.sum())
-
-            if swd:
-                primal, tangent = jvp_logits(model, layer, ids, x_hat - x)
-                sums["swd"] += fisher_quadratic(primal, tangent)[pm].double().sum().item()
-                del primal, tangent
+                ce["ce_clean"] += next_token_ce(logits_clean, ids)[pm].double().sum().item()
+                for key, fill in (("ce_zero", lambda out: torch.zeros_like(out)),
+                                  ("ce_mean_ablation",
+                                   lambda out: mean.to(device=out.device, dtype=out.dtype).expand_as(out))):
+                    ce[key] += next_token_ce(_forward_logits(model, ids, layer, fill), ids)[pm].double().sum().item()
+            seqs = np.flatnonzero(in_subset[i:i + len(ids)])
+            directions = [random_directions(seqs + i, x.shape[1], x.shape[2], d, seed)
+                          for d in range(random_error_draws)] if len(seqs) else []
+            rows = torch.from_numpy(seqs).to(dev)
+            for st in states:
+                st.add(model, layer, ids, x, logits_clean, g, tok_mask, pm, rows, directions, swd)
+            n_pred += int(pm.sum())
+            n_tok += int(tok_mask.sum())
     finally:
         model.train(was_training)
-
     nan = float("nan")
-    ce = {k: (sums[k] / n_pred if n_pred else nan) for k in ("ce_clean", "ce_sae", "ce_zero", "ce_mean_ablation")}
-    rs = recon.result()
-    out = {
-        **ce,
-        "ce_rec_relative": 2.0 - ce["ce_sae"] / ce["ce_clean"],
-        "ce_rec_zero_norm": (ce["ce_zero"] - ce["ce_sae"]) / (ce["ce_zero"] - ce["ce_clean"])
-        if ce["ce_zero"] != ce["ce_clean"] else nan,
-        "r2": rs["r2"], "cosine": rs["cosine"], "rel_err_norm": rs["rel_err_norm"],
-        "kl": sums["kl"] / n_pred if n_pred else nan,
-        "swd": (sums["swd"] / n_pred if n_pred else nan) if swd else nan,
-        "l0": l0_sum / n_tok if n_tok else nan,
-        "dead_frac": float(1.0 - fired.double().mean().item()) if fired is not None else nan,
-        "eval_tokens": float(n_tok),
-        "eval_predictions": float(n_pred),
-    }
-    return {k: float(out[k]) for k in METRIC_KEYS}
+    base = {**{k: (v / n_pred if n_pred else nan) for k, v in ce.items()}, **model_stats,
+            "eval_tokens": float(n_tok), "eval_predictions": float(n_pred)}
+    results = [st.result(base, swd, gwd) for st in states]
+    return [{k: float(r[k]) for k in METRIC_KEYS} for r in results]
 
+
+def evaluate_sae(model, layer: int, sae, eval_tokens, *, activation_scaler=None, **options) -> dict[str, float]:
+    """All metrics of one SAE: :func:`evaluate_saes` with ``[sae]`` (same options, same keys)."""
+    return evaluate_saes(model, layer, [sae], eval_tokens, activation_scalers=[activation_scaler], **options)[0]

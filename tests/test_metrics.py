@@ -341,3 +341,137 @@ def test_kl_over_eps_squared_tends_to_swd(world, world64):
     assert kl / eps**2 == pytest.approx(swd, rel=0.05)
     # and the float32 SWD agrees with the float64 one
     assert world["metrics"]["swd"] == pytest.approx(swd, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- shared per-model work
+def test_several_saes_at_once_equal_one_at_a_time(world):
+    """evaluate_saes shares the per-model passes; every SAE's numbers equal its own evaluate_sae call."""
+    together = M.evaluate_saes(world["hf"], LAYER, [world["sae"], IdentitySAE()], world["tokens"],
+                               batch_sequences=4, progress=False)
+    alone = M.evaluate_sae(world["hf"], LAYER, IdentitySAE(), world["tokens"], batch_sequences=4, progress=False)
+    for k in M.METRIC_KEYS:
+        assert together[0][k] == pytest.approx(world["metrics"][k], rel=1e-12, abs=1e-12, nan_ok=True), k
+        assert together[1][k] == pytest.approx(alone[k], rel=1e-12, abs=1e-12, nan_ok=True), k
+    for k in M.MODEL_KEYS:
+        assert together[0][k] == together[1][k], k
+
+
+# --------------------------------------------------------------------------- scale, nmse, D3 per model and SAE
+def test_scale_and_dimensionality_by_hand(world):
+    hf, toks, sae, m = world["hf"], torch.from_numpy(world["tokens"]), world["sae"], world["metrics"]
+    with torch.no_grad():
+        x = resid_post(hf, toks, LAYER).reshape(-1, D).double().numpy()
+        x_hat = sae.decode(sae.encode(resid_post(hf, toks, LAYER))).reshape(-1, D).double().numpy()
+    n = len(x)
+    assert m["sst_per_token"] == pytest.approx(((x - x.mean(0)) ** 2).sum() / n, rel=1e-9)
+    assert m["act_norm_mean"] == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-9)
+    assert m["act_sq_norm_mean"] == pytest.approx((x**2).sum(1).mean(), rel=1e-9)
+    assert m["mse"] == pytest.approx(((x - x_hat) ** 2).sum() / n, rel=1e-5)
+    assert m["nmse"] == pytest.approx(((x - x_hat) ** 2).sum() / (x**2).sum(), rel=1e-5)
+    # 1 - r2 = SSE / SST, so nmse / (1 - r2) = SST / sum ||x||^2
+    assert m["nmse"] / (1 - m["r2"]) == pytest.approx(m["sst_per_token"] / m["act_sq_norm_mean"], rel=1e-5)
+    lam = np.linalg.eigvalsh(np.cov(x, rowvar=False, bias=True))
+    lam_hat = np.linalg.eigvalsh(np.cov(x_hat, rowvar=False, bias=True))
+    assert m["pr_act"] == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-9)
+    assert m["pr_recon"] == pytest.approx(lam_hat.sum() ** 2 / (lam_hat**2).sum(), rel=1e-4)
+    assert m["pr_recon_frac"] == pytest.approx(m["pr_recon"] / m["pr_act"], rel=1e-12)
+    assert 1 <= m["pr_act"] <= D and 1 <= m["pr_recon"] <= D
+    # TwoNN on every eval position (the subsample of 2048 covers all 128 of them)
+    from proxygap_helpers.dimensionality import twonn_dimension
+
+    assert m["twonn_points"] == n
+    assert m["twonn_dim"] == pytest.approx(twonn_dimension(x), rel=1e-9)
+
+
+def test_twonn_subsample_is_seeded(world):
+    kw = dict(batch_sequences=4, progress=False, swd=False, gwd=False, random_error_draws=0, twonn_points=40)
+    a = M.evaluate_sae(world["hf"], LAYER, IdentitySAE(), world["tokens"], seed=1, **kw)
+    b = M.evaluate_sae(world["hf"], LAYER, IdentitySAE(), world["tokens"], seed=1, **{**kw, "batch_sequences": 3})
+    c = M.evaluate_sae(world["hf"], LAYER, IdentitySAE(), world["tokens"], seed=2, **kw)
+    assert a["twonn_points"] == 40 and a["twonn_dim"] == pytest.approx(b["twonn_dim"], rel=1e-12)
+    assert a["twonn_dim"] != c["twonn_dim"]
+    assert math.isnan(a["gwd"]) and math.isnan(a["swd"]) and math.isnan(a["random_error_ratio"])
+
+
+# --------------------------------------------------------------------------- GWD (first-order)
+def _sequence_total_ce(model, toks, x_new):
+    with torch.no_grad(), patched(model, LAYER, lambda out: x_new):
+        return M.next_token_ce(model(input_ids=toks).logits, toks).sum().item()
+
+
+def test_gwd_equals_finite_differences(world, world64):
+    """(g_t^T e_t) by central differences of the sequence's total CE, moving position t alone along e_t."""
+    model, sae = world64
+    toks = torch.from_numpy(world["tokens"][:2, :7])
+    m = M.evaluate_sae(model, LAYER, sae, toks, batch_sequences=1, progress=False)
+    with torch.no_grad():
+        x = resid_post(model, toks, LAYER)
+        e = sae.decode(sae.encode(x)) - x
+    h, terms = 1e-4, []
+    for b in range(toks.shape[0]):
+        for t in range(toks.shape[1] - 1):
+            step = torch.zeros_like(x)
+            step[b, t] = h * e[b, t]
+            terms.append((_sequence_total_ce(model, toks, x + step) - _sequence_total_ce(model, toks, x - step)) / (2 * h))
+    gwd_fd = float(np.mean(np.square(terms)))
+    assert gwd_fd > 0
+    assert m["gwd"] == pytest.approx(gwd_fd, rel=1e-6)
+
+
+def test_gradient_is_the_first_order_ce_change(world, world64):
+    """CE(x + eps e) - CE(x) = eps g^T e + O(eps^2): central difference of the evaluator's ce_sae."""
+    model, sae = world64
+    toks = world["tokens"]
+    t = torch.from_numpy(toks)
+    with torch.no_grad():
+        x = resid_post(model, t, LAYER)
+        e = sae.decode(sae.encode(x)) - x
+    _, x_clean, g = M.clean_pass(model, LAYER, t, torch.ones(t.shape[0], t.shape[1] - 1, dtype=torch.bool))
+    assert torch.allclose(x_clean, x) and g[:, -1].abs().max() < 1e-12  # the last position feeds no prediction
+    first_order = (g * e).sum().item() / (t.shape[0] * (t.shape[1] - 1))  # per prediction
+    eps, kw = 1e-4, dict(batch_sequences=4, progress=False, swd=False, gwd=False, random_error_draws=0)
+    up = M.evaluate_sae(model, LAYER, ScaledErrorSAE(sae, eps), toks, **kw)
+    down = M.evaluate_sae(model, LAYER, ScaledErrorSAE(sae, -eps), toks, **kw)
+    assert abs(first_order) > 1e-6
+    assert (up["ce_sae"] - down["ce_sae"]) / (2 * eps) == pytest.approx(first_order, rel=1e-5)
+    # and the model's parameters are left as they were (requires_grad restored)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- random-error baseline
+def test_random_error_baseline_by_hand(world):
+    hf, toks_np, sae = world["hf"], world["tokens"], world["sae"]
+    kw = dict(batch_sequences=3, progress=False, swd=False, random_error_draws=3, random_error_sequences=4, seed=7)
+    m = M.evaluate_sae(hf, LAYER, sae, toks_np, **kw)
+    rows = M.random_error_rows(len(toks_np), 4)
+    assert list(rows) == [0, 2, 5, 7]
+    toks = torch.from_numpy(toks_np[rows])
+    with torch.no_grad():
+        clean = hf(input_ids=toks).logits
+        x = resid_post(hf, toks, LAYER)
+        e = sae.decode(sae.encode(x)) - x
+        with patched(hf, LAYER, lambda out: x + e):
+            kl_sae = M.kl_per_prediction(clean, hf(input_ids=toks).logits).double().mean().item()
+        kls = []
+        for draw in range(3):
+            u = M.random_directions(rows, toks.shape[1], D, draw, 7)
+            assert torch.allclose(u.norm(dim=-1), torch.ones(()).double())
+            x_rand = (x.double() + e.double().norm(dim=-1, keepdim=True) * u).float()
+            with patched(hf, LAYER, lambda out: x_rand):
+                kls.append(M.kl_per_prediction(clean, hf(input_ids=toks).logits).double().mean().item())
+    assert m["random_error_predictions"] == len(rows) * (toks.shape[1] - 1)
+    assert m["kl_random"] == pytest.approx(np.mean(kls), rel=1e-5)
+    assert m["kl_random_sd"] == pytest.approx(np.std(kls, ddof=1), rel=1e-3)
+    assert m["random_error_ratio"] == pytest.approx(kl_sae / np.mean(kls), rel=1e-5)
+    assert m["random_error_ratio_sd"] == pytest.approx(np.std(kl_sae / np.array(kls), ddof=1), rel=1e-3)
+    assert m["kl_random_sd"] > 0 and m["random_error_ratio"] > 0
+
+
+def test_random_directions_are_seeded_and_isotropic():
+    a = M.random_directions([3, 9], 500, 40, draw=0, seed=1)
+    assert torch.equal(a[1], M.random_directions([9], 500, 40, draw=0, seed=1)[0])  # per sequence, not per batch
+    assert not torch.equal(a, M.random_directions([3, 9], 500, 40, draw=1, seed=1))
+    flat = a.reshape(-1, 40)
+    assert flat.mean(0).abs().max() < 0.03  # mean of 1000 unit vectors in 40 dims: SD 1/sqrt(40000) per coordinate
+    assert torch.allclose(flat.T @ flat / len(flat), torch.eye(40, dtype=flat.dtype) / 40, atol=0.02)
+    assert list(M.random_error_rows(10, 0)) == [] and list(M.random_error_rows(3, 64)) == [0, 1, 2]
