@@ -35,10 +35,12 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     # boundary k (None = 32 if present, else the largest k above the two smallest) vs the lowest k, at budget
     # `tokens` (None = the lowest)
     "C4": {"k": None, "tokens": None},
-    # one of `proxies` has beats_r2 in leaderboard scheme `scheme`, with >= min_cells held-out cells
-    # (d_kl is reported on the leaderboard but is not a geometry proxy: it is measured with the patch in place)
-    "C5": {"proxies": ["d_swd"], "scheme": "pooled", "min_cells": 4},
-    # the per-pair dimensionality delta `column` correlates with d_ce_rec (|Spearman| >= min_abs_rho, p < alpha)
+    # one of `proxies` has beats_r2 in leaderboard scheme `scheme`, with >= min_cells held-out cells: the Fisher
+    # pullback d_swd or the study's first-order d_gwd (d_kl and d_random_error_ratio are reported on the
+    # leaderboard but are not geometry proxies: they are measured with the patch in place)
+    "C5": {"proxies": ["d_swd", "d_gwd"], "scheme": "pooled", "min_cells": 4},
+    # the per-pair dimensionality delta `column` correlates with d_ce_rec (|Spearman| >= min_abs_rho, p < alpha);
+    # d_dim = Δ of the share of the input's participation ratio that the reconstruction keeps (stats.DIM_METRIC)
     "C6": {"column": "d_dim", "min_abs_rho": 0.5, "alpha": 0.05, "min_pairs": 6},
 }
 
@@ -228,7 +230,7 @@ def _c6_dimensionality(table: pd.DataFrame, pairs: pd.DataFrame, board: pd.DataF
     rule = (f"supported if the per-pair column {col} has |Spearman ρ| >= {opt['min_abs_rho']} with ΔCE_rec at "
             f"p < {opt['alpha']} over >= {opt['min_pairs']} pairs; pending otherwise (never rejected)")
     if col not in pairs.columns:
-        return "pending", f"no dimensionality column {col} in the pairs (D3 is optional)", rule
+        return "pending", f"no dimensionality column {col} in the pairs (metrics without D3 statistics)", rule
     data = pairs[[col, "d_ce_rec"]].dropna()
     if len(data) < opt["min_pairs"] or data[col].nunique() < 2:
         return "pending", f"{len(data)} usable pairs (< {opt['min_pairs']}) or constant {col}", rule
@@ -248,7 +250,8 @@ CLAIMS: dict[str, tuple[str, str, Callable[..., Verdict]]] = {
     "C4": ("-", "The mismatch is specific to low k: the k=32 boundary (else the largest k above the two smallest) "
                 "shows less of it at the same budget.",
            _c4_boundary),
-    "C5": ("D2", "A geometry-aware proxy (ΔSWD, the pullback) predicts held-out ΔCE_rec better than ΔR².",
+    "C5": ("D2", "A geometry-aware proxy (ΔSWD, the Fisher pullback, or ΔGWD, the first-order gradient-weighted "
+                 "distortion) predicts held-out ΔCE_rec better than ΔR².",
            _c5_geometry_proxy),
     "C6": ("D3", "Dimensionality tracks the behavioural gap.", _c6_dimensionality),
 }

@@ -15,11 +15,14 @@ that **positive = better than R2** for all three scores: ``sign_acc - sign_acc_r
 Spearman ignores calibration): ``beats_r2`` is True only when the whole percentile CI of ``mae_vs_r2`` is
 above 0, and ``rank`` orders proxies by MAE within a scheme (1 = lowest).
 
-Proxies: ``d_r2`` (the baseline), ``d_cosine``, ``d_rel_err_norm`` (reconstruction-space), ``d_kl`` and
-``d_swd`` (output-space: the KL of the patched model and its second-order pullback), and ``d_dead_frac``,
-an optimisation-state proxy: the study attributes the low-budget gap mainly to training state, so a
-training-state signal is the natural rival to geometry. ``d_kl`` is itself behavioural (it is measured
-with the reconstruction patched in), so it is an upper reference for what a cheap proxy could reach.
+Proxies (``PROXY_KINDS`` and ``PROXY_TEXT`` say what each measures): ``d_r2`` (the baseline), ``d_cosine``,
+``d_rel_err_norm``, ``d_nmse`` (reconstruction-space), ``d_dim`` (gate D3: the share of the input's
+participation ratio that the reconstruction keeps), ``d_swd`` and ``d_gwd`` (geometry-aware: the error
+weighted by the model's sensitivity at the clean run, second-order Fisher pullback and first-order gradient),
+``d_dead_frac`` (an optimisation-state proxy: the study attributes the low-budget gap mainly to training state,
+so a training-state signal is the natural rival to geometry), and two behavioural references, ``d_kl`` and
+``d_random_error_ratio``: they are measured with the reconstruction patched in, so they are upper references
+for what a cheap proxy could reach, not proxies.
 """
 
 from __future__ import annotations
@@ -31,7 +34,32 @@ import pandas as pd
 from scipy.stats import rankdata
 
 BASELINE = "d_r2"
-DEFAULT_PROXIES: tuple[str, ...] = ("d_r2", "d_cosine", "d_rel_err_norm", "d_kl", "d_swd", "d_dead_frac")
+DEFAULT_PROXIES: tuple[str, ...] = ("d_r2", "d_cosine", "d_rel_err_norm", "d_nmse", "d_kl", "d_swd", "d_gwd",
+                                    "d_random_error_ratio", "d_dead_frac", "d_dim")
+BEHAVIOURAL_REFERENCES: tuple[str, ...] = ("d_kl", "d_random_error_ratio")
+PROXY_KINDS: dict[str, str] = {
+    "d_r2": "reconstruction", "d_cosine": "reconstruction", "d_rel_err_norm": "reconstruction",
+    "d_nmse": "reconstruction", "d_dim": "dimensionality (D3)", "d_swd": "geometry-aware",
+    "d_gwd": "geometry-aware", "d_dead_frac": "optimisation state", "d_kl": "behavioural reference",
+    "d_random_error_ratio": "behavioural reference",
+}
+PROXY_TEXT: dict[str, str] = {
+    "d_r2": "ΔR², the fraction of the activations' variance around their mean that the reconstruction explains",
+    "d_cosine": "Δ mean cosine between activation and reconstruction",
+    "d_rel_err_norm": "Δ mean ‖x − x̂‖ / ‖x‖",
+    "d_nmse": "Δ normalised MSE, Σ‖x − x̂‖² / Σ‖x‖²: like 1 − R², but divided by the uncentred size of the "
+              "activations, so a larger model's bigger variance (SST) does not flatter it",
+    "d_dim": "Δ participation ratio of the reconstruction's covariance as a share of the input's: how much of the "
+             "activations' dimensionality the SAE keeps (gate D3)",
+    "d_swd": "Δ SWD, the second-order (Fisher) term of the KL: the error pushed through the downstream Jacobian and "
+             "weighted by the clean next-token distribution (one forward-mode JVP per batch)",
+    "d_gwd": "Δ GWD, the study's first-order gradient-weighted distortion E[(gᵀe)²], with g the gradient of the "
+             "clean sequence CE at the hook (one backward per batch, shared by all SAEs of a model)",
+    "d_dead_frac": "Δ fraction of dead latents, a training-state signal",
+    "d_kl": "Δ KL(clean ‖ patched), measured with the reconstruction spliced in: behaviour itself",
+    "d_random_error_ratio": "Δ of Gurnee's ratio KL(SAE error) / KL(random error of the same norm per token): "
+                            "how pathological the error's direction is, measured with patched forwards",
+}
 TARGET = "d_ce_rec"
 SCHEMES: dict[str, str] = {"leave-one-budget-out": "tokens", "leave-one-k-out": "k"}
 POOLED = "pooled"

@@ -21,18 +21,25 @@ from .params import format_tokens
 CORE_KEYS: tuple[str, ...] = (
     "sae_id", "model_role", "model_name", "hook", "k", "tokens", "seed", "d_in", "d_sae", "eval_tokens",
     "ce_clean", "ce_sae", "ce_zero", "ce_mean_ablation", "ce_rec_relative", "ce_rec_zero_norm", "ce_rec",
-    "r2", "cosine", "rel_err_norm", "kl", "swd", "l0", "dead_frac", "train_seconds", "budget_mode",
-    "finished_at",
+    "r2", "cosine", "rel_err_norm", "kl", "swd", "l0", "dead_frac", "mse", "nmse", "gwd", "kl_random",
+    "random_error_ratio", "random_error_ratio_sd", "pr_recon", "pr_recon_frac", "pr_act", "twonn_dim",
+    "sst_per_token", "act_norm_mean", "train_seconds", "budget_mode", "finished_at",
 )
 DEDUPE_KEY = ["model_role", "k", "tokens", "seed"]
 PAIR_KEY = ["k", "tokens", "seed"]
 CELL_KEY = ["k", "tokens"]
 DEFAULT_PAIR_METRICS: tuple[str, ...] = (
     "ce_rec", "ce_rec_relative", "ce_rec_zero_norm", "ce_clean", "ce_sae", "r2", "cosine", "rel_err_norm",
-    "kl", "swd", "l0", "dead_frac",
+    "kl", "swd", "l0", "dead_frac", "nmse", "gwd", "random_error_ratio", "kl_random", "pr_recon", "pr_recon_frac",
+    "pr_act", "twonn_dim", "sst_per_token", "act_norm_mean",
 )
 REQUIRED_PAIR_METRICS = ("ce_rec", "r2")
-SECONDARY_DELTAS = ("d_cosine", "d_rel_err_norm", "d_kl", "d_swd")
+# gate D3's per-pair column: d_dim = d_<DIM_METRIC>, the change in the share of its input's participation ratio
+# that the SAE's reconstruction keeps. The per-model dimensionality deltas (d_pr_act, d_twonn_dim) are one
+# number per model pair, the same in every pair, so they cannot rank pairs.
+DIM_METRIC = "pr_recon_frac"
+SECONDARY_DELTAS = ("d_cosine", "d_rel_err_norm", "d_kl", "d_swd", "d_nmse", "d_gwd", "d_random_error_ratio",
+                    "d_dim")
 TABLE_COLUMNS = ["k", "tokens", "n", "d_ce_rec_mean", "d_ce_rec_lo", "d_ce_rec_hi", "d_r2_mean", "d_r2_lo",
                  "d_r2_hi", "mismatch_rate", "directional"]
 
@@ -125,7 +132,8 @@ def pair(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_PAIR_METRICS) -> pd.
 
     Columns: ``k, tokens, seed``, then for each metric ``m`` (metrics absent from ``df`` are skipped;
     ``ce_rec`` and ``r2`` are required) ``m_small, m_large, d_m`` with ``d_m = m_large - m_small``, then
-    ``mismatch = int(d_r2 > 0 and d_ce_rec < 0)``. Complete = both roles present with finite ``ce_rec``
+    ``d_dim`` (gate D3: a copy of ``d_pr_recon_frac``, see ``DIM_METRIC``; only when that metric is
+    present) and ``mismatch = int(d_r2 > 0 and d_ce_rec < 0)``. Complete = both roles present with finite ``ce_rec``
     and ``r2``; see ``unpaired`` for the rest. Sorted by k, tokens, seed. ``df`` must be deduplicated.
     """
     missing = [m for m in REQUIRED_PAIR_METRICS if m not in df.columns]
@@ -138,6 +146,8 @@ def pair(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_PAIR_METRICS) -> pd.
     for m in metrics:
         small, large = sides[f"{m}_small"].astype(float), sides[f"{m}_large"].astype(float)
         out = out.assign(**{f"{m}_small": small, f"{m}_large": large, f"d_{m}": large - small})
+    if f"d_{DIM_METRIC}" in out.columns:
+        out["d_dim"] = out[f"d_{DIM_METRIC}"]
     out["mismatch"] = ((out["d_r2"] > 0) & (out["d_ce_rec"] < 0)).astype("int64")
     return out.sort_values(PAIR_KEY).reset_index(drop=True)
 

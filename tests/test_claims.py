@@ -114,6 +114,11 @@ def test_c5_geometry_proxy_beats_r2():
     assert status("C5", board=board_with(-0.03, -0.05, -0.01)) == "rejected"
     assert status("C5", board=board_with(0.03, 0.01, 0.05, n_cells=3)) == "pending"
     assert status("C5", board=board_with(0.03, 0.01, 0.05, proxy="d_cosine")) == "pending"
+    # the study's first-order GWD is a geometry proxy too; params can narrow C5 to one of them
+    assert status("C5", board=board_with(0.03, 0.01, 0.05, proxy="d_gwd")) == "supported"
+    assert status("C5", board=board_with(0.03, 0.01, 0.05, proxy="d_gwd"), rules={"C5": {"proxies": ["d_swd"]}}) \
+        == "pending"
+    assert status("C5", board=board_with(0.03, 0.01, 0.05, proxy="d_random_error_ratio")) == "pending"
     assert status("C5", board=None) == "pending"
 
 

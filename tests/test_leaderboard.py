@@ -103,3 +103,13 @@ def test_without_r2_baseline_every_proxy_is_skipped():
     board = L.proxy_leaderboard(synthetic_pairs().drop(columns="d_r2"), ["d_swd"], n_boot=20)
     assert board["mae"].isna().all()
     assert (board.loc[board["proxy"] == "d_swd", "note"] == "skipped: no usable baseline d_r2").all()
+
+
+def test_default_proxies_include_the_new_ones_with_kinds_and_text():
+    assert {"d_gwd", "d_nmse", "d_dim", "d_random_error_ratio"} <= set(L.DEFAULT_PROXIES)
+    assert set(L.PROXY_KINDS) == set(L.PROXY_TEXT) == set(L.DEFAULT_PROXIES)
+    assert {p for p, kind in L.PROXY_KINDS.items() if kind == "behavioural reference"} == set(L.BEHAVIOURAL_REFERENCES)
+    pairs = synthetic_pairs().assign(d_gwd=lambda d: -0.5 * d["d_swd"])  # another perfect (negated) predictor
+    board = L.proxy_leaderboard(pairs, n_boot=50).set_index(["scheme", "proxy"])
+    assert board.loc[("pooled", "d_gwd"), "mae"] < 1e-9 and board.loc[("pooled", "d_gwd"), "beats_r2"]
+    assert board.loc[("pooled", "d_nmse"), "note"] == "skipped: column d_nmse absent from the pairs"

@@ -81,6 +81,26 @@ def test_pair_deltas_mismatch_and_unpaired():
         S.pair(S.flatten_metrics(recs + [record("small", 8, 10, 0, 0.9, 0.5)]))
 
 
+def test_pair_carries_the_new_proxies_and_d_dim():
+    """d_dim (gate D3) is the delta of pr_recon_frac; the model-level and new per-SAE metrics get deltas too."""
+    recs = []
+    for s, (small, large) in enumerate([(0.30, 0.20), (0.35, 0.30), (0.40, 0.10)]):
+        extra = lambda frac, role: dict(pr_recon_frac=frac, gwd=0.1 * s, nmse=0.2, random_error_ratio=2.0 + s,  # noqa: E731
+                                        sst_per_token=226.7 if role == "small" else 4131.1, twonn_dim=7.0)
+        recs += [record("small", 8, 10, s, 0.9, 0.5, **extra(small, "small")),
+                 record("large", 8, 10, s, 0.8, 0.6, **extra(large, "large"))]
+    pairs = S.pair(S.flatten_metrics(recs))
+    np.testing.assert_allclose(pairs["d_dim"], [-0.10, -0.05, -0.30])
+    np.testing.assert_allclose(pairs["d_dim"], pairs["d_pr_recon_frac"])
+    np.testing.assert_allclose(pairs["d_sst_per_token"], 4131.1 - 226.7)
+    assert (pairs["d_gwd"] == 0).all() and (pairs["d_twonn_dim"] == 0).all() and (pairs["d_nmse"] == 0).all()
+    table = S.phase2_table(pairs)
+    assert table.loc[0, "d_dim_mean"] == pytest.approx(-0.15)
+    assert {"d_gwd_mean", "d_nmse_lo", "d_random_error_ratio_hi"} <= set(table.columns)
+    # records without the D3 metric give an all-NaN d_dim (C6 then says there are no usable pairs)
+    assert S.pair(S.flatten_metrics(records_for({(8, 10, 0): (0.1, 0.1)})))["d_dim"].isna().all()
+
+
 # ---------------------------------------------------------------- intervals and the table
 
 
