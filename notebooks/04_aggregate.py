@@ -23,6 +23,10 @@
 #   fitted curves cross (extrapolated past the data, or "cannot be said" with the reason); the next budget.
 # * **Gate D2**: each proxy's delta predicts ΔCE_rec of *held-out* cells (leave-one-budget-out,
 #   leave-one-k-out), scored by sign accuracy, Spearman and MAE, with paired bootstrap CIs against ΔR².
+#   Proxies: reconstruction (ΔR², Δcosine, Δrel. error, ΔNMSE), geometry-aware (ΔSWD, ΔGWD), dimensionality
+#   (Δdim, gate D3), optimisation state (Δdead fraction); ΔKL and Δrandom-error ratio are behavioural references.
+# * **Gate D3**: `d_dim` per pair (Δ of the share of the input's participation ratio that the reconstruction
+#   keeps) against ΔCE_rec, by claim C6's rule.
 # * **Claims** from the explicit rules in params: supported / pending / rejected, with evidence.
 
 # %% tags=["parameters"]

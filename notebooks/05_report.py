@@ -95,11 +95,32 @@ Markdown(budget_curves.reference_markdown(budget_curves.reference_fits(stats.ref
 plots.per_model_figure(agg["sae_metrics"], curves=agg["budget_curves"])
 
 # %% [markdown]
+# ## Scale, dimensionality (gate D3) and the random-error baseline
+# Per model and hook, on the eval activations: SST per token (the variance R² divides by), the mean
+# activation norm, the participation ratio (Σλ)²/Σλ² of the activation covariance and the TwoNN intrinsic
+# dimension (Facco et al. 2017, on a fixed seeded subsample). Per SAE, against the budget: the normalised MSE
+# (a scale-free alternative to R²), Gurnee's random-error ratio (KL with the SAE's error spliced in over KL
+# with a random error of the same norm per token) and the share of the input's participation ratio that the
+# reconstruction keeps.
+
+# %%
+Markdown(sections.scale_section(agg["sae_metrics"], agg["pairs"]))
+
+# %%
+sections.model_frame(agg["sae_metrics"])
+
+# %%
+plots.per_model_figure(agg["sae_metrics"], metrics=("nmse", "random_error_ratio", "pr_recon_frac"))
+
+# %% [markdown]
 # ## Gate D2: which proxy predicts held-out ΔCE_rec?
 # Each proxy's delta is fitted (least squares) to ΔCE_rec on the training cells and predicts the cells held
 # out — every budget in turn (leave-one-budget-out) and every k in turn (leave-one-k-out). Scores: sign
 # accuracy, Spearman correlation and mean absolute error of the predictions; `MAE gain vs ΔR²` is ΔR²'s MAE
 # minus the proxy's (positive = better than R²), with a paired bootstrap 95% CI over cells.
+
+# %%
+Markdown(sections.proxy_glossary())
 
 # %%
 sections.leaderboard_frame(agg["proxy_leaderboard"])

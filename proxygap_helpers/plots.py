@@ -45,6 +45,11 @@ METRIC_LABELS = {
     "swd": "SWD (nats/token)",
     "l0": "L0 (active latents/token)",
     "dead_frac": "dead latent fraction",
+    "gwd": "GWD E[(gᵀe)²] (nats²/prediction)",
+    "nmse": "NMSE Σ‖x − x̂‖² / Σ‖x‖²",
+    "random_error_ratio": "KL(SAE error) / KL(random error)",
+    "pr_recon": "participation ratio of x̂",
+    "pr_recon_frac": "PR(x̂) / PR(x) (dimensionality kept)",
 }
 PROXY_LABELS = {
     "d_r2": "ΔR²",
@@ -53,6 +58,10 @@ PROXY_LABELS = {
     "d_kl": "ΔKL (behavioural reference)",
     "d_swd": "ΔSWD (pullback proxy)",
     "d_dead_frac": "Δdead-latent fraction",
+    "d_gwd": "ΔGWD (first-order gradient-weighted)",
+    "d_nmse": "ΔNMSE (scale-free error)",
+    "d_random_error_ratio": "Δrandom-error ratio (behavioural reference)",
+    "d_dim": "Δdim (PR share kept, D3)",
 }
 
 CAPTIONS = {

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .leaderboard import BEHAVIOURAL_REFERENCES
 from .plots import _col, _frame, _num  # the shared NaN-tolerant frame helpers
 from .plots import format_tokens as fmt_tokens
 
@@ -163,7 +164,7 @@ def _sae_caveats(m: pd.DataFrame) -> list[str]:
     if len(ce) and (ce.sub(1).abs() < 1e-3).all():
         out.append("CE_rec is saturated: every SAE is within 1e-3 of 1, so ΔCE_rec is at the noise floor and its "
                    "sign is not informative.")
-    for proxy in ("swd", "kl"):
+    for proxy in ("swd", "gwd", "kl"):
         if proxy in m.columns:
             nan = int(_col(m, proxy).isna().sum())
             if nan:
@@ -323,7 +324,7 @@ def _section_proxy(board: pd.DataFrame, verdict_detail: list[str]) -> tuple[str,
     text = (f"Scheme '{scheme}' ({n_cells} held-out cells, {int(_num(best.get('n_pred')))} predictions); MAE by "
             f"proxy: {ranking}. ")
     beating = [r for r in rows.itertuples() if r.proxy != "d_r2" and bool(r.beats_r2)]
-    cheap_beating = [r.proxy for r in beating if r.proxy != "d_kl"]
+    cheap_beating = [r.proxy for r in beating if r.proxy not in BEHAVIOURAL_REFERENCES]
     if best["proxy"] == "d_r2":
         text += (f"ΔR² itself has the lowest MAE ({_num(best['mae']):.4f}, sign accuracy "
                  f"{_num(best.get('sign_acc')):.2f}): no proxy predicts the behavioural gap better than R².")
@@ -333,20 +334,21 @@ def _section_proxy(board: pd.DataFrame, verdict_detail: list[str]) -> tuple[str,
                  f"{_num(best.get('sign_acc')):.2f}; its MAE gain over ΔR² is {gain} (positive = better). "
                  + ("The interval lies above 0, so it **beats ΔR²**." if bool(best.get("beats_r2", False)) else
                     "The interval includes 0 (or lies below it), so it does **not clearly beat ΔR²**."))
-    if best["proxy"] == "d_kl":
-        text += (" ΔKL is itself measured with the reconstruction patched in: it is a behavioural upper reference, "
-                 "not a cheap proxy.")
-        cheap = rows[~rows["proxy"].isin(["d_kl", "d_r2"])]
+    if best["proxy"] in BEHAVIOURAL_REFERENCES:
+        text += (f" {best['proxy']} is itself measured with the reconstruction patched in: it is a behavioural upper "
+                 "reference, not a cheap proxy.")
+        cheap = rows[~rows["proxy"].isin([*BEHAVIOURAL_REFERENCES, "d_r2"])]
         if len(cheap):
             c = cheap.iloc[0]
             text += (f" The best of the other proxies is **{c['proxy']}** (MAE {_num(c['mae']):.4f}, gain over ΔR² "
                      f"{fmt_ci(c.get('mae_vs_r2'), c.get('mae_vs_r2_lo'), c.get('mae_vs_r2_hi'), digits=4)}"
                      f"{', beats ΔR²' if bool(c.get('beats_r2', False)) else ', not clearly better than ΔR²'}).")
-    if "d_swd" in set(rows["proxy"]):
-        swd = rows[rows["proxy"] == "d_swd"].iloc[0]
-        text += (f" The geometry-aware pullback proxy ΔSWD ranks {int(list(rows['proxy']).index('d_swd')) + 1} of "
-                 f"{len(rows)} (MAE {_num(swd['mae']):.4f}"
-                 f"{', beats ΔR²' if bool(swd.get('beats_r2', False)) else ', not clearly better than ΔR²'}).")
+    for proxy, name in (("d_swd", "the Fisher pullback ΔSWD"), ("d_gwd", "the first-order ΔGWD")):
+        if proxy in set(rows["proxy"]):
+            r = rows[rows["proxy"] == proxy].iloc[0]
+            text += (f" Among the geometry-aware proxies, {name} ranks {int(list(rows['proxy']).index(proxy)) + 1} "
+                     f"of {len(rows)} (MAE {_num(r['mae']):.4f}"
+                     f"{', beats ΔR²' if bool(r.get('beats_r2', False)) else ', not clearly better than ΔR²'}).")
     if cheap_beating:
         verdict = "beats r2"
     elif beating:
@@ -403,7 +405,8 @@ def narrative(table: pd.DataFrame | None, sign_flip: pd.DataFrame | None, leader
     else:
         bottom = "the study's headline is **pending**: the cells it needs are missing or have n < 2"
     d2 = {"beats r2": f"{detail[0]} beats ΔR² at held-out prediction",
-          "only kl": "only the behavioural reference ΔKL beats ΔR² at held-out prediction; no cheap proxy does",
+          "only kl": "only a behavioural reference (ΔKL or the random-error ratio) beats ΔR² at held-out prediction; "
+                     "no cheap proxy does",
           "not better": "no proxy clearly beats ΔR² at held-out prediction",
           "r2 best": "ΔR² is the best held-out predictor here",
           "pending": "the D2 comparison is pending"}[v3]
@@ -444,7 +447,9 @@ def style_claims(claims: pd.DataFrame | None):
 
 TABLE_DISPLAY = (("d_ce_rec", "ΔCE_rec mean [95% CI]", fmt_ci), ("d_r2", "ΔR² mean [95% CI]", fmt_ci),
                  ("d_cosine", "Δcosine", _fmt_sig), ("d_rel_err_norm", "Δrel. err. norm", _fmt_sig),
-                 ("d_kl", "ΔKL", _fmt_sig), ("d_swd", "ΔSWD", _fmt_sig))
+                 ("d_nmse", "ΔNMSE", _fmt_sig), ("d_kl", "ΔKL", _fmt_sig), ("d_swd", "ΔSWD", _fmt_sig),
+                 ("d_gwd", "ΔGWD", _fmt_sig), ("d_random_error_ratio", "Δrandom-error ratio", _fmt_sig),
+                 ("d_dim", "Δdim (PR share)", _fmt_sig))
 
 
 def table_frame(table: pd.DataFrame | None, fill_grid: bool = True) -> pd.DataFrame:

@@ -116,3 +116,76 @@ def leaderboard_frame(board: pd.DataFrame) -> pd.DataFrame:
             "spearman": "Spearman", "mae": "MAE", "MAE gain vs ΔR² (95% CI)": "MAE gain vs ΔR² (95% CI)",
             "beats_r2": "beats ΔR²"}
     return b[list(cols)].rename(columns=cols).round(4).set_index(["scheme", "proxy"])
+
+
+MODEL_COLUMNS = {"hook": "hook", "sst_per_token": "SST per token", "act_norm_mean": "mean ‖x‖",
+                 "act_sq_norm_mean": "mean ‖x‖²", "pr_act": "participation ratio", "twonn_dim": "TwoNN dimension",
+                 "twonn_points": "TwoNN points"}
+
+
+def model_frame(sae_metrics: pd.DataFrame | None) -> pd.DataFrame:
+    """Per model and hook (one row per role): the scale R² divides by and the D3 dimensionality of the eval
+    activations. These are the same in every SAE record of a role (they do not depend on the SAE): the
+    first record is shown. A 'large / small' row gives the ratios."""
+    m = sae_metrics if sae_metrics is not None else pd.DataFrame()
+    cols = [c for c in MODEL_COLUMNS if c in m.columns]
+    if not len(m) or "model_role" not in m.columns or "sst_per_token" not in cols or m["sst_per_token"].isna().all():
+        return pd.DataFrame({"status": ["pending: no per-model statistics yet"]})
+    rows = m.dropna(subset=["sst_per_token"]).groupby("model_role").first()
+    out = rows.reindex([r for r in ROLES if r in rows.index])[cols]
+    if {"small", "large"} <= set(out.index):
+        numeric = [c for c in cols if c not in ("hook", "twonn_points")]
+        ratio = out.loc["large", numeric].astype(float) / out.loc["small", numeric].astype(float)
+        out.loc["large / small"] = {**ratio.to_dict(), "hook": "", "twonn_points": np.nan}
+    out.index.name = "model"
+    return out.rename(columns=MODEL_COLUMNS).round(3)
+
+
+def _role_mean(m: pd.DataFrame, col: str, role: str) -> float:
+    if col not in m.columns or "model_role" not in m.columns:
+        return float("nan")
+    return float(pd.to_numeric(m.loc[m["model_role"] == role, col], errors="coerce").mean())
+
+
+def scale_section(sae_metrics: pd.DataFrame | None, pairs: pd.DataFrame | None) -> str:
+    """Markdown: SST per token of each model beside the mean ΔR² and ΔNMSE over the pairs (the study's "SST
+    inflation" reading of ΔR² > 0), the D3 dimensionality of each model, and the random-error baseline's mean
+    ratio per model. Deterministic; says 'pending' where the numbers are missing."""
+    m = sae_metrics if sae_metrics is not None else pd.DataFrame()
+    pr = pairs if pairs is not None else pd.DataFrame()
+    sst = {r: _role_mean(m, "sst_per_token", r) for r in ROLES}
+    if any(np.isnan(v) for v in sst.values()):
+        return "Pending: no per-model activation statistics yet."
+    d = {c: float(pr[c].mean()) if c in pr.columns and len(pr) else float("nan") for c in ("d_r2", "d_nmse")}
+    text = [f"**SST inflation.** R² divides the squared error by SST, the activations' variance around their mean: "
+            f"{sst['small']:.4g} per token in the small model and {sst['large']:.4g} in the large one "
+            f"({sst['large'] / sst['small']:.3g}×; the study's Pythia pair: 226.7 vs 4131.1, 18×). Over the "
+            f"{len(pr)} pairs the mean ΔR² is {d['d_r2']:+.3f}; the scale-free ΔNMSE (squared error over the "
+            f"uncentred Σ‖x‖²) is {d['d_nmse']:+.3g} (negative = the large model's SAE has the smaller relative "
+            f"error)."]
+    dims = {c: {r: _role_mean(m, c, r) for r in ROLES} for c in ("pr_act", "twonn_dim", "pr_recon_frac")}
+    text.append(f"**Dimensionality (gate D3).** Participation ratio of the activation covariance "
+                f"{dims['pr_act']['small']:.3g} (small) vs {dims['pr_act']['large']:.3g} (large); TwoNN intrinsic "
+                f"dimension {dims['twonn_dim']['small']:.3g} vs {dims['twonn_dim']['large']:.3g}. These are one "
+                f"number per model, so they cannot rank pairs; claim C6 uses the per-SAE share of the input's "
+                f"participation ratio that the reconstruction keeps (mean {dims['pr_recon_frac']['small']:.3g} "
+                f"small, {dims['pr_recon_frac']['large']:.3g} large), as Δ per pair (`d_dim`).")
+    ratio = {r: _role_mean(m, "random_error_ratio", r) for r in ROLES}
+    if not any(np.isnan(v) for v in ratio.values()):
+        text.append(f"**Random-error baseline (Gurnee 2024).** Spliced in, the SAE's error raises KL "
+                    f"{ratio['small']:.3g}× (small) and {ratio['large']:.3g}× (large) as much as a random error of "
+                    f"the same norm per token (mean over SAEs; Gurnee found 2–4.5×); > 1 "
+                    f"means the error points where the model is sensitive. The figure shows its trend over budget.")
+    return "\n\n".join(text)
+
+
+def proxy_glossary() -> str:
+    """One paragraph: what each leaderboard proxy measures, and which are behavioural references."""
+    from .leaderboard import BEHAVIOURAL_REFERENCES, DEFAULT_PROXIES, PROXY_KINDS, PROXY_TEXT
+
+    parts = [f"`{p}` ({PROXY_KINDS[p]}): {PROXY_TEXT[p]}" for p in DEFAULT_PROXIES]
+    refs = " and ".join(f"`{p}`" for p in BEHAVIOURAL_REFERENCES)
+    return ("**What the proxies measure.** " + "; ".join(parts) + f". {refs} need the reconstruction patched into "
+            "the model, so they are behavioural references (how close a measurement of behaviour itself comes), not "
+            "cheap proxies; `d_swd` and `d_gwd` need the model's derivatives at the clean run but no patched "
+            "forward; the others need only the activations and the reconstruction.")

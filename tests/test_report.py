@@ -263,3 +263,60 @@ def test_narrative_survives_nan_cells(agg):
     table.loc[table.index[-1], "n"] = np.nan
     text = report.narrative(table, None, agg["board"].query("scheme != 'pooled'"), None)
     assert "nan" not in text.lower() and "Scheme 'leave-one-budget-out'" in text
+
+
+# ---------------------------------------------------------------- scale, D3 and the random-error baseline
+
+
+def _with_model_stats(m: pd.DataFrame) -> pd.DataFrame:
+    large = m["model_role"] == "large"
+    return m.assign(sst_per_token=np.where(large, 4131.1, 226.7), act_norm_mean=np.where(large, 70.0, 16.0),
+                    act_sq_norm_mean=np.where(large, 5000.0, 300.0), pr_act=np.where(large, 20.0, 8.0),
+                    twonn_dim=np.where(large, 12.0, 6.0), twonn_points=2048.0,
+                    pr_recon_frac=np.where(large, 0.5, 0.7), random_error_ratio=np.where(large, 3.0, 2.0),
+                    nmse=np.where(large, 0.1, 0.2))
+
+
+def test_model_frame_and_scale_section():
+    from proxygap_helpers import summary
+
+    m = _with_model_stats(synthetic_metrics())
+    frame = summary.model_frame(m)
+    assert list(frame.index) == ["small", "large", "large / small"]
+    assert frame.loc["large", "SST per token"] == pytest.approx(4131.1)
+    assert frame.loc["large / small", "SST per token"] == pytest.approx(round(4131.1 / 226.7, 3))
+    assert frame.loc["large / small", "participation ratio"] == pytest.approx(2.5)
+    pairs = stats.pair(m)
+    text = summary.scale_section(m, pairs)
+    assert text == summary.scale_section(m, pairs)
+    assert "226.7 per token in the small model and 4131 in the large one (18.2×" in text
+    assert f"mean ΔR² is {pairs['d_r2'].mean():+.3f}" in text and f"ΔNMSE (squared error" in text
+    assert "8 (small) vs 20 (large)" in text and "TwoNN intrinsic dimension 6 vs 12" in text
+    assert "2× (small) and 3× (large)" in text
+    # without the statistics: pending, never an error
+    assert summary.scale_section(synthetic_metrics(), pairs).startswith("Pending")
+    assert "pending" in summary.model_frame(synthetic_metrics()).iloc[0, 0]
+
+
+def test_proxy_glossary_names_every_proxy_and_the_references():
+    from proxygap_helpers import leaderboard, summary
+
+    text = summary.proxy_glossary()
+    for proxy in leaderboard.DEFAULT_PROXIES:
+        assert f"`{proxy}` ({leaderboard.PROXY_KINDS[proxy]})" in text
+    assert "`d_kl` and `d_random_error_ratio` need the reconstruction patched into the model" in text
+
+
+def test_narrative_treats_the_random_error_ratio_as_a_behavioural_reference():
+    from proxygap_helpers import leaderboard
+
+    m = synthetic_metrics()
+    gap = m["ce_rec"] - 0.8
+    m = m.assign(random_error_ratio=2.0 - 5 * gap)  # tracks CE_rec almost perfectly
+    pairs = stats.pair(m)
+    board = leaderboard.proxy_leaderboard(pairs, ["d_random_error_ratio", "d_cosine"], n_boot=200)
+    best = board[board["scheme"] == "pooled"].sort_values("mae").iloc[0]
+    assert best["proxy"] == "d_random_error_ratio" and best["beats_r2"]
+    text = report.narrative(stats.phase2_table(pairs), stats.sign_flip(pairs, n_boot=0), board, None)
+    assert "d_random_error_ratio is itself measured with the reconstruction patched in" in text
+    assert "only a behavioural reference" in text
