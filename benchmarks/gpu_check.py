@@ -40,7 +40,8 @@ from proxygap_helpers.params import validate_params  # noqa: E402
 from run import shuffled_batches  # noqa: E402  (benchmarks/run.py, beside this file)
 
 DEV = "cuda"  # --device: "cpu" only for a dry run of this script on a machine without a GPU
-PARITY_KEYS = ("ce_clean", "ce_sae", "ce_zero", "ce_rec", "r2", "cosine", "rel_err_norm", "kl", "swd", "l0")
+PARITY_KEYS = ("ce_clean", "ce_sae", "ce_zero", "ce_rec", "r2", "cosine", "rel_err_norm", "kl", "swd", "l0",
+               "nmse", "gwd", "random_error_ratio", "pr_recon", "pr_act", "twonn_dim", "sst_per_token")
 RTOL, ATOL = 1e-3, 1e-5  # CUDA vs CPU float32: different kernels and summation orders, same formulas
 
 
