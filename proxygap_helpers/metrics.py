@@ -493,7 +493,7 @@ class _SAEAccumulator:
 
 
 def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequences: int = 16, swd: bool = True,
-                  gwd: bool = True, random_error_draws: int = 4, random_error_sequences: int = 32,
+                  gwd: bool = True, random_error_draws: int = 4, random_error_sequences: int = 16,
                   twonn_points: int = 2048, seed: int = 0, exclude_special_tokens: bool = False,
                   special_ids: Iterable[int] = (), progress: bool = True,
                   activation_scalers: Sequence | None = None) -> list[dict[str, float]]:

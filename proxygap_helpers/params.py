@@ -178,7 +178,7 @@ class EvalParams(_Strict):
     swd: bool = True
     gwd: bool = True  # first-order gradient-weighted distortion: one backward per eval batch, shared by the SAEs
     random_error_draws: int = Field(default=4, ge=0, le=64)  # Gurnee's random-error baseline; 0 turns it off
-    random_error_sequences: int = Field(default=32, ge=1)  # its fixed, evenly spaced subset of eval sequences
+    random_error_sequences: int = Field(default=16, ge=1)  # its fixed, evenly spaced subset of eval sequences
     twonn_points: int = Field(default=2048, ge=3, le=65536)  # seeded positions for the TwoNN dimension (D3)
     seed: int = Field(default=0, ge=0)  # seeds the TwoNN subsample and the random directions
 

@@ -343,12 +343,15 @@ def _section_proxy(board: pd.DataFrame, verdict_detail: list[str]) -> tuple[str,
             text += (f" The best of the other proxies is **{c['proxy']}** (MAE {_num(c['mae']):.4f}, gain over ΔR² "
                      f"{fmt_ci(c.get('mae_vs_r2'), c.get('mae_vs_r2_lo'), c.get('mae_vs_r2_hi'), digits=4)}"
                      f"{', beats ΔR²' if bool(c.get('beats_r2', False)) else ', not clearly better than ΔR²'}).")
+    geometry = []
     for proxy, name in (("d_swd", "the Fisher pullback ΔSWD"), ("d_gwd", "the first-order ΔGWD")):
         if proxy in set(rows["proxy"]):
             r = rows[rows["proxy"] == proxy].iloc[0]
-            text += (f" Among the geometry-aware proxies, {name} ranks {int(list(rows['proxy']).index(proxy)) + 1} "
-                     f"of {len(rows)} (MAE {_num(r['mae']):.4f}"
-                     f"{', beats ΔR²' if bool(r.get('beats_r2', False)) else ', not clearly better than ΔR²'}).")
+            geometry.append(f"{name} ranks {int(list(rows['proxy']).index(proxy)) + 1} of {len(rows)} (MAE "
+                            f"{_num(r['mae']):.4f}"
+                            f"{', beats ΔR²' if bool(r.get('beats_r2', False)) else ', not clearly better than ΔR²'})")
+    if geometry:
+        text += f" Of the geometry-aware proxies, {' and '.join(geometry)}."
     if cheap_beating:
         verdict = "beats r2"
     elif beating:
