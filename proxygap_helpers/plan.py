@@ -19,8 +19,13 @@ from .layout import cache_root
 from .params import ROLES, Params, format_tokens, short_hash
 
 NOTEBOOK_OVERHEAD_S = 6.0  # kernel start + imports (torch, sae_lens) per executed notebook, measured here
-EVAL_FORWARD_EQUIV = 12.0  # LM forwards per eval token: clean, SAE, zero and mean passes, the JVP (~3), SAE
-#                           encode/decode and loading; measured 12-18 on the default grid (2026-11-26)
+# Evaluation in LM forwards per eval token (metrics.evaluate_saes), measured at 512 x 128 eval tokens with the
+# default grid's shapes, one thread, CPU time (2026-11-30): once per unit and model, the activation statistics,
+# the clean forward and its backward, the zero and mean ablations and TwoNN (5.1 large, 9.1 small); per SAE,
+# its patched forward, the JVP (~3), the SAE itself and its statistics (6.7-7.1), plus the random-error draws
+# on their subset. (The former one-SAE-at-a-time evaluation measured 10.5 / 15.0 per SAE there.)
+EVAL_MODEL_FORWARD_EQUIV = 7.0
+EVAL_FORWARD_EQUIV = 7.0
 SAE_FIXED_S = 1.0  # per training run: SAE + trainer set-up, norm-estimate batches, saving
 
 
@@ -192,22 +197,31 @@ def calibration(p: Params, out_dir: Path) -> dict:
     return cache[key]
 
 
+def eval_forwards_per_sae(p: Params) -> float:
+    """LM forwards per eval token that each SAE adds: EVAL_FORWARD_EQUIV plus the random-error draws, each a
+    forward over its subset of ``min(random_error_sequences, eval_sequences)`` sequences."""
+    ev, n_seq = p.evaluation, p.data.eval_sequences
+    return EVAL_FORWARD_EQUIV + ev.random_error_draws * min(ev.random_error_sequences, n_seq) / n_seq
+
+
 def sae_seconds(p: Params, cal: dict, specs) -> float:
     """Train + evaluate time of these SAEs (one unit): per training run, the tokens up to
-    ``dead_tokens_window`` at the plain step rate and the rest at the AuxK rate, plus SAE_FIXED_S; per SAE,
-    EVAL_FORWARD_EQUIV forward passes over the eval tokens. Hub models produce activations online: one LM
-    pass per unit for the fast trainer (the longest run's rows), one per run for the saelens trainer."""
+    ``dead_tokens_window`` at the plain step rate and the rest at the AuxK rate, plus SAE_FIXED_S; per model of
+    the unit, EVAL_MODEL_FORWARD_EQUIV forward passes over the eval tokens, and per SAE ``eval_forwards_per_sae``.
+    Hub models produce activations online: one LM pass per unit for the fast trainer (the longest run's rows),
+    one per run for the saelens trainer."""
     from .training import runs_for
 
     n_eval = p.data.eval_sequences * p.data.context_size
     window = p.sae.dead_tokens_window
     norm_rows = p.sae.norm_estimate_batches * p.sae.batch_size
     t, lm_rows = 0.0, []
+    t += sum(EVAL_MODEL_FORWARD_EQUIV * n_eval / cal[role]["eval_forward_tok_s"] for role in {s.role for s in specs})
     for run in runs_for(p, specs):
         c = cal[run[0].role]
         total = max(s.tokens for s in run)
         t += min(total, window) / c["sae_tok_s"] + max(0, total - window) / c["sae_aux_tok_s"] + SAE_FIXED_S
-        t += len(run) * EVAL_FORWARD_EQUIV * n_eval / c["eval_forward_tok_s"]
+        t += len(run) * eval_forwards_per_sae(p) * n_eval / c["eval_forward_tok_s"]
         lm_rows.append(total + norm_rows)
     if not p.embedded and lm_rows:
         rows = max(lm_rows) if p.sae.trainer == "fast" else sum(lm_rows)

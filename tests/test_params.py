@@ -276,19 +276,24 @@ def test_plan_phase2_pythia_offline(tmp_path, monkeypatch):
 
 def test_plan_time_model_by_hand():
     """``plan``'s arithmetic on made-up throughputs: plain steps up to the dead window, AuxK steps after it,
-    a fixed cost per run, EVAL_FORWARD_EQUIV forwards per eval token; units packed longest-first onto
-    ``jobs`` workers."""
+    a fixed cost per run, EVAL_MODEL_FORWARD_EQUIV forwards per eval token once per model and
+    EVAL_FORWARD_EQUIV plus the random-error draws per SAE; units packed longest-first onto ``jobs`` workers."""
     from proxygap_helpers import plan
 
     p = load_params(PARAMS / "smoke.yaml")  # window 8192, budgets 8192 and 32768, eval 32 x 64 tokens
     cal = {r: {"sae_tok_s": 1000.0, "sae_aux_tok_s": 500.0, "eval_forward_tok_s": 7000.0} for r in ("small", "large")}
     short, long_ = (next(s for s in p.sae_specs(role="small", k=8, seed=0) if s.tokens == t) for t in (8192, 32768))
-    evaluation = plan.EVAL_FORWARD_EQUIV * 32 * 64 / 7000
-    assert plan.sae_seconds(p, cal, [short]) == pytest.approx(8.192 + 1 + evaluation)
-    assert plan.sae_seconds(p, cal, [long_]) == pytest.approx(8.192 + 24576 / 500 + 1 + evaluation)
+    # random-error draws: 4 forwards over 16 of the 32 eval sequences = 2 forwards per SAE
+    assert plan.eval_forwards_per_sae(p) == pytest.approx(plan.EVAL_FORWARD_EQUIV + 4 * 16 / 32)
+    model = plan.EVAL_MODEL_FORWARD_EQUIV * 32 * 64 / 7000
+    evaluation = (plan.EVAL_FORWARD_EQUIV + 2) * 32 * 64 / 7000
+    assert plan.sae_seconds(p, cal, [short]) == pytest.approx(8.192 + 1 + model + evaluation)
+    assert plan.sae_seconds(p, cal, [long_]) == pytest.approx(8.192 + 24576 / 500 + 1 + model + evaluation)
+    assert plan.sae_seconds(p, cal, [short, long_]) == pytest.approx(
+        2 * 8.192 + 24576 / 500 + 2 + model + 2 * evaluation)  # the per-model passes once for both SAEs
     ladder = load_params(PARAMS / "smoke.yaml", overrides={"sae.budget_mode": "ladder"})
     run = ladder.sae_specs(role="small", k=8, seed=0)  # one run to 32768 with a checkpoint at 8192
-    assert plan.sae_seconds(ladder, cal, run) == pytest.approx(8.192 + 24576 / 500 + 1 + 2 * evaluation)
+    assert plan.sae_seconds(ladder, cal, run) == pytest.approx(8.192 + 24576 / 500 + 1 + model + 2 * evaluation)
     assert plan._makespan([5, 4, 3, 3], 2) == 8 and plan._makespan([5, 4, 3, 3], 1) == 15
     assert plan._makespan([5, 4, 3, 3], 8) == 5
 
