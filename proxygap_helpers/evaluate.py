@@ -35,7 +35,7 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
 
     All of them are evaluated together (``metrics.evaluate_saes``), so the per-model work (activation
     statistics, clean forward and gradient, ablations) is done once; ``eval_seconds`` is each SAE's share
-    of that call (``eval_seconds_total`` / ``eval_saes_together``).
+    of that call (``eval_unit_seconds`` over ``provenance.saes_evaluated_together``).
     """
     from .metrics import evaluate_saes
 
@@ -65,11 +65,10 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
                "tokens_per_latent": spec.tokens / p.d_sae(role), "trainer": train_meta.get("trainer", "saelens"),
                "train_seconds": train_meta["train_seconds"], "budget_mode": train_meta["budget_mode"],
                "epochs_used": train_meta["epochs_used"], "eval_hash": p.eval_hash,
-               "eval_seconds": total / len(todo), "eval_seconds_total": total, "eval_saes_together": len(todo),
-               "finished_at": provenance.now(),
+               "eval_seconds": total / len(todo), "eval_unit_seconds": total, "finished_at": provenance.now(),
                "provenance": provenance.record(p.params_hash(), sae_hash=train_meta["sae_hash"], started=started,
                                                eval_tokens_shape=list(np.shape(tokens)),
-                                               evaluation=ev.model_dump(),
+                                               evaluation=ev.model_dump(), saes_evaluated_together=len(todo),
                                                peak_rss_mb=provenance.peak_rss_mb())}
         write_json_atomic(metrics_path(out_dir, spec.sae_id), rec)
     return [read_json(metrics_path(out_dir, s.sae_id)) for s in specs]
