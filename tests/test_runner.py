@@ -143,14 +143,16 @@ KILL_POINTS = (
 
 
 def run_and_kill(env, micro, out: Path, log: Path, trigger, max_extra: float, rng) -> dict:
-    """Start a run; once ``trigger(out)`` holds, wait a random 0..max_extra s and SIGKILL the whole tree."""
+    """Start a run; once it has printed its first line (it holds the lock: a stale one was reported) and
+    ``trigger(out)`` holds, wait a random 0..max_extra s and SIGKILL the whole tree. (A trigger that already
+    holds when the run starts, e.g. a directory an earlier killed run left, must not kill it before that.)"""
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "proxygap_helpers", "run", str(micro), "--out", str(out)],
                                 cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         try:
             deadline = time.time() + RUN_TIMEOUT
-            while not trigger(out) and proc.poll() is None:
+            while not ("proxygap: " in log.read_text() and trigger(out)) and proc.poll() is None:
                 assert time.time() < deadline, "kill point never reached"
                 time.sleep(0.05)
             extra = rng.uniform(0, max_extra)
