@@ -22,6 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {  # top to bottom
     "orchestration": ("grid", "executors", "slurm", "plan", "runlock"),
     "stages": ("extract", "train", "evaluate", "aggregate", "publish"),
     "science and analysis": ("data", "models", "activations", "training", "engine", "sparse_step", "metrics",
+                             "dimensionality",
                              "stats", "leaderboard", "claims", "budget_curves", "plots", "report", "summary"),
     "config": ("params", "files", "layout", "provenance"),
 }
