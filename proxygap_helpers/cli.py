@@ -52,12 +52,24 @@ def _writable(out: Path) -> None:
                           "choose another with --out")
 
 
+def _check_text(p, params_path: str) -> None:
+    """A local copy of the text (``data.pile_files``): its splits, files and text field, before any work."""
+    from .data import check_text_source, text_source
+
+    try:
+        check_text_source(text_source(p.data))
+    except ParamsError as e:
+        raise ParamsError(f"{params_path}: {e}. Nothing was run or written.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         p, out = resolve(args.params, args.out)
         if args.command in ("run", "report"):
             _writable(out)
+        if args.command in ("run", "plan") and not p.embedded:
+            _check_text(p, args.params)
         if args.command == "run" and args.jobs is not None and not 1 <= args.jobs <= 64:
             raise ParamsError(f"--jobs = {args.jobs}: must be an integer in [1, 64]")
         if args.command == "run" and p.embedded:

@@ -13,20 +13,31 @@ Size (sympy 1.14.0): 818 files, 15.85M characters. At eval_fraction 0.1 the eval
 (4927 eval sequences of 128). ``data.max_chars`` 1.5M (smoke) keeps 90 files, 1.51M characters.
 
 The files are split into train/eval *by file* (disjoint), each split sorted by path and joined with the
-end-of-text token. A byte-level BPE tokenizer is trained on the train split. Reference grid: the Pile,
-streamed with ``datasets`` and tokenized with the Pythia tokenizer (needs internet).
+end-of-text token. A byte-level BPE tokenizer is trained on the train split.
+
+Reference grid: the Pile (or any corpus with a text field), tokenized with the Pythia tokenizer and packed
+into rows of ``context_size`` tokens, documents joined by EOT. Read with ``datasets`` in streaming mode (nothing
+is converted or cached) from a hub dataset id (``data.pile_dataset``, needs internet) or from local files
+(``data.pile_files``: ``.jsonl``, ``.jsonl.zst``, ``.parquet``; a folder's splits from its file names). SAEs
+train on the ``train`` split; the eval rows are the first rows of the ``validation`` split, and training rows
+equal to an eval row are dropped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import io
+import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
+
+from .params import DataParams, ParamsError
 
 EOT = "<|endoftext|>"
 PAD = "<|padding|>"
@@ -180,17 +191,204 @@ def token_hash(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
 
 
-def pile_sequences(dataset: str, tokenizer, context_size: int, split: str = "train",
-                   skip_docs: int = 0) -> Iterator[np.ndarray]:
-    """Stream the Pile (needs internet) as rows of ``context_size`` tokens, documents joined by EOT."""
+# --------------------------------------------------------------------------- the reference grid's text
+TEXT_FORMATS = {".jsonl": "json", ".jsonl.zst": "json", ".parquet": "parquet"}  # suffix -> datasets builder
+SPLITS = ("train", "validation")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where the reference grid's text comes from: a hub dataset id (``files`` empty) or local files per split."""
+
+    hub_id: str | None
+    files: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    text_field: str = "text"
+
+    def describe(self) -> dict:
+        """For provenance: the hub id, or each split's files with their sizes and modification times."""
+        if self.hub_id:
+            return {"hub_dataset": self.hub_id, "text_field": self.text_field}
+        return {"text_field": self.text_field, "files": {
+            split: [{"path": f, "bytes": os.path.getsize(f), "mtime": int(os.path.getmtime(f))} for f in fs]
+            for split, fs in self.files.items()}}
+
+
+def _format(path: str | Path) -> str | None:
+    name = str(path).lower()
+    return next((b for suf, b in TEXT_FORMATS.items() if name.endswith(suf)), None)
+
+
+def _text_files(path: Path, key: str) -> tuple[str, ...]:
+    """A supported file, or every supported file under a folder (sorted, hidden ones skipped)."""
+    if path.is_file():
+        if _format(path) is None:
+            raise ParamsError(f"key `{key}` = {str(path)!r}: unsupported file type; give {', '.join(TEXT_FORMATS)} "
+                              "files (or a folder of them)")
+        return (str(path),)
+    found = sorted(str(f) for f in path.rglob("*") if f.is_file() and _format(f)
+                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    if not found:
+        raise ParamsError(f"key `{key}` = {str(path)!r}: the folder holds no {', '.join(TEXT_FORMATS)} files "
+                          "(an empty dataset)")
+    return tuple(found)
+
+
+_SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
+
+
+def _split_of(rel: Path) -> str | None:
+    """The split a file's name says, else its nearest folder's: names are cut at ``-``, ``.``, ``_``, spaces and
+    digits and a word is looked up in the keywords ``datasets`` uses (``train``/``training``, ``validation``/
+    ``valid``/``val``/``dev``, ``test``)."""
+    for part in reversed(rel.parts):
+        for word in re.split(r"[-._ 0-9]+", part.lower()):
+            if word in _SPLIT_WORDS:
+                return _SPLIT_WORDS[word]
+    return None
+
+
+def _folder_splits(root: Path) -> dict[str, tuple[str, ...]]:
+    """The train and validation files of a local folder, by name (:func:`_split_of`): ``train.jsonl`` +
+    ``validation.jsonl.zst``, or the Pile's own layout ``train/00.jsonl.zst ...`` + ``val.jsonl.zst``. Test files
+    and files that name no split are not read."""
+    key = "data.pile_files"
+    files = _text_files(root, key)
+    splits: dict[str | None, list[str]] = {}
+    for f in files:
+        splits.setdefault(_split_of(Path(f).relative_to(root)), []).append(f)
+    missing = [s for s in SPLITS if not splits.get(s)]
+    if missing:
+        seen = {s or "no split": len(fs) for s, fs in splits.items()}
+        raise ParamsError(
+            f"key `{key}` = {str(root)!r}: no {' / '.join(missing)} split among its {', '.join(TEXT_FORMATS)} files "
+            f"(files per split: {seen}). Name the files by split, e.g. train.jsonl.zst and validation.jsonl.zst (or "
+            "folders train/ and val/), or give `data.pile_files: {train: PATH, validation: PATH}`")
+    return {s: tuple(splits[s]) for s in SPLITS}
+
+
+def text_source(d: DataParams) -> TextSource:
+    """The reference grid's text source from params; raises ParamsError (naming the key) for a local copy whose
+    files cannot serve: unsupported types, no files, no train or validation split, one builder per split."""
+    if d.pile_files is None:
+        return TextSource(d.pile_dataset, {}, d.text_field)
+    if isinstance(d.pile_files, str):
+        root = Path(d.pile_files)
+        if root.is_file():
+            raise ParamsError(f"key `data.pile_files` = {d.pile_files!r} is one file, but the grid needs a train and a "
+                              "validation split: give a folder with files named by split, or "
+                              "`{train: FILE_OR_FOLDER, validation: FILE_OR_FOLDER}`")
+        files = _folder_splits(root)
+    else:
+        files = {s: _text_files(Path(d.pile_files[s]), f"data.pile_files.{s}") for s in SPLITS}
+    for split, fs in files.items():
+        kinds = {_format(f) for f in fs}
+        if len(kinds) > 1:
+            raise ParamsError(f"key `data.pile_files`: the {split} split mixes JSON lines and parquet files; keep one "
+                              "format per split")
+    return TextSource(None, files, d.text_field)
+
+
+def _first_record(path: str) -> dict | None:
+    """The first record of a local text file (None when it has none), reading only its start."""
+    if _format(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if pf.metadata.num_rows == 0:
+            return None
+        return {name: None for name in pf.schema_arrow.names}  # the fields; the type is checked below
+    opener = open
+    if path.lower().endswith(".zst"):
+        import zstandard
+
+        def opener(p, mode):  # noqa: E306 - a streaming zstd reader as a text file
+            return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(p, "rb"), read_across_frames=True,
+                                                                                closefd=True),
+                                    encoding="utf-8")
+    with opener(path, "r") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise ParamsError(f"{path}: line {n} is not JSON ({e}); give JSON lines, one record per line "
+                                      "with a text field") from None
+                if not isinstance(rec, dict):
+                    raise ParamsError(f"{path}: line {n} is a JSON {type(rec).__name__}, not a record with a text "
+                                      "field")
+                return rec
+    return None
+
+
+def check_text_source(src: TextSource) -> dict[str, int]:
+    """Peek into every local file (its first record only) before any work: each split must hold records, and every
+    file's first record must have the text field. Raises ParamsError naming the file and the key to change.
+    Returns the number of files per split (nothing to check for a hub id, which needs the network)."""
+    if src.hub_id:
+        return {}
+    for split, files in src.files.items():
+        firsts = {f: _first_record(f) for f in files}
+        if all(r is None for r in firsts.values()):
+            raise ParamsError(f"key `data.pile_files`: the {split} split has no records (empty dataset: "
+                              f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''})")
+        for f, rec in firsts.items():
+            if rec is not None and src.text_field not in rec:
+                raise ParamsError(f"{f}: its records have no `{src.text_field}` field (fields: "
+                                  f"{', '.join(sorted(rec)) or 'none'}); set `data.text_field` to the field that "
+                                  "holds the text")
+            if rec is not None and rec[src.text_field] is not None and not isinstance(rec[src.text_field], str):
+                raise ParamsError(f"{f}: its `{src.text_field}` field holds {type(rec[src.text_field]).__name__}, "
+                                  "not text; set `data.text_field` to the field that holds the text")
+    return {s: len(fs) for s, fs in src.files.items()}
+
+
+def text_docs(src: TextSource, split: str) -> Iterator[str]:
+    """The documents of a split, in order, streamed with ``datasets`` (a hub id needs the network)."""
     from datasets import load_dataset
 
-    ds = load_dataset(dataset, split=split, streaming=True).skip(skip_docs)
+    if src.hub_id:
+        ds = load_dataset(src.hub_id, split=split, streaming=True)
+    else:
+        builder = _format(src.files[split][0])
+        extra = {"columns": [src.text_field]} if builder == "parquet" else {}
+        ds = load_dataset(builder, data_files={split: list(src.files[split])}, split=split, streaming=True, **extra)
+    for doc in ds:
+        text = doc[src.text_field]
+        if text:
+            yield text
+
+
+def row_hash(row: np.ndarray) -> str:
+    """Hash of one row of token ids (as int32): what tells an eval row in the training stream."""
+    return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.int32).tobytes(), digest_size=12).hexdigest()
+
+
+def pack_rows(docs: Iterable[str], tokenizer, context_size: int, exclude: frozenset[str] = frozenset(),
+              batch_docs: int = 64) -> Iterator[np.ndarray]:
+    """Token rows ``[context_size]`` (int32) of documents joined by EOT (each document's ids, then EOT), packed
+    without padding; a row whose :func:`row_hash` is in ``exclude`` is skipped. Documents are tokenized
+    ``batch_docs`` at a time (the fast tokenizer's batch path)."""
     eot = tokenizer.eos_token_id
     buf: list[int] = []
-    for doc in ds:
-        buf.extend(tokenizer(doc["text"], add_special_tokens=False)["input_ids"])
-        buf.append(eot)
-        while len(buf) >= context_size:
-            yield np.asarray(buf[:context_size], dtype=np.int32)
-            del buf[:context_size]
+    docs = iter(docs)
+    while True:
+        batch = [d for _, d in zip(range(batch_docs), docs)]
+        if not batch:
+            return
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            buf.extend(ids)
+            buf.append(eot)
+        start = 0
+        while len(buf) - start >= context_size:
+            row = np.asarray(buf[start:start + context_size], dtype=np.int32)
+            start += context_size
+            if not exclude or row_hash(row) not in exclude:
+                yield row
+        del buf[:start]
+
+
+def text_rows(src: TextSource, tokenizer, context_size: int, split: str,
+              exclude: frozenset[str] = frozenset()) -> Iterator[np.ndarray]:
+    """Rows of ``context_size`` tokens of a split (see :func:`pack_rows`); the same rows every time."""
+    return pack_rows(text_docs(src, split), tokenizer, context_size, exclude)

@@ -58,6 +58,7 @@ class Run:
         self.metas: list[dict] = []
         self.started = False
         self.epochs_used = 1
+        self.lm_tokens: int | None = None  # the shared stream's LM tokens so far (online source; None for a store)
 
     # ------------------------------------------------------------------ state
     def _start(self) -> None:
@@ -166,7 +167,7 @@ class Run:
                                        "trainer": "fast", "device": self.device, "precision": precision,
                                        "deterministic": self.device == "cpu", "scaling_factor": self.scale,
                                        "buffer_tokens": self.p.sae.buffer_tokens, "set_runs": self.set_size,
-                                       "set_saes": self.unit_saes})
+                                       "set_saes": self.unit_saes, "stream_lm_tokens": self.lm_tokens})
         training.save_sae(self.out_dir, spec, sae, [r for r in self.log if r["step"] <= self.step], meta)
         self.metas.append(meta)
 
@@ -246,6 +247,7 @@ def train_set(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name
             for run in runs:
                 if not run.done:
                     run.epochs_used = getattr(source, "epochs_used", 1)
+                    run.lm_tokens = getattr(source, "lm_tokens", None)
                     run.consume(c, chunk, precision, bar)
                     if run.done:
                         run.release()

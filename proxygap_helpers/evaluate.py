@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from . import provenance
-from .extract import load_eval_tokens, model_name, model_source
+from .data import token_hash
+from .extract import load_eval_tokens, load_model, model_name
 from .files import read_json, write_json_atomic
 from .layout import metrics_path
-from .models import load_hf
 from .params import Params
 from .training import load_sae
 
@@ -46,7 +46,8 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
         return [read_json(metrics_path(out_dir, s.sae_id)) for s in specs]
     t0, started = time.time(), provenance.now()
     tokens = load_eval_tokens(out_dir)
-    model = load_hf(model_source(p, out_dir, role), device=device)
+    tokens_hash = token_hash(tokens)  # the same eval rows for both models and every SAE: recorded with each
+    model = load_model(p, out_dir, role, device)
     special = (0, 1) if p.embedded else (model.config.eos_token_id,)
     loaded = [load_sae(out_dir, spec.sae_id, device) for spec in todo]
     ev = p.evaluation
@@ -67,7 +68,7 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
                "epochs_used": train_meta["epochs_used"], "eval_hash": p.eval_hash,
                "eval_seconds": total / len(todo), "eval_unit_seconds": total, "finished_at": provenance.now(),
                "provenance": provenance.record(p.params_hash(), sae_hash=train_meta["sae_hash"], started=started,
-                                               eval_tokens_shape=list(np.shape(tokens)),
+                                               eval_tokens_shape=list(np.shape(tokens)), eval_tokens_hash=tokens_hash,
                                                evaluation=ev.model_dump(), saes_evaluated_together=len(todo),
                                                peak_rss_mb=provenance.peak_rss_mb())}
         write_json_atomic(metrics_path(out_dir, spec.sae_id), rec)

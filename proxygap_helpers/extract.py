@@ -2,8 +2,12 @@
 
 Embedded grids: text -> tokenizer -> two tiny GPT-NeoX models, trained here and cached under
 ``<results>/.cache/models/<hash>`` (keyed by corpus, tokenizer and model config), copied to
-``<out>/models/<role>/``. Hub grids: the Pythia checkpoints by name; activations come from the online
-source at training time, so no store is written.
+``<out>/models/<role>/``. Hub grids: the Pythia checkpoints by hub id and revision (or from a local folder,
+``path``); the eval rows are the first rows of the text's validation split, and activations come from the
+online source (the train split, minus any row equal to an eval row) at training time, so no store is written.
+
+Both write ``data/eval_tokens.npy`` (the eval rows: the same for both models and every SAE) and
+``data/eval_tokens.json`` (its hash, shape and where the text came from).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +25,32 @@ import torch
 from . import data, models
 from .activations import StoreError, remove_store, store_dir, verify_store, write_store
 from .files import read_json, write_json_atomic
-from .layout import EVAL_TOKENS, cache_root, model_dir
+from .layout import EVAL_META, EVAL_TOKENS, cache_root, model_dir
 from .params import ROLES, Params, short_hash
 
 MODEL_META = "proxygap_model.json"
 
 
 def model_source(p: Params, out_dir: Path, role: str) -> str:
-    """What ``models.load_hf`` takes for a role: the local dir (embedded) or the hub name."""
+    """What ``models.load_hf`` takes for a role: a local dir (embedded, or a hub model's ``path``) or the hub id."""
     m = p.models[role]
-    return str(model_dir(out_dir, role)) if m.source == "embedded" else m.name
+    if m.source == "embedded":
+        return str(model_dir(out_dir, role))
+    return m.path or m.name
+
+
+def model_revision(p: Params, role: str) -> str:
+    """The hub revision of a role's checkpoint (``main`` for local folders, where it is not used)."""
+    return getattr(p.models[role], "revision", "main")
+
+
+def load_model(p: Params, out_dir: Path, role: str, device: str = "cpu"):
+    """A role's ``GPTNeoXForCausalLM`` (source and revision as the params say): what every stage runs."""
+    return models.load_hf(model_source(p, out_dir, role), model_revision(p, role), device)
+
+
+def load_tokenizer(p: Params, out_dir: Path, role: str):
+    return models.load_tokenizer(model_source(p, out_dir, role), model_revision(p, role))
 
 
 def model_name(p: Params, role: str) -> str:
@@ -90,18 +111,14 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
     d = p.data
     t0 = time.time()
     if not p.embedded:
-        tok = models.load_tokenizer(p.models["small"].name, p.models["small"].revision)
-        rows = data.pile_sequences(d.pile_dataset, tok, d.context_size, split="validation")
-        eval_seqs = np.stack([next(rows) for _ in range(d.eval_sequences)])
-        _save_eval(out_dir, eval_seqs)
-        return {"eval_tokens_hash": data.token_hash(eval_seqs), "stores": {}, "seconds": time.time() - t0}
+        return _extract_hub(p, out_dir, t0)
 
     corpus, tok_dir, tok, train_ids, eval_ids = _tokenized(p, out_dir, progress)
     eval_seqs = data.to_sequences(eval_ids, d.context_size, d.eval_sequences)
     if len(eval_seqs) < d.eval_sequences:
         print(f"note: the eval split holds only {len(eval_seqs)} sequences of {d.context_size} tokens "
               f"(data.eval_sequences = {d.eval_sequences})", file=sys.stderr)
-    _save_eval(out_dir, eval_seqs)
+    _save_eval(out_dir, eval_seqs, {"text": {"corpus_hash": corpus.content_hash, "eval_files": len(corpus.eval_files)}})
     model_metas = _train_pair(p, out_dir, corpus, tok_dir, tok, train_ids, eval_seqs, progress)
 
     all_rows = data.to_sequences(train_ids, d.context_size)
@@ -121,7 +138,7 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
             if (sdir / "meta.json").exists() or (sdir / "acts.bin").exists():
                 print(f"rebuilding activation store: {e}", file=sys.stderr)
             remove_store(sdir)
-        lm = models.load_hf(model_source(p, out_dir, role), device=device)
+        lm = load_model(p, out_dir, role, device)
         stores[role] = write_store(lm, p.layer(role), store_seqs, sdir, dtype=d.store_dtype, progress=progress,
                                    meta={"role": role, "model": model_source(p, out_dir, role), **expect,
                                          "model_name": model_name(p, role)})
@@ -133,12 +150,42 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
             "seconds": time.time() - t0}
 
 
-def _save_eval(out_dir: Path, eval_seqs: np.ndarray) -> None:
+def _extract_hub(p: Params, out_dir: Path, t0: float) -> dict:
+    """Hub grids: check the text source and the two tokenizers, then write the eval rows (first rows of the
+    validation split, tokenized once: the same ids for both models)."""
+    d = p.data
+    src = data.text_source(d)
+    data.check_text_source(src)
+    toks = {r: load_tokenizer(p, out_dir, r) for r in ROLES}
+    same = toks["small"].get_vocab() == toks["large"].get_vocab()
+    if not same or toks["small"].eos_token_id != toks["large"].eos_token_id:
+        raise ValueError(f"the tokenizers of {p.models['small'].name} and {p.models['large'].name} differ: both models "
+                         "must read the same token ids (the eval rows are tokenized once); use two models of one family")
+    rows = data.text_rows(src, toks["small"], d.context_size, "validation")
+    eval_rows = list(islice(rows, d.eval_sequences))
+    if len(eval_rows) < d.eval_sequences:
+        raise ValueError(f"the validation split holds only {len(eval_rows)} rows of {d.context_size} tokens, but "
+                         f"data.eval_sequences = {d.eval_sequences}: lower it or give more validation text")
+    eval_seqs = np.stack(eval_rows)
+    meta = _save_eval(out_dir, eval_seqs, {"text": src.describe(), "split": "validation",
+                                           "tokenizer": f"{model_source(p, out_dir, 'small')}@{model_revision(p, 'small')}"})
+    checkpoints = {r: {"name": p.models[r].name, "source": model_source(p, out_dir, r), "revision": model_revision(p, r),
+                       "n_layers": p.models[r].n_layers, "d_model": p.models[r].d_model, "hook": p.hook(r)}
+                   for r in ROLES}
+    return {**meta, "checkpoints": checkpoints, "stores": {}, "seconds": time.time() - t0}
+
+
+def _save_eval(out_dir: Path, eval_seqs: np.ndarray, meta: dict) -> dict:
+    """Write the eval rows and, beside them, their hash and where they came from; returns that record."""
     path = Path(out_dir) / EVAL_TOKENS
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("eval_tokens.tmp.npy")
     np.save(tmp, eval_seqs.astype(np.int32))
     os.replace(tmp, path)
+    rec = {"eval_tokens_hash": data.token_hash(eval_seqs.astype(np.int32)), "eval_sequences": int(len(eval_seqs)),
+           "context_size": int(eval_seqs.shape[1]), **meta}
+    write_json_atomic(Path(out_dir) / EVAL_META, rec)
+    return rec
 
 
 def load_eval_tokens(out_dir: Path) -> np.ndarray:
@@ -148,16 +195,20 @@ def load_eval_tokens(out_dir: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def online_source(p: Params, out_dir: Path, role: str, device: str):
-    """Activations streamed from the model over the Pile (reference grid; needs internet).
+def training_rows(p: Params, out_dir: Path, tokenizer):
+    """The hub path's SAE training text: rows of the train split, every row equal to an eval row
+    (``data/eval_tokens.npy``) dropped, so no eval row is ever trained on. The same rows on every call."""
+    exclude = frozenset(data.row_hash(r) for r in load_eval_tokens(out_dir))
+    return data.text_rows(data.text_source(p.data), tokenizer, p.data.context_size, "train", exclude)
 
-    The text stream is the same for every seed; the SAE's seed drives the shuffle buffer.
+
+def online_source(p: Params, out_dir: Path, role: str, device: str):
+    """Activations streamed from a role's model over :func:`training_rows` (the reference grid).
+
+    The text stream is the same for every seed; each SAE's seed drives its own order within a chunk.
     """
     from .activations import OnlineSource
 
-    m = p.models[role]
-    revision = getattr(m, "revision", "main")
-    lm = models.load_hf(model_source(p, out_dir, role), revision, device)
-    tok = models.load_tokenizer(model_source(p, out_dir, role), revision)
-    return OnlineSource(lm, p.layer(role),
-                        lambda seed: data.pile_sequences(p.data.pile_dataset, tok, p.data.context_size))
+    lm = load_model(p, out_dir, role, device)
+    tok = load_tokenizer(p, out_dir, role)
+    return OnlineSource(lm, p.layer(role), lambda seed: training_rows(p, out_dir, tok))

@@ -6,6 +6,7 @@ directory (``results/<grid>/`` by default)::
     <out>/params.resolved.yaml          resolved_params(out)
     <out>/models/<role>/                model_dir(out, role)      embedded models: HF-format dir
     <out>/data/eval_tokens.npy          <out> / EVAL_TOKENS       held-out eval token ids [n_seq, ctx]
+    <out>/data/eval_tokens.json         <out> / EVAL_META         their hash, shape and text source
     <out>/activations/<role>/           store_dir(out, role)      activation store (acts.bin + meta.json)
     <out>/saes/<sae id>/                sae_dir(out, sae_id)      SAELens format
     <out>/runs/<unit or sae id>/        run_dir(out, uid)         done.json / error.json / running.json,
@@ -25,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 EVAL_TOKENS = "data/eval_tokens.npy"  # relative to the output directory
+EVAL_META = "data/eval_tokens.json"  # their hash, shape and where the text came from
 DONE, ERROR, RUNNING = "done.json", "error.json", "running.json"  # a unit's state files in its run dir
 
 

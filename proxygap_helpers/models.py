@@ -109,37 +109,57 @@ def lm_eval_loss(model, seqs: np.ndarray, batch: int = 16) -> float:
 
 
 # --------------------------------------------------------------------------- loading
+# ``source`` is a local HF-format folder or a hub id; ``revision`` (a branch such as Pythia's ``step143000``, a tag
+# or a commit) selects the hub checkpoint and is ignored for a folder. With ``HF_HUB_OFFLINE=1`` a hub id resolves
+# from the Hugging Face cache ($HF_HOME/hub) without the network.
+def _revision(source: str, revision: str) -> dict:
+    return {} if Path(source).is_dir() else {"revision": revision}
+
+
+def _files_dir(source: str, revision: str) -> str:
+    """The local folder holding a checkpoint's tokenizer files: ``source`` itself, or a hub id's snapshot in the
+    Hugging Face cache at ``revision`` (fetched first where needed). TransformerLens re-loads the tokenizer it is
+    given from its ``name_or_path`` without a revision (``get_tokenizer_with_bos``): a hub id would give it
+    ``main``'s tokenizer, and offline with only ``stepN`` cached it would fail."""
+    if Path(source).is_dir():
+        return source
+    from huggingface_hub import try_to_load_from_cache
+
+    load_tokenizer(source, revision)  # puts the files in the cache
+    found = try_to_load_from_cache(source, "tokenizer_config.json", revision=revision)
+    return str(Path(found).parent) if isinstance(found, str) else source
+
+
 def load_hf(source: str, revision: str = "main", device: str = "cpu", dtype=torch.float32):
-    """``GPTNeoXForCausalLM`` from a local HF-format dir or a hub name (the latter needs internet)."""
+    """``GPTNeoXForCausalLM`` from a local HF-format dir or a hub id at ``revision``."""
     from transformers import AutoModelForCausalLM
 
-    kw = {} if Path(source).is_dir() else {"revision": revision}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_revision(source, revision))
     return model.to(device).eval()
 
 
 def load_tokenizer(source: str, revision: str = "main"):
+    """The checkpoint's tokenizer (a local HF-format dir, or a hub id at ``revision``)."""
     from transformers import AutoTokenizer
 
-    kw = {} if Path(source).is_dir() else {"revision": revision}
-    return AutoTokenizer.from_pretrained(source, **kw)
+    return AutoTokenizer.from_pretrained(source, **_revision(source, revision))
 
 
 def load_hooked(source: str, revision: str = "main", device: str = "cpu", dtype=torch.float32, hf_model=None):
-    """``HookedTransformer`` for a local HF-format dir or a hub name, through one code path.
+    """``HookedTransformer`` for a local HF-format dir or a hub id at ``revision``, through one code path.
 
     ``HookedTransformer.from_pretrained`` does not take a local directory, so the config and state dict
     are built from the HF model with TransformerLens' own converters; no weight processing (no LN
-    folding, no centering), so hook activations equal the HF hidden states.
+    folding, no centering), so hook activations equal the HF hidden states. ``hf_model`` (already loaded from
+    the same source and revision) saves loading the weights twice.
     """
     from transformer_lens import HookedTransformer, loading_from_pretrained as lfp
 
     hf = hf_model if hf_model is not None else load_hf(source, revision, "cpu", dtype)
-    name = source if Path(source).is_dir() else source
-    cfg = lfp.get_pretrained_model_config(name, hf_cfg=hf.config.to_dict(), fold_ln=False, device=device,
-                                          dtype=dtype, default_prepend_bos=False)
-    model = HookedTransformer(cfg, load_tokenizer(source, revision), move_to_device=False)
-    sd = lfp.get_pretrained_state_dict(name, cfg, hf)
+    cfg = lfp.get_pretrained_model_config(source, hf_cfg=hf.config.to_dict(), fold_ln=False, device=device,
+                                          dtype=dtype, default_prepend_bos=False, **_revision(source, revision))
+    model = HookedTransformer(cfg, load_tokenizer(_files_dir(source, revision), revision), move_to_device=False)
+    sd = lfp.get_pretrained_state_dict(source, cfg, hf)
     model.load_and_process_state_dict(sd, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                       fold_value_biases=False)
     return model.to(device).eval()

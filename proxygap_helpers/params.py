@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -81,33 +82,83 @@ class EmbeddedModel(_Strict):
 
 
 class HubModel(_Strict):
-    """A Pythia checkpoint from the Hugging Face hub (needs internet, realistically a GPU)."""
+    """A pretrained Pythia checkpoint: by hub id (``name`` at ``revision``, e.g. Pythia's ``stepN``
+    checkpoints), or from a local HF-format folder (``path``: what ``save_pretrained`` writes, or a clone of the
+    hub repository), in which case ``name`` is only its label.
+
+    Shapes (layers, width, heads) come from the checkpoint's ``config.json`` where it is on disk (the folder,
+    or the Hugging Face cache for ``name`` at ``revision``), else from :data:`PYTHIA_SHAPES` (so a grid can be
+    validated and planned before anything is downloaded).
+    """
 
     source: Literal["hub"]
+    path: str | None = None  # (before name and revision: their checks read it)
     name: str
     revision: str = "main"
     layer: int | Literal["mid"] = "mid"
 
     @field_validator("name")
     @classmethod
-    def _known(cls, v: str) -> str:
-        base = v.split("/")[-1].removesuffix("-deduped")
-        if base not in PYTHIA_SHAPES:
-            raise ValueError(f"unknown model {v!r}; known Pythia models: {', '.join(PYTHIA_SHAPES)}")
+    def _known(cls, v: str, info) -> str:
+        if info.data.get("path") is None and _pythia_base(v) not in PYTHIA_SHAPES:
+            raise ValueError(f"unknown model {v!r}; known Pythia models: {', '.join(PYTHIA_SHAPES)} (or give `path`, "
+                             "a local HF-format folder, whose config.json then gives the shapes)")
         return v
+
+    @field_validator("revision")
+    @classmethod
+    def _hub_only(cls, v: str, info) -> str:
+        if info.data.get("path") is not None and v != "main":
+            raise ValueError(f"`revision` selects a checkpoint on the hub, but `path` is a local folder holding one "
+                             "checkpoint: drop `revision` or `path`")
+        return v
+
+    @cached_property
+    def config(self) -> dict | None:
+        """The checkpoint's ``config.json`` where it is on disk (None where only the hub has it)."""
+        if self.path is not None:
+            file = Path(self.path) / "config.json"
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(self.name, "config.json", revision=self.revision)
+            file = Path(found) if isinstance(found, str) else None
+        if file is None or not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except ValueError as e:
+            raise ParamsError(f"{file} is not valid JSON ({e}): the checkpoint of {self.name!r} is damaged") from None
+
+    def _shape(self, i: int, key: str) -> int:
+        cfg = self.config
+        return int(cfg[key]) if cfg is not None else PYTHIA_SHAPES[_pythia_base(self.name)][i]
 
     @property
     def n_layers(self) -> int:
-        return PYTHIA_SHAPES[self.name.split("/")[-1].removesuffix("-deduped")][0]
+        return self._shape(0, "num_hidden_layers")
 
     @property
     def d_model(self) -> int:
-        return PYTHIA_SHAPES[self.name.split("/")[-1].removesuffix("-deduped")][1]
+        return self._shape(1, "hidden_size")
+
+    @property
+    def n_heads(self) -> int:
+        return self._shape(2, "num_attention_heads")
+
+
+def _pythia_base(name: str) -> str:
+    """'EleutherAI/pythia-70m-deduped' -> 'pythia-70m' (the key of PYTHIA_SHAPES)."""
+    return name.split("/")[-1].removesuffix("-deduped")
 
 
 class DataParams(_Strict):
     source: Literal["sympy", "pile"] = "sympy"
-    pile_dataset: str = "monology/pile-uncopyrighted"
+    pile_dataset: str = "monology/pile-uncopyrighted"  # a hub dataset id, streamed (needs internet)
+    # a local copy instead: a folder (splits from its file and folder names: data.py) or {train, validation},
+    # each a file or folder of .jsonl / .jsonl.zst / .parquet (data.py reads them)
+    pile_files: str | dict[str, str] | None = None
+    text_field: str = Field(default="text", min_length=1)
     context_size: int = Field(default=128, ge=8, le=8192)
     vocab_size: int = Field(default=4096, ge=260, le=65536)
     eval_fraction: float = Field(default=0.1, gt=0, lt=0.5)
@@ -117,6 +168,16 @@ class DataParams(_Strict):
     store_dtype: Literal["float32", "float16"] = "float32"
     allow_epochs: bool = True
     seed: int = 0
+
+    @field_validator("pile_files", mode="before")
+    @classmethod
+    def _pile_files(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, dict) and set(v) == {"train", "validation"} and all(isinstance(x, str) for x in v.values()):
+            return v
+        raise ValueError("give a folder whose files are named by split, or both splits as {train: PATH, validation: "
+                         "PATH} (the SAE training text and the held-out eval text; each a file or a folder)")
 
     @field_validator("source", mode="before")
     @classmethod
@@ -240,6 +301,9 @@ class Params(_Strict):
         if "hub" in sources and self.data.source != "pile":
             raise ValueError("key `data.source`: hub (Pythia) models are evaluated on the Pile: data.source must "
                              "be 'pile'")
+        if self.data.pile_files is not None and self.data.source != "pile":
+            raise ValueError("key `data.pile_files`: a local copy of the Pile is read only with data.source 'pile' "
+                             "(hub models); remove it for embedded models")
         return self
 
     # ---- derived values (the one place they are computed) ----
@@ -269,7 +333,7 @@ class Params(_Strict):
     @cached_property
     def extract_hash(self) -> str:
         """Everything that shapes the models, the text and the activation stores."""
-        return short_hash({"data": self.data.model_dump(), "models": {r: m.model_dump() for r, m in self.models.items()},
+        return short_hash({"data": _hashed(self.data), "models": {r: _hashed(m) for r, m in self.models.items()},
                            "store_tokens": self.store_tokens})
 
     def sae_hash(self, role: str, k: int, tokens: int, seed: int) -> str:
@@ -296,6 +360,19 @@ class Params(_Strict):
 
     def params_hash(self) -> str:
         return short_hash(self.model_dump(mode="json"))
+
+
+# Keys added after results existed: they enter the hashes (extract, SAE and unit ids) only when set to something
+# other than their default, so grids that do not use them keep their ids and results.
+_LATER_KEYS = {DataParams: ("pile_files", "text_field"), HubModel: ("path",)}
+
+
+def _hashed(m: BaseModel) -> dict:
+    dump = m.model_dump()
+    for key in _LATER_KEYS.get(type(m), ()):
+        if dump[key] == type(m).model_fields[key].default:
+            del dump[key]
+    return dump
 
 
 class SAESpec:
@@ -375,7 +452,48 @@ def _rotary_dims(head_dim: int, rotary_pct: float) -> int | None:
     return n if abs(dims - n) < 1e-9 and n % 2 == 0 and n > 0 else None
 
 
+def _check_paths(p: Params) -> None:
+    """Every local path the params name exists (what is inside a text folder is ``data.check_text_source``'s)."""
+    files = p.data.pile_files
+    named = {"data.pile_files": files} if isinstance(files, str) else {f"data.pile_files.{k}": v
+                                                                       for k, v in (files or {}).items()}
+    for key, path in named.items():
+        if not Path(path).exists():
+            raise ParamsError(f"key `{key}` = {path!r}: no such file or folder (give a .jsonl, .jsonl.zst or .parquet "
+                              "file, or a folder of them)")
+    for role in ROLES:
+        m = p.models[role]
+        if getattr(m, "path", None) is None:
+            continue
+        key = f"models.{role}.path"
+        if not (Path(m.path) / "config.json").is_file():
+            raise ParamsError(f"key `{key}` = {m.path!r}: not a folder with a config.json (give a local HF-format "
+                              "checkpoint: the folder `save_pretrained` writes, or a clone of the hub repository)")
+        kind = m.config.get("model_type")
+        if kind != "gpt_neox":
+            raise ParamsError(f"key `{key}` = {m.path!r}: its config.json says model_type {kind!r}; hub models must be "
+                              "GPT-NeoX (Pythia architecture, model_type 'gpt_neox')")
+
+
+def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
+    """Local paths in ``raw`` (``data.pile_files``, ``models.<role>.path``), relative to the params file's folder,
+    made absolute in place, so that the resolved params (``params.resolved.yaml``) mean the same files anywhere."""
+    def fix(v):
+        if not isinstance(v, str):
+            return v
+        return os.path.abspath(base / os.path.expanduser(v))
+
+    data = raw.get("data")
+    if isinstance(data, dict) and "pile_files" in data:
+        pf = data["pile_files"]
+        data["pile_files"] = {k: fix(v) for k, v in pf.items()} if isinstance(pf, dict) else fix(pf)
+    for m in (raw.get("models") or {}).values() if isinstance(raw.get("models"), dict) else ():
+        if isinstance(m, dict) and "path" in m:
+            m["path"] = fix(m["path"])
+
+
 def _check_model_dependent(p: Params) -> None:
+    _check_paths(p)
     for role in ROLES:
         m = p.models[role]
         if isinstance(m, EmbeddedModel) and _rotary_dims(m.d_model // m.n_heads, m.rotary_pct) is None:
@@ -428,6 +546,7 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Pa
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
+    _absolute_paths(raw, path.resolve().parent)
     return validate_params(raw, source=str(path))
 
 

@@ -21,9 +21,13 @@ SMOKE = REPO / "params" / "smoke.yaml"
 _OWN_CACHE = not os.environ.get("PROXYGAP_TEST_CACHE")
 _SESSION_CACHE = Path(os.environ.get("PROXYGAP_TEST_CACHE") or tempfile.mkdtemp(prefix="proxygap-test-cache-"))
 os.environ["PROXYGAP_CACHE"] = str(_SESSION_CACHE)
+# A Hugging Face cache of the session's own (never the developer's): tests that need hub checkpoints build them
+# there (tests/test_hub_rehearsal.py), and nothing else can find a model that the session did not make.
+os.environ["HF_HOME"] = str(_SESSION_CACHE / "hf_home")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
