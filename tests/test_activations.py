@@ -198,7 +198,7 @@ def test_store_source_on_smoke_store(smoke_out, smoke_params):
 
 # --------------------------------------------------------------------------- OnlineSource
 def _fake_text(n_seqs: int | None, ctx: int = 16, vocab: int = 512):
-    """What ``pile_sequences`` gives: int32 rows of ``ctx`` tokens (the same text for every seed)."""
+    """What ``data.text_rows`` gives: int32 rows of ``ctx`` tokens (the same text for every seed)."""
     def fn(seed):
         rng = np.random.default_rng(1234)
         i = 0
