@@ -4,6 +4,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -19,11 +21,13 @@
 # * **embedded grids** (`params/smoke.yaml`, `params/default.yaml`): the `.py` sources of the pinned SymPy
 #   package as text (content hash checked; split into train/eval *by file*), a byte-level BPE tokenizer and
 #   two tiny GPT-NeoX (Pythia-architecture) models trained here, deterministically, and cached;
-# * **the reference grid** (`params/phase2_pythia.yaml`): Pythia checkpoints from the hub and the Pile
-#   (needs internet; activations are then streamed at training time instead of stored).
+# * **the reference grid** (`params/phase2_pythia.yaml`): Pythia checkpoints from the hub (or local folders)
+#   and the Pile (streamed, or a local copy); the eval rows are the first rows of its validation split, and
+#   activations are streamed from its train split at training time instead of stored.
 #
-# Outputs: `models/<role>/` (HF format), `data/eval_tokens.npy` (never trained on) and
-# `activations/<role>/` (a memmap store with `meta.json`; a truncated or corrupted store is rebuilt).
+# Outputs: `models/<role>/` (HF format), `data/eval_tokens.npy` (never trained on; its hash and source in
+# `data/eval_tokens.json`) and `activations/<role>/` (a memmap store with `meta.json`; a truncated or corrupted
+# store is rebuilt).
 
 # %% tags=["parameters"]
 params_path = "params/smoke.yaml"  # relative paths resolve from the repository root

@@ -121,7 +121,10 @@ class HubModel(_Strict):
         else:
             from huggingface_hub import try_to_load_from_cache
 
-            found = try_to_load_from_cache(self.name, "config.json", revision=self.revision)
+            try:
+                found = try_to_load_from_cache(self.name, "config.json", revision=self.revision)
+            except ValueError:  # not a valid repository id
+                found = None
             file = Path(found) if isinstance(found, str) else None
         if file is None or not file.is_file():
             return None
