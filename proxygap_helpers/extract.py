@@ -118,7 +118,8 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
     if len(eval_seqs) < d.eval_sequences:
         print(f"note: the eval split holds only {len(eval_seqs)} sequences of {d.context_size} tokens "
               f"(data.eval_sequences = {d.eval_sequences})", file=sys.stderr)
-    _save_eval(out_dir, eval_seqs, {"text": {"corpus_hash": corpus.content_hash, "eval_files": len(corpus.eval_files)}})
+    _save_eval(out_dir, eval_seqs, {"text": {"corpus_hash": corpus.content_hash,
+                                             "eval_files": len(corpus.eval_files)}})
     model_metas = _train_pair(p, out_dir, corpus, tok_dir, tok, train_ids, eval_seqs, progress)
 
     all_rows = data.to_sequences(train_ids, d.context_size)
@@ -159,19 +160,20 @@ def _extract_hub(p: Params, out_dir: Path, t0: float) -> dict:
     toks = {r: load_tokenizer(p, out_dir, r) for r in ROLES}
     same = toks["small"].get_vocab() == toks["large"].get_vocab()
     if not same or toks["small"].eos_token_id != toks["large"].eos_token_id:
-        raise ValueError(f"the tokenizers of {p.models['small'].name} and {p.models['large'].name} differ: both models "
-                         "must read the same token ids (the eval rows are tokenized once); use two models of one family")
+        raise ValueError(f"the tokenizers of {p.models['small'].name} and {p.models['large'].name} differ: both "
+                         "models must read the same token ids (the eval rows are tokenized once); use two models of "
+                         "one family")
     rows = data.text_rows(src, toks["small"], d.context_size, "validation")
     eval_rows = list(islice(rows, d.eval_sequences))
     if len(eval_rows) < d.eval_sequences:
         raise ValueError(f"the validation split holds only {len(eval_rows)} rows of {d.context_size} tokens, but "
                          f"data.eval_sequences = {d.eval_sequences}: lower it or give more validation text")
     eval_seqs = np.stack(eval_rows)
-    meta = _save_eval(out_dir, eval_seqs, {"text": src.describe(), "split": "validation",
-                                           "tokenizer": f"{model_source(p, out_dir, 'small')}@{model_revision(p, 'small')}"})
-    checkpoints = {r: {"name": p.models[r].name, "source": model_source(p, out_dir, r), "revision": model_revision(p, r),
-                       "n_layers": p.models[r].n_layers, "d_model": p.models[r].d_model, "hook": p.hook(r)}
-                   for r in ROLES}
+    tokenizer = f"{model_source(p, out_dir, 'small')}@{model_revision(p, 'small')}"
+    meta = _save_eval(out_dir, eval_seqs, {"text": src.describe(), "split": "validation", "tokenizer": tokenizer})
+    checkpoints = {r: {"name": p.models[r].name, "source": model_source(p, out_dir, r),
+                       "revision": model_revision(p, r), "n_layers": p.models[r].n_layers,
+                       "d_model": p.models[r].d_model, "hook": p.hook(r)} for r in ROLES}
     return {**meta, "checkpoints": checkpoints, "stores": {}, "seconds": time.time() - t0}
 
 

@@ -71,8 +71,8 @@ def test_formats_give_the_same_documents_and_rows(tmp_path, tokenizer, suffix):
 
 
 def test_folder_splits_from_names(tmp_path):
-    """``train.jsonl`` + ``validation.jsonl.zst``; and the Pile's own layout ``train/00.jsonl.zst ...`` + ``val.jsonl.zst``
-    (+ ``test``, ignored), files sorted, other files (README) skipped."""
+    """``train.jsonl`` + ``validation.jsonl.zst``; and the Pile's own layout ``train/00.jsonl.zst ...`` +
+    ``val.jsonl.zst`` (+ ``test``, not read), files sorted, other files (README) skipped."""
     write(tmp_path / "a" / "train.jsonl", DOCS[:2])
     write(tmp_path / "a" / "validation.jsonl.zst", DOCS[2:3])
     (tmp_path / "a" / "README.md").write_text("a card")
@@ -88,7 +88,8 @@ def test_folder_splits_from_names(tmp_path):
         "train/00.jsonl.zst", "train/01.jsonl.zst"]
     assert [Path(f).name for f in src.files["validation"]] == ["val.jsonl.zst"]
     assert [len(list(data.text_docs(src, s))) for s in ("train", "validation")] == [4, 2]
-    per_split = source({"train": str(tmp_path / "pile" / "train"), "validation": str(tmp_path / "pile" / "val.jsonl.zst")})
+    per_split = source({"train": str(tmp_path / "pile" / "train"),
+                        "validation": str(tmp_path / "pile" / "val.jsonl.zst")})
     assert per_split.files == src.files
 
 
@@ -235,3 +236,47 @@ def test_cli_refuses_bad_local_text_before_any_work(tmp_path):
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert str(bad) in err and "data.text_field" in err and "Nothing was run or written" in err, err
     assert not out.exists()
+
+
+def test_extract_refuses_text_or_tokenizers_that_cannot_serve(tmp_path):
+    """The eval rows need enough validation text, and both models one tokenizer (the rows are tokenized once):
+    extract says which, before writing anything."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from proxygap_helpers.extract import EVAL_TOKENS, run_extract
+    from proxygap_helpers.models import load_tokenizer
+
+    texts = data.EOT.join(r["text"] for r in DOCS) + data.EOT
+    folders = {}
+    for name, vocab in (("a", 300), ("b", 300), ("c", 320)):
+        d = tmp_path / name
+        data.train_tokenizer(texts, vocab, d)
+        torch.manual_seed(0)
+        GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=32)).save_pretrained(d)
+        folders[name] = str(d)
+    raw = json.loads(json.dumps(PYTHIA_RAW))
+    raw["data"].update(pile_files={"train": str(write(tmp_path / "t.jsonl", DOCS[:30])),
+                                   "validation": str(write(tmp_path / "v.jsonl", DOCS[30:]))},
+                       context_size=16, eval_sequences=4)
+    raw["models"] = {r: {"source": "hub", "name": f"tiny-{r}", "path": folders[f], "layer": 1}
+                     for r, f in (("small", "a"), ("large", "b"))}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    info = run_extract(load_params(path), tmp_path / "ok", progress=False)
+    tok = load_tokenizer(folders["a"])
+    want = np.stack(list(data.pack_rows([r["text"] for r in DOCS[30:]], tok, 16))[:4])
+    assert np.array_equal(np.load(tmp_path / "ok" / EVAL_TOKENS), want)
+    assert info["eval_tokens_hash"] == data.token_hash(want) and info["eval_sequences"] == 4
+    n_rows = len(list(data.pack_rows([r["text"] for r in DOCS[30:]], tok, 16)))
+    raw["data"]["eval_sequences"] = n_rows + 1
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=rf"only {n_rows} rows of 16 tokens.*data\.eval_sequences = {n_rows + 1}"):
+        run_extract(load_params(path), tmp_path / "short", progress=False)
+    raw["data"]["eval_sequences"] = 4
+    raw["models"]["large"]["path"] = folders["c"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="tokenizers of tiny-small and tiny-large differ"):
+        run_extract(load_params(path), tmp_path / "differ", progress=False)
+    assert not (tmp_path / "short" / EVAL_TOKENS).exists() and not (tmp_path / "differ" / EVAL_TOKENS).exists()
