@@ -202,13 +202,15 @@ def cache_snapshot(hub: Path, repo: str, revisions: tuple[str, ...], model, toke
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory) -> dict:
-    """The hub cache in $HF_HOME and the local Pile folder."""
+    """The hub cache in $HF_HOME and the local Pile folder. The cache entries are removed after this module: other
+    tests read the real Pythia shapes (params take a cached checkpoint's config.json over the table)."""
     import huggingface_hub.constants as hf
 
     hub = Path(os.environ["HF_HOME"]) / "hub"
     assert Path(hf.HF_HUB_CACHE) == hub, "huggingface_hub was imported before tests/conftest.py set HF_HOME"
-    for repo in (SMALL, LARGE):
-        shutil.rmtree(hub / f"models--{repo.replace('/', '--')}", ignore_errors=True)
+    entries = [hub / f"models--{repo.replace('/', '--')}" for repo in (SMALL, LARGE)]
+    for entry in entries:
+        shutil.rmtree(entry, ignore_errors=True)
     root = tmp_path_factory.mktemp("mirror")
     docs = write_pile(root / "pile")
     sample = [d["text"] for d in docs["train"][:300]]
@@ -219,7 +221,9 @@ def mirror(tmp_path_factory) -> dict:
         (SMALL, "main"): cache_snapshot(hub, SMALL, ("main",), pythia_like(64, 6, 4, len(old_tok), seed=2), old_tok),
         (LARGE, "main"): cache_snapshot(hub, LARGE, ("main",), pythia_like(64, 24, 8, len(tok), seed=3), tok),
     }
-    return {"root": root, "pile": root / "pile", "docs": docs, "snapshots": snaps}
+    yield {"root": root, "pile": root / "pile", "docs": docs, "snapshots": snaps}
+    for entry in entries:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def write_rehearsal_params(path: Path, pile) -> Path:
