@@ -238,17 +238,46 @@ def write_rehearsal_params(path: Path, pile) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def rehearsal(mirror, tmp_path_factory) -> dict:
-    """``python -m proxygap_helpers run`` on the rehearsal grid, offline, every Python process guarded."""
-    tmp = tmp_path_factory.mktemp("rehearsal")
-    params = write_rehearsal_params(tmp / "rehearsal.yaml", str(mirror["pile"]))
+def guarded_env(tmp: Path) -> tuple[dict, Path]:
+    """An environment whose Python processes load :data:`GUARD` (offline variables set too), and its log folder."""
     guard, netlog = tmp / "guard", tmp / "netlog"
     guard.mkdir()
     netlog.mkdir()
     (guard / "sitecustomize.py").write_text(GUARD)
     env = {**os.environ, **OFFLINE_ENV, "PROXYGAP_THREADS": "1", "PROXYGAP_NET_LOG": str(netlog),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH")]))}
+    return env, netlog
+
+
+def test_guard_refuses_and_records(tmp_path):
+    """The guard of the rehearsal's processes: a lookup of a host name and a connection beyond the loopback are
+    refused (before anything is sent) and recorded; the loopback stays usable."""
+    env, netlog = guarded_env(tmp_path)
+    probe = (
+        "import socket, sys\n"
+        "assert socket.getaddrinfo.__module__ == 'sitecustomize', 'guard not loaded'\n"  # else nothing is tried
+        "for call in (lambda: socket.getaddrinfo('example.invalid', 80),\n"
+        "             lambda: socket.socket().connect(('192.0.2.1', 9))):\n"
+        "    try:\n"
+        "        call()\n"
+        "        sys.exit('not refused')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()\n"
+        "socket.create_connection(srv.getsockname(), timeout=5).close()\n")
+    res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = [line for f in netlog.glob("*.log") for line in f.read_text().splitlines()]
+    assert [line.split("\t")[0] for line in lines] == ["loaded", "getaddrinfo", "connect"], lines
+    assert "example.invalid" in lines[1] and "192.0.2.1" in lines[2]
+
+
+@pytest.fixture(scope="module")
+def rehearsal(mirror, tmp_path_factory) -> dict:
+    """``python -m proxygap_helpers run`` on the rehearsal grid, offline, every Python process guarded."""
+    tmp = tmp_path_factory.mktemp("rehearsal")
+    params = write_rehearsal_params(tmp / "rehearsal.yaml", str(mirror["pile"]))
+    env, netlog = guarded_env(tmp)
     out = tmp / "out"
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "proxygap_helpers", "run", str(params), "--out", str(out)], cwd=REPO,
@@ -341,7 +370,6 @@ def test_rehearsal_runs_the_reference_path_offline(rehearsal):
     (column,) = [c for c in shown.columns if c.startswith("ΔCE_rec")]
     for cell in shown[column]:
         assert cell in html, cell
-    print(f"rehearsal: {rehearsal['seconds']:.1f}s for {len(p.sae_specs())} SAEs")
 
 
 def test_rehearsal_used_the_checkpoints_the_params_name(rehearsal):
