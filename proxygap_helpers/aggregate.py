@@ -15,7 +15,7 @@ import pandas as pd
 
 from . import budget_curves, claims, leaderboard, stats
 from .files import read_json, write_json_atomic, write_text_atomic
-from .layout import aggregate_dir, metrics_files
+from .layout import aggregate_dir, metrics_files, sequence_ce_path
 from .params import Params
 
 TABLES = ("sae_metrics", "pairs", "phase2_table", "sign_flip", "heldout_predictions", "proxy_leaderboard", "claims")
@@ -42,6 +42,10 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
     pairs = stats.pair(kept) if len(kept) else pd.DataFrame()
     table = stats.phase2_table(pairs, level=p.stats.ci, bootstrap=p.stats.bootstrap, seed=p.stats.seed) \
         if len(pairs) else pd.DataFrame(columns=stats.TABLE_COLUMNS)
+    if len(pairs):  # the eval set's share of the uncertainty, beside the seeds' (issue: eval noise < seed noise)
+        noise = stats.eval_noise(pairs, sequence_table(out_dir, kept["sae_id"]), p.evaluation.ce_rec,
+                                 n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed)
+        table = table.merge(noise.drop(columns="n"), on=stats.CELL_KEY, how="left")
     flips = stats.sign_flip(pairs, n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed) if len(pairs) \
         else pd.DataFrame()
     preds = leaderboard.heldout_predictions(pairs) if len(pairs) else pd.DataFrame()
@@ -62,6 +66,20 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
         "n_dropped_duplicates": len(dropped), "n_pairs": len(pairs), "n_cells": len(table),
         "expected_saes": len(wanted), "budget_mode": p.sae.budget_mode, "ce_rec": p.evaluation.ce_rec})
     return out
+
+
+def sequence_table(out_dir: Path, sae_ids) -> pd.DataFrame:
+    """The per eval sequence CE sums of these SAEs (``runs/<sae id>/sequence_ce.json``), long: one row per
+    (``sae_id``, ``sequence``) with ``ce_sae``, ``ce_clean``, ``ce_zero``, ``predictions``; SAEs evaluated
+    before those files existed are left out (their cells get NaN eval noise)."""
+    frames = []
+    for sid in sae_ids:
+        path = sequence_ce_path(out_dir, sid)
+        if path.is_file():
+            rec = read_json(path)
+            cols = {c: rec[c] for c in ("ce_sae", "ce_clean", "ce_zero", "predictions")}
+            frames.append(pd.DataFrame({"sae_id": sid, "sequence": range(len(cols["ce_sae"])), **cols}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def load_aggregate(out_dir: Path) -> dict[str, pd.DataFrame]:

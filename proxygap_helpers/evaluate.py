@@ -1,7 +1,8 @@
 """Stage 2b: evaluate the trained SAEs of a unit on the held-out eval tokens -> runs/<sae id>/metrics.json.
 
 A metrics.json is written last and atomically, with the SAE's training facts, the evaluation options and
-provenance; one that exists for the same evaluation hash is kept (resumable).
+provenance; one that exists for the same evaluation hash is kept (resumable). Before it, each SAE's per eval
+sequence CE sums go to ``runs/<sae id>/sequence_ce.json`` (the eval-sampling bootstrap of ``stats.eval_noise``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from . import provenance
 from .data import token_hash
 from .extract import load_eval_tokens, load_model, model_name
 from .files import read_json, write_json_atomic
-from .layout import metrics_path
+from .layout import metrics_path, sequence_ce_path
 from .params import Params
 from .training import load_sae
 
@@ -51,14 +52,18 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
     special = (0, 1) if p.embedded else (model.config.eos_token_id,)
     loaded = [load_sae(out_dir, spec.sae_id, device) for spec in todo]
     ev = p.evaluation
-    results = evaluate_saes(model, p.layer(role), [sae for sae, _ in loaded], tokens,
+    per_seq: dict = {}
+    results = evaluate_saes(model, p.layer(role), [sae for sae, _ in loaded], tokens, sequence_sums=per_seq,
                             batch_sequences=ev.batch_sequences, swd=ev.swd, gwd=ev.gwd,
                             random_error_draws=ev.random_error_draws,
                             random_error_sequences=ev.random_error_sequences, twonn_points=ev.twonn_points,
                             seed=ev.seed, exclude_special_tokens=ev.exclude_special_tokens, special_ids=special,
                             progress=progress)
     total = time.time() - t0
-    for spec, (_, train_meta), m in zip(todo, loaded, results):
+    for spec, (_, train_meta), m, ce_sae in zip(todo, loaded, results, per_seq["ce_sae"]):
+        write_json_atomic(sequence_ce_path(out_dir, spec.sae_id), {
+            "sae_id": spec.sae_id, "eval_hash": p.eval_hash, "ce_sae": ce_sae.tolist(),
+            **{k: per_seq[k].tolist() for k in ("ce_clean", "ce_zero", "predictions")}})
         m["ce_rec"] = m["ce_rec_relative"] if ev.ce_rec == "relative" else m["ce_rec_zero_norm"]
         rec = {"sae_id": spec.sae_id, "model_role": role, "model_name": model_name(p, role), "hook": p.hook(role),
                "k": spec.k, "tokens": spec.tokens, "seed": spec.seed, "d_in": p.d_in(role), "d_sae": p.d_sae(role),

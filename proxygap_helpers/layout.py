@@ -12,6 +12,7 @@ directory (``results/<grid>/`` by default)::
     <out>/runs/<unit or sae id>/        run_dir(out, uid)         done.json / error.json / running.json,
                                                                   executed notebooks
     <out>/runs/<sae id>/metrics.json    metrics_path(out, sae_id)
+    <out>/runs/<sae id>/sequence_ce.json  sequence_ce_path(out, sae_id)  per eval sequence CE sums
     <out>/aggregate/                    aggregate_dir(out)        the tables of the aggregate stage
     <out>/../.cache/                    cache_root(out)           tokenizers, trained models, calibration
                                                                   ($PROXYGAP_CACHE overrides it)
@@ -57,6 +58,11 @@ def run_dir(out_dir: Path, uid: str) -> Path:
 
 def metrics_path(out_dir: Path, sae_id: str) -> Path:
     return run_dir(out_dir, sae_id) / "metrics.json"
+
+
+def sequence_ce_path(out_dir: Path, sae_id: str) -> Path:
+    """Per eval sequence CE sums of one SAE and its model (``metrics.evaluate_saes``'s ``sequence_sums``)."""
+    return run_dir(out_dir, sae_id) / "sequence_ce.json"
 
 
 def metrics_files(out_dir: Path) -> list[Path]:

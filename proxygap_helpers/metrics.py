@@ -450,7 +450,8 @@ class _SAEAccumulator:
             if x_hat.shape != x.shape:
                 raise ValueError(f"SAE output shape {tuple(x_hat.shape)} != activation shape {tuple(x.shape)}")
             logits_sae = _forward_logits(model, ids, layer, lambda out: x_hat)
-            self.sums["ce_sae"] += next_token_ce(logits_sae, ids)[pred_mask].double().sum().item()
+            self.last_ce_sae = (next_token_ce(logits_sae, ids).double() * pred_mask).sum(1).cpu()  # per sequence
+            self.sums["ce_sae"] += self.last_ce_sae.sum().item()
             kl = kl_per_prediction(logits_clean, logits_sae)
             del logits_sae
             self.sums["kl"] += kl[pred_mask].double().sum().item()
@@ -496,7 +497,8 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
                   gwd: bool = True, random_error_draws: int = 4, random_error_sequences: int = 16,
                   twonn_points: int = 2048, seed: int = 0, exclude_special_tokens: bool = False,
                   special_ids: Iterable[int] = (), progress: bool = True,
-                  activation_scalers: Sequence | None = None) -> list[dict[str, float]]:
+                  activation_scalers: Sequence | None = None,
+                  sequence_sums: dict | None = None) -> list[dict[str, float]]:
     """All metrics of several SAEs at ``blocks.{layer}.hook_resid_post`` of one HF GPT-NeoX, on ``eval_tokens``.
 
     The per-model work is done once and shared by every SAE: one pass to the layer for the activation
@@ -530,6 +532,11 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
         special_ids: the ids that count as special (required when ``exclude_special_tokens``).
         progress: show a tqdm bar.
         activation_scalers: one SAELens ``ActivationScaler``-like (``scale``/``unscale``) per SAE, or None.
+        sequence_sums: a dict to fill, if given, with per eval sequence float64 arrays ``[n_seq]``: the summed
+            next-token CE over the sequence's kept predictions, clean (``"ce_clean"``) and zero-ablated
+            (``"ce_zero"``), their count (``"predictions"``), and ``"ce_sae"``, one such array per SAE. Summed
+            over sequences and divided by the predictions they are ``ce_clean``, ``ce_zero``, ``ce_sae``; a
+            bootstrap over sequences resamples them (``stats.eval_noise``).
 
     Returns one dict per SAE, in order, keyed by :data:`METRIC_KEYS` (the module docstring defines each).
     Raises ValueError for tokens that are not ``[n_seq, ctx >= 2]``, ``batch_sequences < 1``, missing
@@ -555,6 +562,7 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
                                                   seed, progress)
         states = [_SAEAccumulator(s, sc, mean, random_error_draws) for s, sc in zip(saes, scalers)]
         ce = {"ce_clean": 0.0, "ce_zero": 0.0, "ce_mean_ablation": 0.0}
+        per_seq = {"ce_clean": [], "ce_zero": [], "predictions": [], "ce_sae": [[] for _ in states]}
         n_pred, n_tok = 0, 0
         for i in tqdm(range(0, len(toks), batch_sequences), desc=f"evaluate L{layer} x {len(states)} SAE(s)",
                       disable=not progress, mininterval=1.0):
@@ -562,17 +570,22 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
             tok_mask, pm = tok_mask_all[i:i + len(ids)].to(dev), pred_mask_all[i:i + len(ids)].to(dev)
             logits_clean, x, g = clean_pass(model, layer, ids, pm, gradient=gwd)
             with torch.no_grad():
-                ce["ce_clean"] += next_token_ce(logits_clean, ids)[pm].double().sum().item()
-                for key, fill in (("ce_zero", lambda out: torch.zeros_like(out)),
+                per_seq["predictions"].append(pm.double().sum(1).cpu())
+                for key, fill in (("ce_clean", None), ("ce_zero", lambda out: torch.zeros_like(out)),
                                   ("ce_mean_ablation",
                                    lambda out: mean.to(device=out.device, dtype=out.dtype).expand_as(out))):
-                    ce[key] += next_token_ce(_forward_logits(model, ids, layer, fill), ids)[pm].double().sum().item()
+                    logits = logits_clean if fill is None else _forward_logits(model, ids, layer, fill)
+                    seq = (next_token_ce(logits, ids).double() * pm).sum(1)
+                    ce[key] += seq.sum().item()
+                    if key in per_seq:
+                        per_seq[key].append(seq.cpu())
             seqs = np.flatnonzero(in_subset[i:i + len(ids)])
             directions = [random_directions(seqs + i, x.shape[1], x.shape[2], d, seed)
                           for d in range(random_error_draws)] if len(seqs) else []
             rows = torch.from_numpy(seqs).to(dev)
-            for st in states:
+            for j, st in enumerate(states):
                 st.add(model, layer, ids, x, logits_clean, g, tok_mask, pm, rows, directions, swd)
+                per_seq["ce_sae"][j].append(st.last_ce_sae)
             n_pred += int(pm.sum())
             n_tok += int(tok_mask.sum())
     finally:
@@ -581,6 +594,10 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
     base = {**{k: (v / n_pred if n_pred else nan) for k, v in ce.items()}, **model_stats,
             "eval_tokens": float(n_tok), "eval_predictions": float(n_pred)}
     results = [st.result(base, swd, gwd) for st in states]
+    if sequence_sums is not None:
+        cat = lambda parts: torch.cat(parts).numpy() if parts else np.zeros(0)  # noqa: E731
+        sequence_sums.update({k: cat(per_seq[k]) for k in ("ce_clean", "ce_zero", "predictions")},
+                             ce_sae=[cat(parts) for parts in per_seq["ce_sae"]])
     return [{k: float(r[k]) for k in METRIC_KEYS} for r in results]
 
 

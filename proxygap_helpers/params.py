@@ -311,8 +311,16 @@ class Params(_Strict):
 
     # ---- derived values (the one place they are computed) ----
     def layer(self, role: str) -> int:
+        """The hook's block index. ``mid`` is the block that ends the first half of the model:
+        ``ceil(n_layers / 2) - 1``, relative depth ``(layer + 1) / n_layers`` = 0.5 for an even layer count
+        (4 layers: ``blocks.1``; 8: ``blocks.3``; 24: ``blocks.11``), never the last block (2 layers or more)."""
         m = self.models[role]
-        return m.n_layers // 2 if m.layer == "mid" else m.layer
+        return (m.n_layers + 1) // 2 - 1 if m.layer == "mid" else m.layer
+
+    def depth(self, role: str) -> float:
+        """Relative depth of the hook: blocks before it, included, over all blocks (Pythia-70m ``blocks.3``:
+        4/6 = 0.67; Pythia-410m ``blocks.12``: 13/24 = 0.54)."""
+        return (self.layer(role) + 1) / self.models[role].n_layers
 
     def hook(self, role: str) -> str:
         return f"blocks.{self.layer(role)}.hook_resid_post"
@@ -507,6 +515,10 @@ def _check_model_dependent(p: Params) -> None:
                               f"d_model / n_heads = {m.d_model} / {m.n_heads} = {head_dim} gives "
                               f"{head_dim} x {m.rotary_pct} = {head_dim * m.rotary_pct:g}; allowed values for this "
                               f"shape: {', '.join(ok[:8])}{', ...' if len(ok) > 8 else ''}")
+        if m.layer == "mid" and m.n_layers < 2:
+            raise ParamsError(f"key `models.{role}.layer` = 'mid': a model with {m.n_layers} layer has no middle "
+                              "layer (its only block is the last one); give it 2 or more layers, or an integer "
+                              "layer")
         if m.layer != "mid" and not 0 <= m.layer < m.n_layers:
             raise ParamsError(f"key `models.{role}.layer` = {m.layer}: the hook layer must be 'mid' or an integer "
                               f"in [0, {m.n_layers - 1}] for a model with {m.n_layers} layers")

@@ -71,7 +71,9 @@ CAPTIONS = {
         "interval); dots: individual seeds (jittered slightly along log x); grey 'pending' marks a budget "
         "without a complete pair. Red bands: budgets where the mismatch rate (share of seeds with ΔR² > 0 "
         "while ΔCE_rec < 0) is above 0, darker = higher rate. Dashed line: T*, the budget where mean ΔCE_rec "
-        "changes sign (interpolated in log T), with its seed-bootstrap interval shaded grey when available."),
+        "changes sign (interpolated in log T), with its seed-bootstrap interval shaded grey when available. The "
+        "top axis gives the same budget in tokens per latent of the large model's SAE (T / d_sae), the scale on "
+        "which budgets compare across SAE widths: the study's lowest budget, 10M, is 305 for pythia-410m."),
     "sign_flip_curves": (
         " Thin lines: the gap between the two models' fitted saturating curves y(T) = y∞ − a·T^−α (solid over the "
         "tested budgets, dashed past them) with its 95% seed-bootstrap band; ◆ on the zero line: T* where the "
@@ -305,6 +307,7 @@ def sign_flip_figure(pairs: pd.DataFrame | None, table: pd.DataFrame | None, sig
             if i == 1:
                 ax.set_xlabel(TOKENS_LABEL)
     fitted, marked = _draw_fits(axes, ks, [r[0] for r in rows], [r[2] for r in rows], budgets, curves, tstar)
+    _tokens_per_latent_axes(axes[0], table)
     handles = [Line2D([], [], color="C0", lw=1.8, marker="o", label="mean ΔCE_rec ± 95% CI"),
                Line2D([], [], color="C2", lw=1.8, marker="o", label="mean ΔR² ± 95% CI"),
                Line2D([], [], color="0.4", lw=0, marker="o", alpha=0.5, markersize=4, label="one seed (pair)")]
@@ -327,6 +330,22 @@ def sign_flip_figure(pairs: pd.DataFrame | None, table: pd.DataFrame | None, sig
     fig.legend(handles=handles, loc="outside right center", fontsize="small")
     extra = (("sign_flip_curves",) if fitted else ()) + (("sign_flip_note",) if len(tstar) else ())
     return _finish(fig, "sign_flip", title, caption, extra=extra)
+
+
+def _tokens_per_latent_axes(top_row: Sequence[Axes], table: pd.DataFrame) -> None:
+    """A second x axis above the top row: the budget in tokens per latent of the large model's SAE (T / d_sae),
+    the scale on which budgets compare across SAE widths (the study's lowest budget is 305 for pythia-410m)."""
+    per = _col(table, "tokens_per_latent_large").to_numpy()
+    tokens = _col(table, "tokens").to_numpy()
+    ok = np.isfinite(per) & (per > 0)
+    if not ok.any():
+        return
+    d_sae = float(np.median(tokens[ok] / per[ok]))
+    for j, ax in enumerate(top_row):
+        sec = ax.secondary_xaxis("top", functions=(lambda t: t / d_sae, lambda v: v * d_sae))
+        sec.tick_params(labelsize="small")
+        if j == 0:
+            sec.set_xlabel("tokens per latent, large model (T / d_sae)", fontsize="small")
 
 
 def _fit_note(row: pd.Series | None) -> str:

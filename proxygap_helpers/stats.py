@@ -31,7 +31,7 @@ CELL_KEY = ["k", "tokens"]
 DEFAULT_PAIR_METRICS: tuple[str, ...] = (
     "ce_rec", "ce_rec_relative", "ce_rec_zero_norm", "ce_clean", "ce_sae", "r2", "cosine", "rel_err_norm",
     "kl", "swd", "l0", "dead_frac", "nmse", "gwd", "random_error_ratio", "kl_random", "pr_recon", "pr_recon_frac",
-    "pr_act", "twonn_dim", "sst_per_token", "act_norm_mean",
+    "pr_act", "twonn_dim", "sst_per_token", "act_norm_mean", "tokens_per_latent",
 )
 REQUIRED_PAIR_METRICS = ("ce_rec", "r2")
 # gate D3's per-pair column: d_dim = d_<DIM_METRIC>, the change in the share of its input's participation ratio
@@ -42,6 +42,10 @@ SECONDARY_DELTAS = ("d_cosine", "d_rel_err_norm", "d_kl", "d_swd", "d_nmse", "d_
                     "d_dim")
 TABLE_COLUMNS = ["k", "tokens", "n", "d_ce_rec_mean", "d_ce_rec_lo", "d_ce_rec_hi", "d_r2_mean", "d_r2_lo",
                  "d_r2_hi", "mismatch_rate", "directional"]
+# per cell: where the budget sits in tokens per latent (T / d_sae) and how many latents are dead, per model
+CELL_CONTEXT = ("tokens_per_latent_small", "tokens_per_latent_large", "dead_frac_small_mean",
+                "dead_frac_large_mean")
+STUDY_D_SAE = {"small": 16384, "large": 32768}  # pythia-70m / pythia-410m at 32x: the study's tokens per latent
 
 
 # ---------------------------------------------------------------- records -> rows
@@ -206,6 +210,11 @@ def _cell_row(cell: pd.DataFrame, level: float) -> dict[str, Any]:
     row |= _mean_ci_columns(cell, "d_ce_rec", level) | _mean_ci_columns(cell, "d_r2", level)
     row["mismatch_rate"] = float(cell["mismatch"].mean())
     row["directional"] = len(cell) == 1
+    for role in ("small", "large"):
+        tpl = f"tokens_per_latent_{role}"
+        row[tpl] = float(cell[tpl].iloc[0]) if tpl in cell.columns else np.nan
+        dead = f"dead_frac_{role}"
+        row[f"{dead}_mean"] = float(cell[dead].mean()) if dead in cell.columns else np.nan
     for col in SECONDARY_DELTAS:
         row |= _mean_ci_columns(cell, col, level)
     return row
@@ -213,11 +222,13 @@ def _cell_row(cell: pd.DataFrame, level: float) -> dict[str, Any]:
 
 def phase2_table(pairs: pd.DataFrame, level: float = 0.95, bootstrap: int = 0, seed: int = 0) -> pd.DataFrame:
     """One row per ``(k, tokens)``, sorted: ``n`` (complete pairs), ``mean_ci`` of ``d_ce_rec`` and ``d_r2``,
-    ``mismatch_rate`` (mean of the per-pair indicator), ``directional`` (n == 1), ``mean_ci`` of the
+    ``mismatch_rate`` (mean of the per-pair indicator), ``directional`` (n == 1), the cell's context
+    (``CELL_CONTEXT``: tokens per latent T / d_sae of each model, each model's mean dead fraction on the eval
+    tokens; NaN when the pairs lack the column), ``mean_ci`` of the
     secondary deltas (NaN when a column is absent) and, when ``bootstrap > 0``, the percentile bootstrap
     over seeds ``d_ce_rec_boot_lo/hi`` (each cell's generator is seeded by ``(seed, k, tokens)``).
     """
-    columns = [*TABLE_COLUMNS, *(f"{c}_{s}" for c in SECONDARY_DELTAS for s in ("mean", "lo", "hi"))]
+    columns = [*TABLE_COLUMNS, *CELL_CONTEXT, *(f"{c}_{s}" for c in SECONDARY_DELTAS for s in ("mean", "lo", "hi"))]
     if bootstrap > 0:
         columns += ["d_ce_rec_boot_lo", "d_ce_rec_boot_hi"]
     rows = []
@@ -256,12 +267,16 @@ def phase2_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     footnote. ``level`` only labels the header.
     """
     pct = f"{level * 100:g}%"
-    lines = [f"| k | tokens | n | ΔCE_rec mean ({pct} CI) | ΔR² mean ({pct} CI) | mismatch rate |",
-             "|---|---|---|---|---|---|"]
+    cols = ["tokens_per_latent_small", "tokens_per_latent_large"]
+    per_latent = set(cols) <= set(table.columns) and bool(table[cols].notna().all(axis=None))
+    lines = [f"| k | tokens | {'tokens / latent (small, large) | ' if per_latent else ''}n | "
+             f"ΔCE_rec mean ({pct} CI) | ΔR² mean ({pct} CI) | mismatch rate |",
+             "|---|---|" + ("---|" if per_latent else "") + "---|---|---|---|"]
     directional = table["directional"] if "directional" in table.columns else table["n"] == 1
     for row, flag in zip(table.itertuples(index=False), directional):
         rate = "n/a" if pd.isna(row.mismatch_rate) else f"{row.mismatch_rate:.2f}"
-        lines.append(f"| {row.k} | {format_tokens(int(row.tokens))} | {row.n}{'†' if flag else ''} | "
+        tpl = f"{row.tokens_per_latent_small:.0f}, {row.tokens_per_latent_large:.0f} | " if per_latent else ""
+        lines.append(f"| {row.k} | {format_tokens(int(row.tokens))} | {tpl}{row.n}{'†' if flag else ''} | "
                      f"{format_mean_ci(row.d_ce_rec_mean, row.d_ce_rec_lo, row.d_ce_rec_hi)} | "
                      f"{format_mean_ci(row.d_r2_mean, row.d_r2_lo, row.d_r2_hi)} | {rate} |")
     if directional.any():
@@ -270,9 +285,14 @@ def phase2_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
 
 
 def reference_table() -> pd.DataFrame:
-    """The study's published phase-2 aggregate (``data/phase2_seed_table.csv``; see its SOURCE.md)."""
+    """The study's published phase-2 aggregate (``data/phase2_seed_table.csv``; see its SOURCE.md), with the
+    tokens per latent of its SAEs (``STUDY_D_SAE``: 10M tokens are 610 per latent for pythia-70m, 305 for
+    pythia-410m) so that a grid's budgets can be placed beside the study's."""
     with resources.files("proxygap_helpers").joinpath("data/phase2_seed_table.csv").open() as f:
-        return pd.read_csv(f)
+        ref = pd.read_csv(f)
+    for role, d_sae in STUDY_D_SAE.items():
+        ref[f"tokens_per_latent_{role}"] = ref["tokens"] / d_sae
+    return ref
 
 
 # ---------------------------------------------------------------- sign flip
@@ -349,3 +369,55 @@ def sign_flip(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: flo
             for k, cell in pairs.groupby("k", sort=True)]
     return pd.DataFrame(rows, columns=["k", "t_star", "t_star_lo", "t_star_hi", "direction", "status",
                                        "boot_frac_in_range"])
+
+
+# ---------------------------------------------------------------- eval-sampling noise
+
+EVAL_NOISE_COLUMNS = ["k", "tokens", "n", "d_ce_rec_eval_se", "d_ce_rec_seed_sd", "d_ce_rec_seed_se",
+                      "eval_to_seed_se"]
+
+
+def _ce_rec(sae: np.ndarray, clean: np.ndarray, zero: np.ndarray, definition: str) -> np.ndarray:
+    """CE_rec from CE sums over the same sequences (the prediction counts cancel in both ratios)."""
+    if definition == "relative":
+        return 2.0 - sae / clean
+    return (zero - sae) / (zero - clean)
+
+
+def eval_noise(pairs: pd.DataFrame, sequences: pd.DataFrame, definition: str = "relative", n_boot: int = 1000,
+               seed: int = 0) -> pd.DataFrame:
+    """Per ``(k, T)`` cell: the eval-sampling standard error of the mean ΔCE_rec beside the seed-to-seed spread.
+
+    ``sequences`` is long: one row per (``sae_id``, ``sequence``) with the sequence's summed next-token CE
+    ``ce_sae``, ``ce_clean``, ``ce_zero`` (``metrics.evaluate_saes``' ``sequence_sums``). One bootstrap
+    replicate draws the eval sequences with replacement -- the *same* draw for both models and every seed of
+    the cell, since they share the eval tokens -- and recomputes each SAE's CE_rec from the resampled sums
+    (``definition`` as in params: ``relative`` 2 - CE_sae / CE_clean, or ``zero_norm``), each pair's ΔCE_rec
+    and their mean over seeds. ``d_ce_rec_eval_se`` is the SD of that mean over ``n_boot`` replicates (the
+    cell's generator is seeded by ``(seed, k, T)``); ``d_ce_rec_seed_sd`` the SD of ΔCE_rec over seeds
+    (ddof 1) and ``d_ce_rec_seed_se`` = seed SD / sqrt(n): the standard error the CIs use. ``eval_to_seed_se``
+    is their ratio (< 1: the eval set is not what limits the cell). A cell with an SAE lacking sequence sums
+    gets NaNs. Columns: ``EVAL_NOISE_COLUMNS``.
+    """
+    if not len(pairs) or not len(sequences):
+        return pd.DataFrame(columns=EVAL_NOISE_COLUMNS)
+    by_sae = {sid: g.sort_values("sequence") for sid, g in sequences.groupby("sae_id")}
+    rows = []
+    for (k, tokens), cell in pairs.groupby(CELL_KEY, sort=True):
+        n = len(cell)
+        seed_sd = float(cell["d_ce_rec"].std(ddof=1)) if n > 1 else np.nan
+        row = {"k": k, "tokens": tokens, "n": n, "d_ce_rec_eval_se": np.nan, "d_ce_rec_seed_sd": seed_sd,
+               "d_ce_rec_seed_se": seed_sd / np.sqrt(n)}
+        ids = [*cell["sae_id_small"], *cell["sae_id_large"]]
+        if all(i in by_sae for i in ids) and len({len(by_sae[i]) for i in ids}) == 1:
+            arrays = {c: np.stack([by_sae[i][c].to_numpy(float) for i in ids], 1)
+                      for c in ("ce_sae", "ce_clean", "ce_zero")}  # [n_seq, 2n]: small seeds, then large
+            n_seq = arrays["ce_sae"].shape[0]
+            rng = np.random.default_rng([seed, int(k), int(tokens)])
+            weights = rng.multinomial(n_seq, np.full(n_seq, 1.0 / n_seq), size=n_boot).astype(float)
+            rec = _ce_rec(*(weights @ arrays[c] for c in ("ce_sae", "ce_clean", "ce_zero")), definition)
+            d = rec[:, n:] - rec[:, :n]
+            row["d_ce_rec_eval_se"] = float(d.mean(1).std(ddof=1))
+        row["eval_to_seed_se"] = row["d_ce_rec_eval_se"] / row["d_ce_rec_seed_se"] if n > 1 else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=EVAL_NOISE_COLUMNS)

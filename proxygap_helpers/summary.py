@@ -39,19 +39,28 @@ def _provenance(out_dir: Path) -> dict:
             "eval_seconds": float(sum(m.get("eval_seconds", 0) for m in metrics)), "n_metrics": len(metrics)}
 
 
+def _clean_loss(sae_metrics: pd.DataFrame | None) -> dict[str, str]:
+    """Each model's next-token CE on the eval tokens, unpatched (``ce_clean``, the same for all its SAEs)."""
+    if sae_metrics is None or not len(sae_metrics) or "ce_clean" not in sae_metrics:
+        return {}
+    return {r: f"{v:.4f}" for r, v in sae_metrics.groupby("model_role")["ce_clean"].mean().items()}
+
+
 def run_summary(p: Params, out_dir: Path, agg: dict[str, pd.DataFrame]) -> dict[str, str]:
     """Markdown blocks: ``header`` (title, what was run, provenance), ``study_table``, ``footer`` (scope)."""
     prov = _provenance(out_dir)
-    models = "\n".join(f"| {r} | `{p.models[r].name}` ({p.models[r].source}) | `{p.hook(r)}` | {p.d_in(r)} | "
-                       f"{p.d_sae(r)} |" for r in ROLES)
+    clean = _clean_loss(agg.get("sae_metrics"))
+    models = "\n".join(f"| {r} | `{p.models[r].name}` ({p.models[r].source}) | `{p.hook(r)}` | "
+                       f"{p.layer(r) + 1}/{p.models[r].n_layers} = {p.depth(r):.2f} | {clean.get(r, '—')} | "
+                       f"{p.d_in(r)} | {p.d_sae(r)} |" for r in ROLES)
     v = prov["versions"]
     m = prov["machine"]
     header = f"""# {p.report.title}
 
 {p.description}
 
-| role | model | hook | d_in | d_sae (TopK {p.sae.expansion}x) |
-|---|---|---|---|---|
+| role | model | hook | depth (blocks up to the hook) | held-out CE (nats) | d_in | d_sae (TopK {p.sae.expansion}x) |
+|---|---|---|---|---|---|---|
 {models}
 
 **Grid:** k ∈ {{{', '.join(map(str, p.sae.k))}}}, SAE token budgets T ∈ {{{', '.join(format_tokens(t) for t in p.sae.tokens)}}},

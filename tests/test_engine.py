@@ -332,3 +332,7 @@ def test_report_header_names_the_trainer(tmp_path, smoke_params):
         p = _params(smoke_params, **{"sae.trainer": trainer})
         header = run_summary(p, tmp_path, {})["header"]
         assert f"**Trainer:** `{trainer}`" in header and words in header
+    metrics = __import__("pandas").DataFrame({"model_role": ["small", "small", "large"], "ce_clean": [3.5, 3.5, 3.1]})
+    header = run_summary(p, tmp_path, {"sae_metrics": metrics})["header"]
+    assert f"| `{p.hook('small')}` | {p.layer('small') + 1}/{p.models['small'].n_layers} = " in header
+    assert "| 3.5000 |" in header and "| 3.1000 |" in header, "each model's held-out CE"

@@ -217,10 +217,21 @@ def test_phase2_pythia_derived():
     assert any(i.startswith("large-k32-t100M-s3-") for i in ids)
 
 
-def test_embedded_mid_layer():
-    p = load_params(PARAMS / "smoke.yaml")
-    assert p.hook("small") == f"blocks.{p.models['small'].n_layers // 2}.hook_resid_post"
-    assert p.hook("large") == f"blocks.{p.models['large'].n_layers // 2}.hook_resid_post"
+@pytest.mark.parametrize("n_layers,layer", [(2, 0), (3, 1), (4, 1), (6, 2), (8, 3), (24, 11)])
+def test_mid_layer_ends_the_first_half_and_is_never_the_last_block(n_layers, layer):
+    p = load_params(PARAMS / "smoke.yaml", overrides={"models.small.n_layers": n_layers})
+    assert p.layer("small") == layer and p.hook("small") == f"blocks.{layer}.hook_resid_post"
+    assert p.layer("small") < n_layers - 1
+    assert p.depth("small") == pytest.approx((layer + 1) / n_layers)
+    if n_layers % 2 == 0:
+        assert p.depth("small") == 0.5
+    pythia = load_params(PARAMS / "phase2_pythia.yaml")  # the study's explicit hooks: 4/6 and 13/24 of the blocks
+    assert (pythia.depth("small"), pythia.depth("large")) == (4 / 6, 13 / 24)
+
+
+def test_mid_layer_of_a_one_layer_model_is_refused(tmp_path):
+    with pytest.raises(ParamsError, match=r"models\.small\.layer.*no middle layer"):
+        load_params(PARAMS / "smoke.yaml", overrides={"models.small.n_layers": 1})
 
 
 def test_sae_ids_depend_on_what_shapes_the_sae():

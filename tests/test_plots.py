@@ -283,3 +283,21 @@ def test_caption_can_be_left_out(agg):
     assert fig.proxygap_caption and [t.get_text() for t in fig.texts] == [fig._suptitle.get_text()]
     assert [t.get_text().replace("\n", " ") for t in with_caption.texts][-1] == with_caption.proxygap_caption
     assert plots.format_tokens(5_940_000) == "5.94M" and plots.format_tokens(1e7) == "10M"
+
+
+def test_sign_flip_figure_has_a_tokens_per_latent_axis(agg):
+    """Budgets as tokens per latent of the large model's SAE on a second x axis over the top row (issue 17)."""
+    plots.set_theme()
+    table = agg["table"].assign(tokens_per_latent_large=lambda t: t["tokens"] / 4096)
+    fig = plots.sign_flip_figure(agg["pairs"], table, agg["flip"])
+    top = np.array(visible_axes(fig)).reshape(2, 2)[0]
+    secondary = [c for c in top[0].child_axes]
+    assert len(secondary) == 1 and "tokens per latent" in secondary[0].get_xlabel()
+    renders(fig)  # lays the figure out (an Agg draw): the secondary axis takes its limits from the primary
+    sec = secondary[0]
+    for v in [t for t in sec.get_xticks() if np.isfinite(t) and t > 0][:3]:  # the same place on both axes
+        assert sec.transData.transform((v, 0))[0] == pytest.approx(top[0].transData.transform((v * 4096, 0))[0],
+                                                                    abs=0.5)
+    assert "tokens per latent" in plots.CAPTIONS["sign_flip"]
+    plain = plots.sign_flip_figure(agg["pairs"], agg["table"], agg["flip"])  # no column: no second axis
+    assert not np.array(visible_axes(plain)).reshape(2, 2)[0][0].child_axes

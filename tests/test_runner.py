@@ -92,11 +92,26 @@ def test_end_to_end_provenance_and_noop_rerun(env, micro, baseline, base_out):
         assert (rec["sae_id"], rec["model_role"], rec["k"], rec["tokens"], rec["seed"]) == \
             (s.sae_id, s.role, s.k, s.tokens, s.seed)
         assert rec["l0"] == pytest.approx(8.0)
+        # the per-sequence CE sums behind the eval-noise bootstrap add up to the metrics (ratio of means)
+        seq = json.loads((out / "runs" / s.sae_id / "sequence_ce.json").read_text())
+        n = sum(seq["predictions"])
+        assert n == rec["eval_predictions"] and len(seq["ce_sae"]) == p.data.eval_sequences
+        assert sum(seq["ce_sae"]) / n == pytest.approx(rec["ce_sae"], rel=1e-12)
+        assert sum(seq["ce_clean"]) / n == pytest.approx(rec["ce_clean"], rel=1e-12)
+        assert sum(seq["ce_zero"]) / n == pytest.approx(rec["ce_zero"], rel=1e-12)
+        assert rec["tokens_per_latent"] == s.tokens / p.d_sae(s.role)
     for name in AGGREGATES:
         assert (out / "aggregate" / name).is_file(), name
     assert len((out / "aggregate" / "pairs.csv").read_text().strip().splitlines()) == 1 + 4  # (k, T, seed)
     table = (out / "aggregate" / "phase2_table.csv").read_text().splitlines()
     assert table[0].startswith("k,tokens,n,d_ce_rec_mean,d_ce_rec_lo,d_ce_rec_hi,d_r2_mean") and len(table) == 3
+    import pandas as pd
+
+    cells = pd.read_csv(out / "aggregate" / "phase2_table.csv")
+    for col in ("tokens_per_latent_small", "tokens_per_latent_large", "dead_frac_small_mean",
+                "dead_frac_large_mean", "d_ce_rec_eval_se", "d_ce_rec_seed_se"):
+        assert cells[col].notna().all(), col
+    assert (cells["tokens_per_latent_large"] == cells["tokens"] / p.d_sae("large")).all()
     assert not (out / ".proxygap.lock").exists()
     html = out / "reports" / "report.html"  # published beside the results, never into the repo's reports/
     assert html.is_file() and p.report.title in html.read_text()

@@ -178,8 +178,27 @@ def test_markdown_format_and_directional_footnote():
 
 def test_reference_table_renders_like_the_published_table():
     ref = S.reference_table()
-    assert list(ref.columns) == S.TABLE_COLUMNS[:-1]
-    assert S.phase2_markdown(ref).splitlines()[2:8] == PUBLISHED_ROWS
+    assert list(ref.columns) == [*S.TABLE_COLUMNS[:-1], "tokens_per_latent_small", "tokens_per_latent_large"]
+    published = ref[S.TABLE_COLUMNS[:-1]]
+    assert S.phase2_markdown(published).splitlines()[2:8] == PUBLISHED_ROWS
+
+
+def test_tokens_per_latent_beside_the_studys_budgets():
+    """The study's 10M-100M budgets are 610-6104 tokens per latent for pythia-70m (d_sae 16384) and 305-3052 for
+    pythia-410m (32768); both tables show T / d_sae next to T."""
+    ref = S.reference_table()
+    row = ref[(ref["k"] == 8) & (ref["tokens"] == 10_000_000)].iloc[0]
+    assert (round(row["tokens_per_latent_small"]), round(row["tokens_per_latent_large"])) == (610, 305)
+    md = S.phase2_markdown(ref).splitlines()
+    assert md[0].startswith("| k | tokens | tokens / latent (small, large) | n |")
+    assert md[2].startswith("| 8 | 10M | 610, 305 | 4 | -0.099 [")
+    pairs = hand_table_pairs().assign(tokens_per_latent_small=lambda d: d["tokens"] / 2048,
+                                      tokens_per_latent_large=lambda d: d["tokens"] / 4096,
+                                      dead_frac_small=0.1, dead_frac_large=0.3)
+    table = S.phase2_table(pairs)
+    assert table.loc[0, "tokens_per_latent_large"] == 1_000_000 / 4096
+    assert table.loc[0, "dead_frac_small_mean"] == pytest.approx(0.1)
+    assert "| 8 | 1M | 488, 244 | 3 |" in S.phase2_markdown(table)
 
 
 def test_pairs_built_from_reference_means_reproduce_a_row():
@@ -247,3 +266,55 @@ def test_sign_flip_statuses():
     assert out.loc[8, "t_star"] == pytest.approx(10**6.5)
     assert out.loc[16, "status"] == "no crossing in range" and math.isnan(out.loc[16, "t_star"])
     assert out.loc[32, "status"] == "insufficient data"
+
+
+def _noise_cell(n_seq=400, seeds=3, rng=None, tile=1):
+    """One (k, T) cell: per-sequence CE sums of `seeds` small/large SAE pairs sharing one eval set."""
+    rng = rng or np.random.default_rng(0)
+    preds = rng.integers(20, 60, n_seq).astype(float)
+    clean = {r: preds * (3.0 + 0.4 * rng.standard_normal(n_seq)) for r in ("small", "large")}
+    rows, pairs = [], []
+    for s in range(seeds):
+        sides = {}
+        for role, bump in (("small", 0.30), ("large", 0.36)):
+            sae = clean[role] + preds * (bump + 0.05 * s + 0.1 * rng.standard_normal(n_seq))
+            sid = f"{role}-{s}"
+            for rep in range(tile):
+                rows += [{"sae_id": sid, "sequence": rep * n_seq + i, "ce_sae": sae[i], "ce_clean": clean[role][i],
+                          "ce_zero": clean[role][i] * 3, "predictions": preds[i]} for i in range(n_seq)]
+            sides[role] = (sid, 2 - sae.sum() / clean[role].sum())
+        pairs.append({"k": 8, "tokens": 1000, "seed": s, "sae_id_small": sides["small"][0],
+                      "sae_id_large": sides["large"][0], "d_ce_rec": sides["large"][1] - sides["small"][1]})
+    return pd.DataFrame(pairs), pd.DataFrame(rows)
+
+
+def test_eval_noise_against_a_brute_force_bootstrap():
+    pairs, seqs = _noise_cell()
+    got = S.eval_noise(pairs, seqs, n_boot=3000, seed=1).iloc[0]
+    # independent path: resample indices, recompute every SAE's CE_rec from the resampled sums, by hand
+    rng = np.random.default_rng(7)
+    wide = {sid: g.sort_values("sequence") for sid, g in seqs.groupby("sae_id")}
+    n_seq = len(wide["small-0"])
+    means = []
+    for _ in range(3000):
+        idx = rng.integers(0, n_seq, n_seq)
+        rec = lambda sid: 2 - wide[sid]["ce_sae"].to_numpy()[idx].sum() / wide[sid]["ce_clean"].to_numpy()[idx].sum()  # noqa: E731,E501
+        means.append(np.mean([rec(r.sae_id_large) - rec(r.sae_id_small) for r in pairs.itertuples()]))
+    assert got["d_ce_rec_eval_se"] == pytest.approx(np.std(means, ddof=1), rel=0.08)
+    assert got["d_ce_rec_seed_sd"] == pytest.approx(pairs["d_ce_rec"].std(ddof=1), rel=1e-12)
+    assert got["d_ce_rec_seed_se"] == pytest.approx(pairs["d_ce_rec"].std(ddof=1) / np.sqrt(3), rel=1e-12)
+    assert got["eval_to_seed_se"] == pytest.approx(got["d_ce_rec_eval_se"] / got["d_ce_rec_seed_se"])
+    assert got["n"] == 3 and list(S.eval_noise(pairs, seqs).columns) == S.EVAL_NOISE_COLUMNS
+
+
+def test_eval_noise_shrinks_as_one_over_root_n_and_needs_every_sae():
+    pairs, seqs = _noise_cell(n_seq=200, rng=np.random.default_rng(3))
+    _, tiled = _noise_cell(n_seq=200, rng=np.random.default_rng(3), tile=4)  # the same sequences, 4 times each
+    se1 = S.eval_noise(pairs, seqs, n_boot=3000).iloc[0]["d_ce_rec_eval_se"]
+    se4 = S.eval_noise(pairs, tiled, n_boot=3000).iloc[0]["d_ce_rec_eval_se"]
+    assert se4 == pytest.approx(se1 / 2, rel=0.1)
+    zero_norm = S.eval_noise(pairs, seqs, definition="zero_norm", n_boot=500).iloc[0]["d_ce_rec_eval_se"]
+    assert np.isfinite(zero_norm) and zero_norm != pytest.approx(se1)
+    missing = S.eval_noise(pairs, seqs[seqs["sae_id"] != "large-2"]).iloc[0]
+    assert np.isnan(missing["d_ce_rec_eval_se"]) and np.isfinite(missing["d_ce_rec_seed_sd"])
+    assert S.eval_noise(pairs.iloc[:0], seqs).empty
