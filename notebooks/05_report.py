@@ -4,6 +4,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -45,6 +47,20 @@ report.style_table(agg["phase2_table"])
 
 # %%
 Markdown(summary["study_table"])
+
+# %% [markdown]
+# ## Where this grid sits: tokens per latent, dead latents, eval noise
+# Budgets compare across SAE widths as tokens per latent (T / d_sae): the study's SAEs saw 305-3,052 (pythia-410m)
+# and 610-6,104 (pythia-70m). A grid far below that tests a regime the study never ran, with most latents still
+# dead. The last two columns compare the two uncertainties of each cell's mean ΔCE_rec: the seeds' standard
+# error, which the confidence intervals use, and the sampling error of the finite eval set (a bootstrap over eval
+# sequences, the same draw for both models and every seed).
+
+# %%
+Markdown(sections.regime_text(agg["phase2_table"]))
+
+# %%
+sections.regime_frame(agg["phase2_table"])
 
 # %% [markdown]
 # ## Sign flip: does the gap close with more SAE training?

@@ -198,3 +198,49 @@ def proxy_glossary() -> str:
             "the model, so they are behavioural references (how close a measurement of behaviour itself comes), not "
             "cheap proxies; `d_swd` and `d_gwd` need the model's derivatives at the clean run but no patched "
             "forward; the others need only the activations and the reconstruction.")
+
+
+def regime_frame(table: pd.DataFrame | None) -> pd.DataFrame:
+    """Per (k, T) cell: where the budget sits in tokens per latent (T / d_sae, each model), the dead fraction of
+    each model's SAEs on the eval tokens (mean over seeds), and the two uncertainties of the mean ΔCE_rec: the
+    seeds' standard error (what the CIs use) and the eval set's (``stats.eval_noise``)."""
+    need = {"tokens_per_latent_small", "tokens_per_latent_large", "dead_frac_small_mean", "dead_frac_large_mean"}
+    if table is None or not len(table) or not need <= set(table.columns):
+        return pd.DataFrame({"status": ["pending: no complete pairs yet"]})
+    t = table.sort_values(["k", "tokens"])
+    se = lambda c: t[c] if c in t.columns else np.nan  # noqa: E731
+    out = pd.DataFrame({
+        "k": t["k"], "T": t["tokens"].map(lambda x: format_tokens(int(x))),
+        "tokens / latent (small, large)": [f"{a:.0f}, {b:.0f}" for a, b in
+                                           zip(t["tokens_per_latent_small"], t["tokens_per_latent_large"])],
+        "dead latents (small, large)": [f"{a:.1%}, {b:.1%}" for a, b in
+                                        zip(t["dead_frac_small_mean"], t["dead_frac_large_mean"])],
+        "seed SE of mean ΔCE_rec": se("d_ce_rec_seed_se"), "eval-sampling SE": se("d_ce_rec_eval_se"),
+        "eval / seed": se("eval_to_seed_se")})
+    return out.set_index(["k", "T"]).round(5)
+
+
+def regime_text(table: pd.DataFrame | None, dead_target: float = 0.10) -> str:
+    """Markdown: how far the grid's top budget reaches against the study's lowest, how many latents are dead
+    there, and whether the eval set or the seeds limit the precision of ΔCE_rec."""
+    if table is None or not len(table) or "tokens_per_latent_large" not in table.columns:
+        return "_Pending: no complete pairs yet._"
+    top = table[table["tokens"] == table["tokens"].max()]
+    lowest = stats.reference_table()["tokens_per_latent_large"].min()  # the study's 10M tokens: 305 per latent
+    reach = top["tokens_per_latent_large"].iloc[0] / lowest
+    lines = [f"The largest budget, {format_tokens(int(top['tokens'].iloc[0]))} tokens, is "
+             f"{top['tokens_per_latent_large'].iloc[0]:.0f} tokens per latent for the large model's SAE and "
+             f"{top['tokens_per_latent_small'].iloc[0]:.0f} for the small one's: {reach:.2f}x the study's *lowest* "
+             f"budget (10M tokens = 305 per latent for pythia-410m, 610 for pythia-70m)."]
+    worst = top[["dead_frac_small_mean", "dead_frac_large_mean"]].max(axis=None)
+    dead = (f"At that budget at most {worst:.1%} of a model's latents are dead on the eval tokens (mean over seeds"
+            f"; per cell below), {'under' if worst < dead_target else 'above'} the {dead_target:.0%} aimed for.")
+    lines.append(dead)
+    if "eval_to_seed_se" in table.columns and table["eval_to_seed_se"].notna().any():
+        r = table["eval_to_seed_se"]
+        lines.append(f"The eval set's sampling error of the mean ΔCE_rec is {r.min():.2f}-{r.max():.2f} times the "
+                     "seeds' standard error across cells" + (": the eval set is not what limits the precision."
+                                                             if r.max() < 1 else
+                                                             "; where it exceeds 1 more eval tokens would help more "
+                                                             "than more seeds."))
+    return " ".join(lines)

@@ -336,3 +336,20 @@ def test_report_header_names_the_trainer(tmp_path, smoke_params):
     header = run_summary(p, tmp_path, {"sae_metrics": metrics})["header"]
     assert f"| `{p.hook('small')}` | {p.layer('small') + 1}/{p.models['small'].n_layers} = " in header
     assert "| 3.5000 |" in header and "| 3.1000 |" in header, "each model's held-out CE"
+
+
+@pytest.mark.parametrize("n,k", [(2048, 16), (4096, 32), (1000, 64), (333, 8), (64, 32), (2048, 1)])
+def test_topk_rows_equals_torch_topk(n, k):
+    """The grouped top-k selects exactly torch.topk's values (ties, -inf and a ragged last group included)."""
+    from proxygap_helpers.sparse_step import topk_rows
+
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(300, n, generator=g)
+    x[0] = 1.0                                  # one row of ties
+    x[1, : n // 2] = -torch.inf                 # half the row is -inf
+    x[2] = torch.randn(n, generator=g).round()  # many ties
+    values, idx = topk_rows(x, k)
+    want = x.topk(k, dim=1).values
+    assert torch.equal(values.sort(1, descending=True).values, want)
+    assert torch.equal(x.gather(1, idx), values)
+    assert (idx.sort(1).values.diff(dim=1) > 0).all(), "k distinct latents per row"

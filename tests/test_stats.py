@@ -318,3 +318,20 @@ def test_eval_noise_shrinks_as_one_over_root_n_and_needs_every_sae():
     missing = S.eval_noise(pairs, seqs[seqs["sae_id"] != "large-2"]).iloc[0]
     assert np.isnan(missing["d_ce_rec_eval_se"]) and np.isfinite(missing["d_ce_rec_seed_sd"])
     assert S.eval_noise(pairs.iloc[:0], seqs).empty
+
+
+def test_regime_section_reads_the_table():
+    from proxygap_helpers import summary
+
+    pairs, seqs = _noise_cell()
+    pairs = pairs.assign(tokens=1_228_800, tokens_per_latent_small=600.0, tokens_per_latent_large=300.0,
+                         dead_frac_small=0.02, dead_frac_large=0.05, d_r2=0.1, mismatch=0)
+    table = S.phase2_table(pairs).merge(S.eval_noise(pairs, seqs).drop(columns=["n", "tokens"]), on="k")
+    text = summary.regime_text(table)
+    assert "300 tokens per latent for the large model's SAE and 600 for the small one's" in text
+    assert "0.98x the study's *lowest* budget" in text and "at most 5.0%" in text and "under the 10%" in text
+    frame = summary.regime_frame(table)
+    assert frame.iloc[0]["dead latents (small, large)"] == "2.0%, 5.0%"
+    assert frame.iloc[0]["tokens / latent (small, large)"] == "600, 300"
+    assert frame.iloc[0]["eval / seed"] == pytest.approx(table["eval_to_seed_se"].iloc[0], abs=1e-5)
+    assert "pending" in summary.regime_frame(None).iloc[0, 0]
