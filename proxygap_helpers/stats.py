@@ -134,7 +134,8 @@ def _complete(sides: pd.DataFrame) -> pd.Series:
 def pair(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_PAIR_METRICS) -> pd.DataFrame:
     """Pair small and large SAEs by ``(k, tokens, seed)``; one row per complete pair.
 
-    Columns: ``k, tokens, seed``, then for each metric ``m`` (metrics absent from ``df`` are skipped;
+    Columns: ``k, tokens, seed, sae_id_small, sae_id_large``, then for each metric ``m`` (metrics absent from
+    ``df`` are skipped;
     ``ce_rec`` and ``r2`` are required) ``m_small, m_large, d_m`` with ``d_m = m_large - m_small``, then
     ``d_dim`` (gate D3: a copy of ``d_pr_recon_frac``, see ``DIM_METRIC``; only when that metric is
     present) and ``mismatch = int(d_r2 > 0 and d_ce_rec < 0)``. Complete = both roles present with finite ``ce_rec``
@@ -146,7 +147,8 @@ def pair(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_PAIR_METRICS) -> pd.
     metrics = [m for m in dict.fromkeys([*metrics, *REQUIRED_PAIR_METRICS]) if m in df.columns]
     sides = _sides(df, metrics)
     sides = sides[_complete(sides)]
-    out = sides[PAIR_KEY].astype("int64")
+    out = sides[PAIR_KEY].astype("int64").assign(sae_id_small=sides["sae_id_small"],
+                                                  sae_id_large=sides["sae_id_large"])
     for m in metrics:
         small, large = sides[f"{m}_small"].astype(float), sides[f"{m}_large"].astype(float)
         out = out.assign(**{f"{m}_small": small, f"{m}_large": large, f"d_{m}": large - small})

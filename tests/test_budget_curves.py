@@ -368,8 +368,9 @@ def test_plan_budget_cost_by_hand(monkeypatch):
     cal = {r: {"sae_tok_s": 1000.0, "sae_aux_tok_s": 500.0, "eval_forward_tok_s": 7000.0} for r in ("small", "large")}
     monkeypatch.setattr(plan, "calibration", lambda p, out: cal)
     cost = plan.budget_cost(p, Path("unused"), [131072], 2)
-    per_sae = 8.192 + (131072 - 8192) / 500 + plan.SAE_FIXED_S + plan.EVAL_FORWARD_EQUIV * 32 * 64 / 7000
-    per_unit = 4 * per_sae + 2 * plan.NOTEBOOK_OVERHEAD_S  # one unit per role: 2 k x 2 seeds, 2 notebooks
+    per_sae = 8.192 + (131072 - 8192) / 500 + plan.SAE_FIXED_S + plan.eval_forwards_per_sae(p) * 32 * 64 / 7000
+    per_model = plan.EVAL_MODEL_FORWARD_EQUIV * 32 * 64 / 7000  # evaluation's shared per-model passes
+    per_unit = 4 * per_sae + per_model + 2 * plan.NOTEBOOK_OVERHEAD_S  # one unit per role: 2 k x 2 seeds
     assert cost["total_s"] == pytest.approx(2 * per_unit) and cost["n_saes"] == 8 and cost["jobs"] == 1
     assert "activation store" in cost["store_note"]
     assert "min for 8 SAEs" in bc.cost_text(cost)

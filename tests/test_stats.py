@@ -68,7 +68,8 @@ def test_pair_deltas_mismatch_and_unpaired():
     recs += [record("small", 16, 10, 1, 0.9, 0.5), record("large", 16, 10, 1, float("nan"), 0.5)]
     df = S.flatten_metrics(recs)
     pairs = S.pair(df)
-    assert list(pairs.columns[:6]) == ["k", "tokens", "seed", "ce_rec_small", "ce_rec_large", "d_ce_rec"]
+    assert list(pairs.columns[:8]) == ["k", "tokens", "seed", "sae_id_small", "sae_id_large", "ce_rec_small",
+                                       "ce_rec_large", "d_ce_rec"]
     assert {"r2_small", "r2_large", "d_r2", "d_cosine", "mismatch"} <= set(pairs.columns)
     assert list(pairs["seed"]) == [0, 1, 2]
     np.testing.assert_allclose(pairs["d_ce_rec"], [-0.1, 0.05, -0.1])
@@ -305,6 +306,19 @@ def test_eval_noise_against_a_brute_force_bootstrap():
     assert got["d_ce_rec_seed_se"] == pytest.approx(pairs["d_ce_rec"].std(ddof=1) / np.sqrt(3), rel=1e-12)
     assert got["eval_to_seed_se"] == pytest.approx(got["d_ce_rec_eval_se"] / got["d_ce_rec_seed_se"])
     assert got["n"] == 3 and list(S.eval_noise(pairs, seqs).columns) == S.EVAL_NOISE_COLUMNS
+
+
+def test_eval_noise_on_pairs_built_by_pair():
+    """pair() carries each side's sae_id, which eval_noise looks the per-sequence sums up by."""
+    deltas = {(8, 10**6, 0): (-0.10, 0.20), (8, 10**6, 1): (-0.20, 0.10)}
+    pairs = S.pair(S.dedupe(S.flatten_metrics(records_for(deltas)))[0])
+    assert {"sae_id_small", "sae_id_large"} <= set(pairs.columns)
+    rng = np.random.default_rng(0)
+    seqs = pd.DataFrame([{"sae_id": sid, "sequence": i, "ce_sae": 4 + rng.random(), "ce_clean": 3 + rng.random(),
+                          "ce_zero": 9.0} for sid in [*pairs["sae_id_small"], *pairs["sae_id_large"]]
+                         for i in range(50)])
+    noise = S.eval_noise(pairs, seqs, n_boot=200)
+    assert noise["d_ce_rec_eval_se"].notna().all() and noise["d_ce_rec_eval_se"].iloc[0] > 0
 
 
 def test_eval_noise_shrinks_as_one_over_root_n_and_needs_every_sae():
