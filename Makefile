@@ -40,7 +40,8 @@ sync: $(STAMP)
 notebooks: $(STAMP)
 	rm -rf results/smoke
 	cd notebooks && for nb in 01_extract 02_train 03_evaluate 04_aggregate 05_report; do \
-	  PROXYGAP_THREADS=1 ../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+	  PROXYGAP_THREADS=1 TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 ../$(VENV)/bin/jupyter nbconvert \
+	    --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 $$nb.ipynb || exit 1; done
 
 clean-results:

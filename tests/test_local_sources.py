@@ -208,7 +208,7 @@ def test_params_keys_for_local_checkpoints(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     p = load_params(path)
     assert p.models["small"].path == str(folder)
-    assert (p.layer("small"), p.d_in("small"), p.d_sae("small"), p.models["small"].n_heads) == (2, 48, 32 * 48, 6)
+    assert (p.layer("small"), p.d_in("small"), p.d_sae("small"), p.models["small"].n_heads) == (1, 48, 32 * 48, 6)
     for mutate, must in (
             (lambda m: m.update(path="nowhere"), r"models\.small\.path.*config\.json"),
             (lambda m: m.update(path=str(neox_folder(tmp_path / "llama", "llama"))), r"model_type 'llama'.*gpt_neox"),
