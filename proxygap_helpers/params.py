@@ -539,6 +539,18 @@ class _SafeLoader(yaml.SafeLoader):
     """yaml.SafeLoader: never constructs Python objects (``!!python/...`` tags are refused)."""
 
 
+def set_dotted(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Set each dotted key of ``values`` (``"sae.k"``) in the nested mapping ``raw``, creating mappings on the
+    way; returns ``raw`` (changed in place)."""
+    for dotted, value in values.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return raw
+
+
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate a params file; raise ParamsError (one paragraph) on any problem."""
     path = Path(path)
@@ -555,12 +567,7 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Pa
         raise ParamsError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+    set_dotted(raw, overrides or {})
     _absolute_paths(raw, path.resolve().parent)
     return validate_params(raw, source=str(path))
 

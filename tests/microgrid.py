@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from proxygap_helpers.grid import units
-from proxygap_helpers.params import load_params
+from proxygap_helpers.params import load_params, set_dotted
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = "runner-test-micro"
@@ -49,12 +49,7 @@ UNIT_LINE = re.compile(r"^\[(\d+)/(\d+) +\d+s\] (done|FAILED) +(\S+?):?(\s|$)")
 def write_params(path: Path, **overrides) -> Path:
     """params/smoke.yaml with the micro-grid overrides and ``overrides`` (dotted keys, ``__`` for ``.``)."""
     raw = yaml.safe_load((REPO / "params" / "smoke.yaml").read_text())
-    for dotted, value in {**MICRO, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+    set_dotted(raw, {**MICRO, **{k.replace("__", "."): v for k, v in overrides.items()}})
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 

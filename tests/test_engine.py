@@ -24,6 +24,7 @@ from proxygap_helpers.activations import OnlineSource, StoreSource, store_dir
 from proxygap_helpers.evaluate import evaluate_unit
 from proxygap_helpers.params import load_params
 from proxygap_helpers.sparse_step import SparseTopK, aux_k, encode_decode, sparse_forward
+from smoke_share import one_sae_params, shared_out
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,16 +127,8 @@ def test_step_equals_saelens_training_forward():
 
 
 # --------------------------------------------------------------------------- the engine on the smoke store
-def _params(smoke_params, **over):
-    base = {"sae.k": [8], "sae.seeds": [0], "sae.tokens": [8192], "data.store_tokens": smoke_params.store_tokens}
-    return load_params(SMOKE, overrides={**base, **over})
-
-
-def _out(tmp: Path, smoke_out: Path) -> Path:
-    tmp.mkdir(parents=True, exist_ok=True)
-    for sub in ("models", "data", "activations"):
-        (tmp / sub).symlink_to(smoke_out / sub, target_is_directory=True)
-    return tmp
+_params = one_sae_params
+_out = shared_out
 
 
 def _train(p, out, smoke_out, role="small", specs=None):

@@ -37,6 +37,8 @@ import pytest
 import torch
 import yaml
 
+from proxygap_helpers.params import set_dotted
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,12 +230,7 @@ def mirror(tmp_path_factory) -> dict:
 
 def write_rehearsal_params(path: Path, pile) -> Path:
     raw = yaml.safe_load((REPO / "params" / "phase2_pythia.yaml").read_text())
-    for dotted, value in {**REHEARSAL, "data.pile_files": pile}.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+    set_dotted(raw, {**REHEARSAL, "data.pile_files": pile})
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 

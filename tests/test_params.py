@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from proxygap_helpers.params import ParamsError, load_params
+from proxygap_helpers.params import ParamsError, load_params, set_dotted
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params"
@@ -36,13 +36,7 @@ def _mutated(base: dict, fn) -> str:
 
 
 def _set(path: str, value):
-    def fn(raw):
-        node = raw
-        *parents, last = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return fn
+    return lambda raw: set_dotted(raw, {path: value})
 
 
 def _drop(path: str):

@@ -18,30 +18,20 @@ from proxygap_helpers import training
 from proxygap_helpers.activations import StoreSource, store_dir
 from proxygap_helpers.evaluate import evaluate_unit
 from proxygap_helpers.metrics import METRIC_KEYS
-from proxygap_helpers.params import load_params
 from proxygap_helpers.train import train_unit
 from proxygap_helpers.training import TrainingError, is_trained, load_sae, sae_dir
+from smoke_share import one_sae_params
+from smoke_share import shared_out as _out
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "params" / "smoke.yaml"
 PKG = REPO / "proxygap_helpers"
 ROLE, K = "small", 8
 
 
 def _params(smoke_params, **over):
-    """The smoke grid cut to one (role, k) SAE; store_tokens pinned to the smoke store's, so ids do not move."""
-    base = {"sae.k": [K], "sae.seeds": [0], "sae.tokens": [8192], "data.store_tokens": smoke_params.store_tokens}
-    return load_params(SMOKE, overrides={**base, **over})
-
-
-def _out(tmp: Path, smoke_out: Path) -> Path:
-    """An output dir that shares the smoke models, eval tokens and stores (read-only) and has its own saes/runs."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    for sub in ("models", "data", "activations"):
-        (tmp / sub).symlink_to(smoke_out / sub, target_is_directory=True)
-    return tmp
+    return one_sae_params(smoke_params, K, **over)
 
 
 def _train(p, out: Path, smoke_out: Path, role: str = ROLE, k: int = K, **kw):
