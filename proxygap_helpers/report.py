@@ -363,7 +363,7 @@ def _section_proxy(board: pd.DataFrame, verdict_detail: list[str]) -> tuple[str,
     if n_cells < 4:
         text += f" With only {n_cells} held-out cells this ranking is **pending** more cells."
         verdict = "pending"
-    verdict_detail[0] = ", ".join(cheap_beating)
+    verdict_detail[0] = ", ".join(cheap_beating if cheap_beating else [r.proxy for r in beating])
     return head + text, verdict
 
 
@@ -408,8 +408,8 @@ def narrative(table: pd.DataFrame | None, sign_flip: pd.DataFrame | None, leader
     else:
         bottom = "the study's headline is **pending**: the cells it needs are missing or have n < 2"
     d2 = {"beats r2": f"{detail[0]} beats ΔR² at held-out prediction",
-          "only kl": "only a behavioural reference (ΔKL or the random-error ratio) beats ΔR² at held-out prediction; "
-                     "no cheap proxy does",
+          "only kl": f"only a behavioural reference ({detail[0]}) beats ΔR² at held-out prediction; no cheap proxy "
+                     "does",
           "not better": "no proxy clearly beats ΔR² at held-out prediction",
           "r2 best": "ΔR² is the best held-out predictor here",
           "pending": "the D2 comparison is pending"}[v3]
