@@ -303,6 +303,13 @@ def test_batching_invariance(world):
 
 
 # --------------------------------------------------------------------------- SWD
+def _input_and_error(model, sae, toks):
+    """The hook's activations x and the SAE's reconstruction error e = x_hat - x on ``toks`` (no grad)."""
+    with torch.no_grad():
+        x = resid_post(model, toks, LAYER)
+        return x, sae.decode(sae.encode(x)) - x
+
+
 @pytest.fixture(scope="module")
 def world64(world):
     from sae_lens import SAE
@@ -314,9 +321,8 @@ def test_swd_equals_dense_jacobian(world, world64):
     model, sae = world64
     toks = torch.from_numpy(world["tokens"][:1, :6])
     m = M.evaluate_sae(model, LAYER, sae, toks, batch_sequences=1, progress=False)
+    x, e = _input_and_error(model, sae, toks)
     with torch.no_grad():
-        x = resid_post(model, toks, LAYER)
-        e = sae.decode(sae.encode(x)) - x
         p = torch.softmax(model(input_ids=toks).logits, -1)[0]  # [T, V]
 
     def logits_of(h):
@@ -404,9 +410,7 @@ def test_gwd_equals_finite_differences(world, world64):
     model, sae = world64
     toks = torch.from_numpy(world["tokens"][:2, :7])
     m = M.evaluate_sae(model, LAYER, sae, toks, batch_sequences=1, progress=False)
-    with torch.no_grad():
-        x = resid_post(model, toks, LAYER)
-        e = sae.decode(sae.encode(x)) - x
+    x, e = _input_and_error(model, sae, toks)
     h, terms = 1e-4, []
     for b in range(toks.shape[0]):
         for t in range(toks.shape[1] - 1):
@@ -424,9 +428,7 @@ def test_gradient_is_the_first_order_ce_change(world, world64):
     model, sae = world64
     toks = world["tokens"]
     t = torch.from_numpy(toks)
-    with torch.no_grad():
-        x = resid_post(model, t, LAYER)
-        e = sae.decode(sae.encode(x)) - x
+    x, e = _input_and_error(model, sae, t)
     _, x_clean, g = M.clean_pass(model, LAYER, t, torch.ones(t.shape[0], t.shape[1] - 1, dtype=torch.bool))
     assert torch.allclose(x_clean, x) and g[:, -1].abs().max() < 1e-12  # the last position feeds no prediction
     first_order = (g * e).sum().item() / (t.shape[0] * (t.shape[1] - 1))  # per prediction
@@ -449,8 +451,7 @@ def test_random_error_baseline_by_hand(world):
     toks = torch.from_numpy(toks_np[rows])
     with torch.no_grad():
         clean = hf(input_ids=toks).logits
-        x = resid_post(hf, toks, LAYER)
-        e = sae.decode(sae.encode(x)) - x
+        x, e = _input_and_error(hf, sae, toks)
         with patched(hf, LAYER, lambda out: x + e):
             kl_sae = M.kl_per_prediction(clean, hf(input_ids=toks).logits).double().mean().item()
         kls = []
