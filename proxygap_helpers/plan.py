@@ -233,19 +233,24 @@ def estimate(p: Params, out_dir: Path) -> dict:
     """Estimated seconds per stage and in total (``jobs`` SAE units at a time, longest first)."""
     cal = calibration(p, out_dir)
     us = units(p, out_dir, Path("params.resolved.yaml"))
-    specs = {s.sae_id: s for s in p.sae_specs()}
     t_extract = 0.0
     if p.embedded:
         t_extract += sum(p.models[r].train_tokens / cal[r]["train_tok_s"] for r in ROLES)
         t_extract += sum(p.store_tokens / cal[r]["forward_tok_s"] for r in ROLES) + 25.0  # + text, tokenizer
-    t_sae = {u.uid: sae_seconds(p, cal, [specs[i] for i in u.sae_ids]) + len(u.notebooks) * NOTEBOOK_OVERHEAD_S
-             for u in us if u.stage == "sae"}
+    t_sae = _sae_unit_seconds(p, cal, us)
     sae_wall = _makespan(sorted(t_sae.values(), reverse=True), p.executor.jobs)
     n_nb = sum(len(u.notebooks) for u in us)
     other_nb = n_nb - sum(len(u.notebooks) for u in us if u.stage == "sae")
     total = t_extract + sae_wall + other_nb * NOTEBOOK_OVERHEAD_S + 20.0  # + aggregate and report compute
     return {"extract_s": t_extract, "sae_s": t_sae, "sae_wall_s": sae_wall, "notebooks": n_nb, "total_s": total,
             "calibration": cal}
+
+
+def _sae_unit_seconds(p: Params, cal: dict, us) -> dict[str, float]:
+    """Seconds of each SAE unit of ``us`` (``sae_seconds`` of its SAEs plus its notebook starts), by unit id."""
+    specs = {s.sae_id: s for s in p.sae_specs()}
+    return {u.uid: sae_seconds(p, cal, [specs[i] for i in u.sae_ids]) + len(u.notebooks) * NOTEBOOK_OVERHEAD_S
+            for u in us if u.stage == "sae"}
 
 
 def _makespan(durations: list[float], jobs: int) -> float:
@@ -323,9 +328,7 @@ def budget_cost(p: Params, out_dir: Path, tokens: list[int], n_seeds: int) -> di
     raw = p.model_dump()
     raw["sae"] |= {"tokens": sorted({int(t) for t in tokens}), "seeds": list(range(max(1, n_seeds)))}
     extra = Params.model_validate(raw)
-    specs = {s.sae_id: s for s in extra.sae_specs()}
-    per_unit = [sae_seconds(extra, cal, [specs[i] for i in u.sae_ids]) + len(u.notebooks) * NOTEBOOK_OVERHEAD_S
-                for u in units(extra, out_dir, Path("params.resolved.yaml")) if u.stage == "sae"]
+    per_unit = _sae_unit_seconds(extra, cal, units(extra, out_dir, Path("params.resolved.yaml"))).values()
     note = ""
     if p.embedded and max(tokens) > p.store_tokens:
         note = (f"a budget above the activation store ({format_tokens(p.store_tokens)} tokens per model) needs a "
