@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -213,8 +213,7 @@ def _autocast(device_type: str, precision: str):
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
         return
-    with nullcontext():
-        yield
+    yield
 
 
 def train_set(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name: str, context_size: int,
