@@ -37,8 +37,9 @@ class SparseTopK(torch.autograd.Function):
 
     Forward args: ``c [B, d_in]`` (centred, scaled input), ``W_enc [d_sae, d_in]`` (one row per latent, the
     transpose of SAELens' ``W_enc``), ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``dec_norm [d_sae]``
-    (``||W_dec[j]||``, no gradient), ``k``, ``dead_ids`` (int64 indices of dead latents, possibly empty) and
-    ``k_aux``. Returns ``recon [B, d_in]`` (``sum_{j in S_b} v_bj W_dec[j]``, no bias), ``aux_recon [B, d_in]``
+    (``||W_dec[j]||``, no gradient), ``k``, ``dead_ids`` (int64 indices of dead latents, possibly empty),
+    ``k_aux`` and ``dense_aux`` (the AuxK term as dense GEMMs over the dead latents: ``_add_dense_aux``).
+    Returns ``recon [B, d_in]`` (``sum_{j in S_b} v_bj W_dec[j]``, no bias), ``aux_recon [B, d_in]``
     (``sum_{j in A_b} pre_bj W_dec[j]``: AuxK's, zeros when ``k_aux == 0``), and, without gradient, ``v [B, k]``
     (``relu(pre)`` of the selected latents) and ``idx [B, k]``.
 
@@ -51,50 +52,91 @@ class SparseTopK(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, c, W_enc, b_enc, W_dec, dec_norm, k: int, dead_ids, k_aux: int):
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, c, W_enc, b_enc, W_dec, dec_norm, k: int, dead_ids, k_aux: int, dense_aux: bool):
         hidden = torch.addmm(b_enc * dec_norm, c, (W_enc * dec_norm[:, None]).t())
         top, idx = topk_rows(hidden, k)
         v = (top / dec_norm[idx]).relu_()
         recon = F.embedding_bag(idx, W_dec, per_sample_weights=v, mode="sum")
+        local = idx.new_empty((c.shape[0], 0))
         if k_aux > 0:
             dead_top, local = topk_rows(hidden.index_select(1, dead_ids), k_aux)
             aux_idx = dead_ids[local]
             aux_v = dead_top / dec_norm[aux_idx]
-            aux_recon = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_v, mode="sum")
+            if dense_aux:
+                aux_recon = (_dense_rows(local, aux_v, len(dead_ids)) @ W_dec.index_select(0, dead_ids)).to(recon.dtype)
+            else:
+                aux_recon = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_v, mode="sum")
         else:
             aux_idx, aux_v = idx.new_empty((c.shape[0], 0)), v.new_empty((c.shape[0], 0))
             aux_recon = torch.zeros_like(recon)
-        ctx.save_for_backward(c, W_enc, W_dec, idx, v, aux_idx, aux_v)
+        ctx.save_for_backward(c, W_enc, W_dec, idx, v, aux_idx, aux_v, dead_ids, local)
+        ctx.dense_aux = dense_aux and k_aux > 0
         ctx.mark_non_differentiable(v, idx)
         return recon, aux_recon, v, idx
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g, g_aux, _gv, _gidx):
-        c, W_enc, W_dec, idx, v, aux_idx, aux_v = ctx.saved_tensors
+        c, W_enc, W_dec, idx, v, aux_idx, aux_v, dead_ids, local = ctx.saved_tensors
         B, k = idx.shape
         dv = _rowdot(W_dec, idx, g) * (v > 0)
+        rows = torch.arange(B, device=c.device)[:, None]
+        if ctx.dense_aux:
+            grads = _sparse_grads(c, W_enc, g, idx, v, dv, rows.expand(B, k))
+            return (*_add_dense_aux(grads, c, W_enc, W_dec, g_aux, dead_ids, local, aux_v), None, None, None, None,
+                    None)
         if aux_idx.shape[1]:
             idx_all = torch.cat([idx, aux_idx], 1)
             d_all = torch.cat([dv, _rowdot(W_dec, aux_idx, g_aux)], 1)
             vals_all = torch.cat([v, aux_v], 1)
             g_rows = torch.cat([g, g_aux])  # decoder gradients come from g (rows b) and g_aux (rows B + b)
-            rows = torch.arange(B, device=c.device)[:, None]
             dec_rows = torch.cat([rows.expand(B, k), (rows + B).expand(B, aux_idx.shape[1])], 1)
         else:
-            idx_all, d_all, vals_all, g_rows = idx, dv, v, g
-            dec_rows = torch.arange(B, device=c.device)[:, None].expand(B, k)
-        flat = idx_all.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        offsets = torch.zeros(W_enc.shape[0], dtype=torch.long, device=c.device)
-        offsets[1:] = torch.bincount(flat, minlength=W_enc.shape[0]).cumsum(0)[:-1]
-        enc_rows = (torch.arange(B, device=c.device)[:, None].expand_as(idx_all)).reshape(-1)[order]
-        d_sorted = d_all.reshape(-1)[order]
-        grad_W_enc = F.embedding_bag(enc_rows, c, offsets, per_sample_weights=d_sorted, mode="sum")
-        grad_W_dec = F.embedding_bag(dec_rows.reshape(-1)[order], g_rows, offsets,
-                                     per_sample_weights=vals_all.reshape(-1)[order], mode="sum")
-        grad_b_enc = torch.zeros(W_enc.shape[0], dtype=d_all.dtype, device=c.device).index_add_(0, flat, d_all.reshape(-1))
-        grad_c = F.embedding_bag(idx_all, W_enc, per_sample_weights=d_all, mode="sum")
-        return grad_c, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None
+            idx_all, d_all, vals_all, g_rows, dec_rows = idx, dv, v, g, rows.expand(B, k)
+        return (*_sparse_grads(c, W_enc, g_rows, idx_all, vals_all, d_all, dec_rows), None, None, None, None, None)
+
+
+def _sparse_grads(c, W_enc, g_rows, idx_all, vals_all, d_all, dec_rows):
+    """``(grad_c, grad_W_enc, grad_b_enc, grad_W_dec)`` over the (row, latent) pairs ``idx_all [B, K]``: their
+    codes ``vals_all``, code gradients ``d_all`` and the rows ``dec_rows`` of ``g_rows`` that their decoder
+    gradients take; the pairs are sorted by latent once and summed per latent with ``embedding_bag``."""
+    B = idx_all.shape[0]
+    flat = idx_all.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.zeros(W_enc.shape[0], dtype=torch.long, device=c.device)
+    offsets[1:] = torch.bincount(flat, minlength=W_enc.shape[0]).cumsum(0)[:-1]
+    enc_rows = (torch.arange(B, device=c.device)[:, None].expand_as(idx_all)).reshape(-1)[order]
+    d_sorted = d_all.reshape(-1)[order]
+    grad_W_enc = F.embedding_bag(enc_rows, c, offsets, per_sample_weights=d_sorted, mode="sum")
+    grad_W_dec = F.embedding_bag(dec_rows.reshape(-1)[order], g_rows, offsets,
+                                 per_sample_weights=vals_all.reshape(-1)[order], mode="sum")
+    grad_b_enc = torch.zeros(W_enc.shape[0], dtype=d_all.dtype, device=c.device).index_add_(0, flat, d_all.reshape(-1))
+    grad_c = F.embedding_bag(idx_all, W_enc, per_sample_weights=d_all, mode="sum")
+    return grad_c, grad_W_enc, grad_b_enc, grad_W_dec
+
+
+def _dense_rows(local: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, n]`` zeros with ``values [B, K]`` at columns ``local [B, K]`` (distinct per row)."""
+    return values.new_zeros((local.shape[0], n)).scatter_(1, local, values)
+
+
+def _add_dense_aux(grads, c, W_enc, W_dec, g_aux, dead_ids, local, aux_v):
+    """AuxK's gradients as dense GEMMs over the ``n`` dead latents, added to the main term's ``grads``: with
+    ``A [B, n]`` the AuxK codes (``aux_v`` at columns ``local``) and ``D [B, n]`` their gradients
+    ``<g_aux_b, W_dec[j]>`` there, ``dW_dec[dead] += A^T g_aux``, ``dW_enc[dead] += D^T c``, ``db_enc[dead] += sum_b D``
+    and ``dc += D W_enc[dead]``. The same sums as the sparse path; on a GPU with ``k_aux = d_in / 2`` latents per
+    row they are far cheaper as GEMMs than as gathers (``reports/gpu_check.md``)."""
+    grad_c, grad_W_enc, grad_b_enc, grad_W_dec = grads
+    n = len(dead_ids)
+    W_dead = W_dec.index_select(0, dead_ids)
+    A = _dense_rows(local, aux_v.to(g_aux.dtype), n)
+    D = _dense_rows(local, (g_aux @ W_dead.t()).gather(1, local), n)
+    grad_W_dec = grad_W_dec.index_add(0, dead_ids, (A.t() @ g_aux).to(grad_W_dec.dtype))
+    grad_W_enc = grad_W_enc.index_add(0, dead_ids, (D.t() @ c).to(grad_W_enc.dtype))
+    grad_b_enc = grad_b_enc.index_add(0, dead_ids, D.sum(0).to(grad_b_enc.dtype))
+    grad_c = grad_c + (D @ W_enc.index_select(0, dead_ids)).to(grad_c.dtype)
+    return grad_c, grad_W_enc, grad_b_enc, grad_W_dec
 
 
 def topk_rows(x: torch.Tensor, k: int, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,11 +196,13 @@ def aux_k(d_in: int, n_dead: int) -> tuple[int, float]:
 
 def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
                    b_dec: torch.Tensor, k: int, dead_ids: torch.Tensor | None = None,
-                   aux_coefficient: float = 0.0) -> StepOutput:
+                   aux_coefficient: float = 0.0, dense_aux: bool | None = None) -> StepOutput:
     """Loss of one TopK SAE on scaled activations ``x_s [B, d_in]`` (module docstring for the formulas).
 
     ``W_enc`` is ``[d_sae, d_in]`` (rows per latent), ``W_dec`` ``[d_sae, d_in]``; ``dead_ids`` are the dead
-    latents' indices (None or empty: no AuxK term).
+    latents' indices (None or empty: no AuxK term). ``dense_aux``: the AuxK term as dense GEMMs over the dead
+    latents instead of gathers of its ``k_aux`` latents per row (the same sums; default: on CUDA, where the
+    gathers cost 5x the whole step without AuxK, ``reports/gpu_check.md``; on a CPU the gathers are cheaper).
     """
     with torch.no_grad():
         dec_norm = W_dec.norm(dim=-1)
@@ -167,7 +211,8 @@ def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     if dead_ids is None:
         dead_ids = torch.empty(0, dtype=torch.long, device=x_s.device)
     c = x_s - b_dec
-    recon, aux_recon, v, idx = SparseTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux)
+    dense_aux = x_s.is_cuda if dense_aux is None else dense_aux
+    recon, aux_recon, v, idx = SparseTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux, dense_aux)
     x_hat = recon + b_dec
     mse = (x_hat - x_s).pow(2).sum(-1).mean()
     if k_aux:

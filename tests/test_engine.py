@@ -59,14 +59,17 @@ def _weights(d_in=8, d_sae=48, seed=0, dtype=torch.float64):
     return [t.requires_grad_() for t in (W_enc, b_enc, W_dec, b_dec)], x
 
 
+@pytest.mark.parametrize("dense_aux", [False, True], ids=["sparse-auxk", "dense-auxk"])
 @pytest.mark.parametrize("dead_ids", [[], [3], [1, 5, 9, 10, 33, 40, 47], list(range(48))],
                          ids=["no-dead", "one-dead-k_aux-1", "some-dead", "all-dead"])
-def test_sparse_backward_equals_dense_autograd_float64(dead_ids):
+def test_sparse_backward_equals_dense_autograd_float64(dead_ids, dense_aux):
+    """Both AuxK paths (gathers of the k_aux latents per row: the CPU's; GEMMs over the dead latents: CUDA's)."""
     (W_enc, b_enc, W_dec, b_dec), x = _weights()
     k, coef = 4, 0.5
     dead = torch.zeros(48, dtype=torch.bool)
     dead[dead_ids] = True
-    out = sparse_forward(x, W_enc, b_enc, W_dec, b_dec, k, torch.tensor(dead_ids, dtype=torch.long), coef)
+    out = sparse_forward(x, W_enc, b_enc, W_dec, b_dec, k, torch.tensor(dead_ids, dtype=torch.long), coef,
+                         dense_aux=dense_aux)
     ref, ref_mse, ref_aux = _dense_reference(x, W_enc, b_enc, W_dec, b_dec, k, dead, coef)
     assert out.mse_loss.item() == pytest.approx(ref_mse.item(), rel=1e-12)
     assert out.aux_loss.item() == pytest.approx(ref_aux.item(), rel=1e-12, abs=1e-12)
@@ -79,7 +82,8 @@ def test_sparse_backward_equals_dense_autograd_float64(dead_ids):
         assert b.abs().max() > 0, name
 
 
-def test_sparse_topk_backward_passes_gradcheck():
+@pytest.mark.parametrize("dense_aux", [False, True], ids=["sparse-auxk", "dense-auxk"])
+def test_sparse_topk_backward_passes_gradcheck(dense_aux):
     """Finite differences of the autograd Function itself (reconstruction and AuxK reconstruction as outputs;
     the decoder norms that pick the latents are held fixed, as the Function documents)."""
     (W_enc, b_enc, W_dec, _), x = _weights(d_in=6, d_sae=20, seed=1)
@@ -88,7 +92,7 @@ def test_sparse_topk_backward_passes_gradcheck():
     dead = torch.tensor([2, 7, 11, 19])
 
     def f(c, W, b, Wd):
-        recon, aux_recon, _, _ = SparseTopK.apply(c, W, b, Wd, nrm, 3, dead, 2)
+        recon, aux_recon, _, _ = SparseTopK.apply(c, W, b, Wd, nrm, 3, dead, 2, dense_aux)
         return recon, aux_recon
     assert torch.autograd.gradcheck(f, (c, W_enc, b_enc, W_dec), eps=1e-6, atol=1e-6)
 
