@@ -13,21 +13,23 @@
 # ---
 
 # %% [markdown]
-# # 01 · Extract: the model pair, held-out eval tokens and activation stores
+# # 01 · Extract: the models, held-out eval tokens and activation stores
 #
 # The study compares SAEs trained on the same mid-layer residual stream (`blocks.L.hook_resid_post`) of a
-# *small* and a *large* model of one family. This notebook makes everything the later stages read:
+# *small* and a *large* model of one family; a grid may also hold a ladder of sizes and several hooks per model
+# (`params/ladder.yaml`). This notebook makes everything the later stages read:
 #
 # * **embedded grids** (`params/smoke.yaml`, `params/default.yaml`): the `.py` sources of the pinned SymPy
 #   package as text (content hash checked; split into train/eval *by file*), a byte-level BPE tokenizer and
-#   two tiny GPT-NeoX (Pythia-architecture) models trained here, deterministically, and cached;
+#   tiny GPT-NeoX (Pythia-architecture) models trained here, deterministically, and cached;
 # * **the reference grid** (`params/phase2_pythia.yaml`): Pythia checkpoints from the hub (or local folders)
 #   and the Pile (streamed, or a local copy); the eval rows are the first rows of its validation split, and
 #   activations are streamed from its train split at training time instead of stored.
 #
 # Outputs: `models/<role>/` (HF format), `data/eval_tokens.npy` (never trained on; its hash and source in
 # `data/eval_tokens.json`) and `activations/<role>/` (a memmap store with `meta.json`; a truncated or corrupted
-# store is rebuilt).
+# store is rebuilt), or `activations/<role>/L<layer>/` per hook when models have several (all of a model's stores
+# from one pass of the model).
 
 # %% tags=["parameters"]
 params_path = "params/smoke.yaml"  # relative paths resolve from the repository root
@@ -51,10 +53,10 @@ info = extract.run_extract(p, out, device=device)
 # otherwise "scaling up" means nothing here.
 
 # %%
-rows = [{"role": role, "model": extract.model_name(p, role), "hook": p.hook(role), "d_in": p.d_in(role),
-         "d_sae": p.d_sae(role), **({"eval loss (nats)": round(info["models"][role]["eval_loss"], 3)}
-                                    if "models" in info else {})}
-        for role in ("small", "large")]
+rows = [{"role": role, "model": extract.model_name(p, role),
+         "hook": ", ".join(p.hook(role, L) for L in p.layers(role)), "d_in": p.d_in(role), "d_sae": p.d_sae(role),
+         **({"eval loss (nats)": round(info["models"][role]["eval_loss"], 3)} if "models" in info else {})}
+        for role in p.roles]
 pd.DataFrame(rows).set_index("role")
 
 # %%

@@ -38,7 +38,7 @@
 # %% tags=["parameters"]
 params_path = "params/smoke.yaml"
 out_dir = None
-role = None  # None: both roles
+role = None  # None: every model
 sae_ids = None  # None: every SAE of the role(s); else the ids of this unit
 force = False
 threads = 0  # torch threads: 0 keeps the default
@@ -53,15 +53,15 @@ from proxygap_helpers import evaluate, grid
 # (output is volatile: progress bars, and whether the work ran or was found already done)
 p, out, device = grid.setup(params_path, out_dir, threads)
 records = []
-for r in [role] if role else ["small", "large"]:  # one call per model: its SAEs share the per-model passes
+for r in [role] if role else p.roles:  # one call per model: its SAEs share the per-model passes (per hook)
     records += evaluate.evaluate_unit(p, r, out, sae_ids=sae_ids, device=device, force=force)
 
 # %% [markdown]
 # ## Metrics of this unit (`ce_rec` is the primary definition named in params)
 
 # %%
-cols = ["model_role", "k", "tokens", "seed", "ce_clean", "ce_sae", "ce_rec", "r2", "cosine", "rel_err_norm",
-        "nmse", "kl", "swd", "gwd", "random_error_ratio", "pr_recon", "l0", "dead_frac"]
+cols = ["model_role", *(["hook"] if p.multi_hook else []), "k", "tokens", "seed", "ce_clean", "ce_sae", "ce_rec",
+        "r2", "cosine", "rel_err_norm", "nmse", "kl", "swd", "gwd", "random_error_ratio", "pr_recon", "l0", "dead_frac"]
 pd.DataFrame(records)[cols].round(4)
 
 # %% [markdown]
@@ -69,4 +69,4 @@ pd.DataFrame(records)[cols].round(4)
 
 # %%
 model_cols = ["model_role", "hook", "sst_per_token", "act_norm_mean", "pr_act", "twonn_dim", "twonn_points"]
-pd.DataFrame(records)[model_cols].drop_duplicates("model_role").round(4)
+pd.DataFrame(records)[model_cols].drop_duplicates(["model_role", "hook"]).round(4)

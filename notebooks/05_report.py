@@ -16,6 +16,7 @@
 params_path = "params/smoke.yaml"
 out_dir = None
 threads = 0  # torch threads: 0 keeps the default
+setting = None  # grids with several pairs or hooks: the setting this report is about (e.g. "m1-m2@d0.25")
 
 # %% tags=["imports", "remove"]
 from IPython.display import Markdown
@@ -25,9 +26,9 @@ from proxygap_helpers import summary as sections
 
 # %% tags=["remove"]
 p, out, device = grid.setup(params_path, out_dir, threads)
-agg = aggregate.load_aggregate(out)
+agg = aggregate.load_aggregate(out, p, setting)  # this setting's tables; small and large = its two models
 plots.set_theme()
-summary = sections.run_summary(p, out, agg)
+summary = sections.run_summary(p, out, agg, setting)
 
 # %%
 Markdown(summary["header"])

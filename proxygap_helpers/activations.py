@@ -13,7 +13,8 @@ A store no larger than ``buffer_tokens`` is one chunk per epoch, read once and k
 exactly the batches that ``batches(..., seed)`` gives (epoch e in the order ``rng([seed, e])``). A larger store
 is cut per epoch into chunks of ``buffer_tokens`` rows of a shared permutation ``rng([data seed, epoch])``.
 
-Store layout (``activations/<role>/``): ``acts.bin`` (raw little-endian rows ``[n_tokens, d_in]``) and
+Store layout (``activations/<role>/``, or ``activations/<role>/L<layer>/`` with several hooks per model, all
+written by one LM pass: :func:`write_stores`): ``acts.bin`` (raw little-endian rows ``[n_tokens, d_in]``) and
 ``meta.json`` written last (shape, dtype, model, hook, layer, token hash, content hash). A store whose size
 or hash does not match its meta is reported by :func:`verify_store` and rebuilt, never used.
 """
@@ -30,7 +31,7 @@ import torch
 
 from .files import read_json, write_json_atomic
 from .layout import store_dir  # noqa: F401 - where a role's store lives (callers import it from here)
-from .models import resid_post
+from .models import resid_posts
 
 ACTS = "acts.bin"
 META = "meta.json"
@@ -42,35 +43,54 @@ class StoreError(RuntimeError):
 
 def write_store(model, layer: int, seqs: np.ndarray, out_dir: Path, meta: dict, dtype: str = "float32",
                 batch_sequences: int = 32, progress: bool = True) -> dict:
-    """Run ``model`` over rows of ``seqs`` and write ``blocks.{layer}.hook_resid_post`` for every position.
+    """Run ``model`` over rows of ``seqs`` and write ``blocks.{layer}.hook_resid_post`` for every position
+    (:func:`write_stores` with one hook)."""
+    return write_stores(model, {layer: (out_dir, meta)}, seqs, dtype, batch_sequences, progress)[layer]
 
-    Written chunk by chunk into a memmap (peak memory independent of the store size), hashed as it goes;
-    ``meta.json`` is written last, so a killed write leaves a store that :func:`verify_store` rejects.
+
+def write_stores(model, stores: dict[int, tuple[Path, dict]], seqs: np.ndarray, dtype: str = "float32",
+                 batch_sequences: int = 32, progress: bool = True) -> dict[int, dict]:
+    """One pass of ``model`` over rows of ``seqs`` writing one store per hook: ``stores`` maps a layer to its
+    store folder and the meta to record; every batch runs the model once, up to the deepest layer, and each
+    ``blocks.{layer}.hook_resid_post`` goes to its store. Returns {layer: the full meta written}.
+
+    Written chunk by chunk into memmaps (peak memory independent of the store size), hashed as it goes;
+    each ``meta.json`` is written last, so a killed write leaves stores that :func:`verify_store` rejects.
     """
     from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META).unlink(missing_ok=True)
+    from .models import resid_posts
+
     n_seq, ctx = seqs.shape
     d = model.config.hidden_size
-    arr = np.memmap(out_dir / ACTS, dtype=dtype, mode="w+", shape=(n_seq * ctx, d))
-    h = hashlib.blake2b(digest_size=16)
+    arrs, hashes = {}, {}
+    for layer, (out_dir, _) in stores.items():
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / META).unlink(missing_ok=True)
+        arrs[layer] = np.memmap(out_dir / ACTS, dtype=dtype, mode="w+", shape=(n_seq * ctx, d))
+        hashes[layer] = hashlib.blake2b(digest_size=16)
     device = next(model.parameters()).device
-    for i in tqdm(range(0, n_seq, batch_sequences), desc=f"extract {meta.get('role', '')}",
-                  disable=not progress, mininterval=1.0):
+    role = next(iter(stores.values()))[1].get("role", "")
+    for i in tqdm(range(0, n_seq, batch_sequences), desc=f"extract {role}", disable=not progress, mininterval=1.0):
         x = torch.from_numpy(seqs[i:i + batch_sequences].astype(np.int64)).to(device)
-        a = resid_post(model, x, layer).reshape(-1, d).to("cpu", getattr(torch, dtype)).numpy()
-        if not np.isfinite(a).all():
-            raise StoreError(f"non-finite activations at sequences {i}..{i + len(x) - 1}: the model is broken")
-        arr[i * ctx:i * ctx + len(a)] = a
-        h.update(np.ascontiguousarray(a))  # the buffer itself: no copy (same bytes as a.tobytes())
-    arr.flush()
-    del arr
-    full = {**meta, "shape": [n_seq * ctx, d], "dtype": dtype, "context_size": ctx, "n_sequences": n_seq,
-            "layer": layer, "content_hash": h.hexdigest(), "bytes": n_seq * ctx * d * np.dtype(dtype).itemsize}
-    write_json_atomic(out_dir / META, full)
-    return full
+        for layer, act in resid_posts(model, x, list(stores)).items():
+            a = act.reshape(-1, d).to("cpu", getattr(torch, dtype)).numpy()
+            if not np.isfinite(a).all():
+                raise StoreError(f"non-finite activations at sequences {i}..{i + len(x) - 1}, layer {layer}: the "
+                                 "model is broken")
+            arrs[layer][i * ctx:i * ctx + len(a)] = a
+            hashes[layer].update(np.ascontiguousarray(a))  # the buffer itself: no copy (same bytes as a.tobytes())
+    written = {}
+    for layer, (out_dir, meta) in stores.items():
+        arrs[layer].flush()
+        full = {**meta, "shape": [n_seq * ctx, d], "dtype": dtype, "context_size": ctx, "n_sequences": n_seq,
+                "layer": layer, "content_hash": hashes[layer].hexdigest(),
+                "bytes": n_seq * ctx * d * np.dtype(dtype).itemsize}
+        write_json_atomic(Path(out_dir) / META, full)
+        written[layer] = full
+    arrs.clear()
+    return written
 
 
 def verify_store(store_dir: Path, expect: dict | None = None, full_hash: bool = True) -> dict:
@@ -168,22 +188,58 @@ class StoreSource:
             epoch += 1
 
 
+class StoreSet:
+    """The shared stream of several hooks of one model: one :class:`StoreSource` per layer, all written from the
+    same rows (one LM pass: ``write_stores``), read in step. ``chunks`` yields ``(c, {layer: Tensor})`` with chunk
+    c of every store: the same rows of each hook, so each hook's SAEs see exactly what they would see alone."""
+
+    def __init__(self, stores: dict[int, Path]):
+        self.sources = {layer: StoreSource(path) for layer, path in stores.items()}
+        self.epochs_used = 1
+
+    def for_layer(self, layer: int) -> StoreSource:
+        return self.sources[layer]
+
+    def chunks(self, buffer_tokens: int, seed: int = 0, device: str = "cpu"
+               ) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+        streams = {layer: s.chunks(buffer_tokens, seed, device) for layer, s in self.sources.items()}
+        try:
+            while True:
+                parts = {layer: next(st) for layer, st in streams.items()}
+                c = {i for i, _ in parts.values()}.pop()
+                self.epochs_used = max(s.epochs_used for s in self.sources.values())
+                yield c, {layer: x for layer, (_, x) in parts.items()}
+        finally:
+            for st in streams.values():
+                st.close()
+
+
 class OnlineSource:
     """Activations straight from the model, batch by batch (for grids whose stores would not fit on disk).
 
     Sequences come from ``seq_iter_fn(seed)`` (e.g. the Pile, streamed); activations go through a
     shuffle buffer of ``buffer_tokens`` rows, seeded, half refilled at a time (like SAELens' mixing buffer).
+
+    ``layer`` is one block index (chunks are tensors) or a list of them: then one forward per batch, up to the
+    deepest, gives every hook's rows, and ``chunks`` yields ``{layer: Tensor}`` (the hub path's one LM pass per
+    model for all its hooks).
     """
 
-    def __init__(self, model, layer: int, seq_iter_fn, batch_sequences: int = 32, buffer_tokens: int = 2**18):
+    def __init__(self, model, layer: int | list[int], seq_iter_fn, batch_sequences: int = 32,
+                 buffer_tokens: int = 2**18):
         self.model, self.layer, self.seq_iter_fn = model, layer, seq_iter_fn
+        self.layers = sorted(layer) if isinstance(layer, list) else [layer]
         self.batch_sequences, self.buffer_tokens = batch_sequences, buffer_tokens
         self.d_in = model.config.hidden_size
         self.epochs_used = 1
         self.lm_forwards = 0  # forward passes (of batch_sequences rows) run so far: what sharing saves
         self.lm_tokens = 0
 
-    def _acts(self, seed: int) -> Iterator[torch.Tensor]:
+    def for_layer(self, layer: int) -> "OnlineSource":
+        """A source of one of the hooks (its own LM pass: for the trainer that reads one SAE at a time)."""
+        return OnlineSource(self.model, layer, self.seq_iter_fn, self.batch_sequences, self.buffer_tokens)
+
+    def _acts(self, seed: int) -> Iterator[dict[int, torch.Tensor]]:
         device = next(self.model.parameters()).device
         rows = []
         for seq in self.seq_iter_fn(seed):
@@ -192,13 +248,14 @@ class OnlineSource:
                 x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
                 self.lm_forwards += 1
                 self.lm_tokens += x.numel()
-                yield resid_post(self.model, x, self.layer).reshape(-1, self.d_in).float()
+                yield {L: a.reshape(-1, self.d_in).float() for L, a in resid_posts(self.model, x, self.layers).items()}
                 rows = []
 
     def chunks(self, buffer_tokens: int, seed: int = 0, device: str | None = None
-               ) -> Iterator[tuple[int, torch.Tensor]]:
+               ) -> Iterator[tuple[int, torch.Tensor | dict[int, torch.Tensor]]]:
         """The shared stream: consecutive chunks of at least ``buffer_tokens`` rows (whole LM batches), each
-        row computed once for every SAE of a set, kept on the model's device (or ``device``).
+        row computed once for every SAE of a set, kept on the model's device (or ``device``); per hook
+        (``{layer: Tensor}``) when the source has several.
 
         Raises :class:`StoreError` when the text runs out (the consumer stops the stream before that).
         """
@@ -207,18 +264,21 @@ class OnlineSource:
         while True:
             parts, n = [], 0
             for a in stream:
-                parts.append(a if device is None else a.to(device))
-                n += len(a)
+                parts.append({L: x if device is None else x.to(device) for L, x in a.items()})
+                n += len(a[self.layers[0]])
                 if n >= buffer_tokens:
                     break
             if not parts:
                 raise StoreError("the online source ran out of text before every SAE reached its budget")
-            yield c, torch.cat(parts)
+            chunk = {L: torch.cat([part[L] for part in parts]) for L in self.layers}
+            yield c, chunk if isinstance(self.layer, list) else chunk[self.layer]
             c += 1
 
     def batches(self, batch_size: int, total_tokens: int, seed: int) -> Iterator[torch.Tensor]:
+        if isinstance(self.layer, list):
+            raise ValueError("batches() reads one hook: use for_layer(layer)")
         gen = torch.Generator().manual_seed(seed)
-        stream = self._acts(seed)
+        stream = (a[self.layer] for a in self._acts(seed))
         buf = torch.empty(0, self.d_in)
         done = 0
         while done < total_tokens:

@@ -3,7 +3,8 @@
 Writes ``sae_metrics.csv``, ``dropped_duplicates.csv``, ``unpaired.csv``, ``pairs.csv``, ``phase2_table.csv``
 and ``.md``, ``sign_flip.csv``, ``heldout_predictions.csv``, ``proxy_leaderboard.csv``, ``claims.csv``, the
 budget-curve tables of ``budget_curves`` (``budget_fits.csv``, ``tstar.csv``, ``budget_curves.csv``,
-``next_budget.csv``) and ``summary.json`` (what went in). Missing cells are simply
+``next_budget.csv``) and ``summary.json`` (what went in); per setting (pair of models x hook) when the grid has
+several, plus ``settings.csv``, ``ladder.csv`` and ``size_trend.csv`` (``ladder.py``). Missing cells are simply
 absent: the claims say "pending".
 """
 
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import budget_curves, claims, leaderboard, stats
+from . import budget_curves, claims, ladder, leaderboard, stats
 from .files import read_json, write_json_atomic, write_text_atomic
 from .layout import aggregate_dir, metrics_files, sequence_ce_path
 from .params import Params
 
 TABLES = ("sae_metrics", "pairs", "phase2_table", "sign_flip", "heldout_predictions", "proxy_leaderboard", "claims")
 CURVE_TABLES = ("budget_fits", "tstar", "budget_curves", "next_budget")  # budget_curves.analyse
+LADDER_TABLES = ("settings", "ladder", "size_trend")  # grids with several settings (ladder.py)
 
 
 def _csv(df: pd.DataFrame, path: Path) -> None:
@@ -31,6 +33,13 @@ def _csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
+    """Every table of the grid from its finished metrics.json, written to ``<out>/aggregate/``.
+
+    The two-model analysis runs once per setting (``Params.settings``: pair of models x hook) on that setting's
+    SAEs (``ladder.side_rows``); with one setting its tables are written as they are, with several they are
+    stacked with ``ladder.SETTING_COLUMNS`` in front, the claims get one summary row per claim after the
+    per-setting rows, and ``settings.csv``, ``ladder.csv`` and ``size_trend.csv`` say what the settings say
+    together (``ladder.py``)."""
     out_dir = Path(out_dir)
     agg = aggregate_dir(out_dir)
     agg.mkdir(parents=True, exist_ok=True)
@@ -39,6 +48,33 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
     records = [r for r in records if r["sae_id"] in wanted]  # SAEs of this grid's current params only
     flat = stats.flatten_metrics(records)
     kept, dropped = stats.dedupe(flat) if len(flat) else (flat, flat)
+    settings = p.settings()
+    per = [_setting_tables(p, out_dir, ladder.side_rows(kept, p, s)) for s in settings]
+    if len(settings) == 1:
+        out = per[0]
+    else:
+        out = {name: ladder.stack((s, t[name]) for s, t in zip(settings, per)) for name in per[0]}
+        out["claims"] = pd.concat([out["claims"], ladder.claims_summary(out["claims"])], ignore_index=True)
+        info = ladder.settings_table(p)
+        table = ladder.ladder_table(out["phase2_table"], info)
+        out |= {"settings": info, "ladder": table, "size_trend": ladder.size_trend(table)}
+    out = {"sae_metrics": kept, "dropped_duplicates": dropped, **out}
+    for name, df in out.items():
+        _csv(df, agg / f"{name}.csv")
+    tables = [(s, t["phase2_table"]) for s, t in zip(settings, per)]
+    write_text_atomic(agg / "phase2_table.md", "\n".join(
+        (f"### {s.label}\n\n" if len(settings) > 1 else "")
+        + (stats.phase2_markdown(t, level=p.stats.ci) if len(t) else "_no complete pairs yet_\n") for s, t in tables))
+    write_json_atomic(agg / "summary.json", {
+        "grid": p.name, "params_hash": p.params_hash(), "n_metrics_files": len(records), "n_saes": len(kept),
+        "n_dropped_duplicates": len(dropped), "n_pairs": len(out["pairs"]), "n_cells": len(out["phase2_table"]),
+        "expected_saes": len(wanted), "budget_mode": p.sae.budget_mode, "ce_rec": p.evaluation.ce_rec,
+        **({"settings": [s.label for s in settings]} if len(settings) > 1 else {})})
+    return out
+
+
+def _setting_tables(p: Params, out_dir: Path, kept: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The two-model analysis of one setting: ``kept`` holds its SAEs, ``model_role`` 'small' / 'large'."""
     pairs = stats.pair(kept) if len(kept) else pd.DataFrame()
     table = stats.phase2_table(pairs, level=p.stats.ci, bootstrap=p.stats.bootstrap, seed=p.stats.seed) \
         if len(pairs) else pd.DataFrame(columns=stats.TABLE_COLUMNS)
@@ -53,19 +89,10 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
         if len(pairs) else pd.DataFrame()
     claim_table = claims.evaluate_claims(table, pairs, board if len(board) else None, p.claims,
                                          grid=(p.sae.k, p.sae.tokens))
-    out = {"sae_metrics": kept, "dropped_duplicates": dropped, "unpaired": stats.unpaired(kept) if len(kept)
-           else pd.DataFrame(), "pairs": pairs, "phase2_table": table, "sign_flip": flips,
-           "heldout_predictions": preds, "proxy_leaderboard": board, "claims": claim_table}
-    out |= budget_curves.analyse(pairs, n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed, level=p.stats.ci)
-    for name, df in out.items():
-        _csv(df, agg / f"{name}.csv")
-    write_text_atomic(agg / "phase2_table.md", stats.phase2_markdown(table, level=p.stats.ci) if len(table) else
-                      "_no complete pairs yet_\n")
-    write_json_atomic(agg / "summary.json", {
-        "grid": p.name, "params_hash": p.params_hash(), "n_metrics_files": len(records), "n_saes": len(kept),
-        "n_dropped_duplicates": len(dropped), "n_pairs": len(pairs), "n_cells": len(table),
-        "expected_saes": len(wanted), "budget_mode": p.sae.budget_mode, "ce_rec": p.evaluation.ce_rec})
-    return out
+    out = {"unpaired": stats.unpaired(kept) if len(kept) else pd.DataFrame(), "pairs": pairs, "phase2_table": table,
+           "sign_flip": flips, "heldout_predictions": preds, "proxy_leaderboard": board, "claims": claim_table}
+    return out | budget_curves.analyse(pairs, n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed,
+                                       level=p.stats.ci)
 
 
 def sequence_table(out_dir: Path, sae_ids) -> pd.DataFrame:
@@ -82,14 +109,15 @@ def sequence_table(out_dir: Path, sae_ids) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def load_aggregate(out_dir: Path) -> dict[str, pd.DataFrame]:
-    """Read back what :func:`run_aggregate` wrote (empty frames for empty or missing tables)."""
+def load_aggregate(out_dir: Path, p: Params | None = None, setting: str | None = None) -> dict[str, pd.DataFrame]:
+    """Read back what :func:`run_aggregate` wrote (empty frames for empty or missing tables); with ``p``, as the
+    two-model report reads one setting (``ladder.setting_view``; ``setting`` None: the grid's only one)."""
     agg = aggregate_dir(out_dir)
     res = {}
-    for name in (*TABLES, *CURVE_TABLES, "dropped_duplicates", "unpaired"):
+    for name in (*TABLES, *CURVE_TABLES, "dropped_duplicates", "unpaired", *LADDER_TABLES):
         path = agg / f"{name}.csv"
         try:
             res[name] = pd.read_csv(path)
         except (FileNotFoundError, pd.errors.EmptyDataError):
             res[name] = pd.DataFrame()
-    return res
+    return res if p is None else ladder.setting_view(res, p, setting)

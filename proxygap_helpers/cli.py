@@ -224,11 +224,14 @@ def _print_next_budget(p, out: Path) -> None:
     from .plan import budget_cost
 
     torch.set_num_threads(local_threads(1))
-    table = load_aggregate(out)["next_budget"]
-    chosen = proposal(table)
-    if len(chosen):
-        cost = budget_cost(p, out, chosen["tokens"].astype(int).tolist(), int(chosen["n_new_seeds"].max()))
-        print(f"proxygap: {next_budget_text(table, cost, markdown=False)}")
+    settings = [s.label for s in p.settings()]
+    for label in settings:  # one proposal per setting (pair x hook) of a grid with several
+        table = load_aggregate(out, p, label)["next_budget"]
+        chosen = proposal(table)
+        if len(chosen):
+            cost = budget_cost(p, out, chosen["tokens"].astype(int).tolist(), int(chosen["n_new_seeds"].max()))
+            where = f"{label}: " if len(settings) > 1 else ""
+            print(f"proxygap: {where}{next_budget_text(table, cost, markdown=False)}")
 
 
 def _report_path(p, out: Path) -> Path:

@@ -1,7 +1,9 @@
 """The fast SAE engine: a *set* of TopK SAEs trained from one shared activation stream, with a sparse step.
 
-A set is every training run of one role (all k x seed x budget), or a shard of them. The stream
-(``source.chunks``: a store read once, or one LM forward per row on the hub path) is shared: each chunk is
+A set is every training run of one role (all hook x k x seed x budget), or a shard of them. The stream
+(``source.chunks``: a store read once, or one LM forward per row on the hub path) is shared; with several hooks
+a chunk holds every hook's rows (``{layer: Tensor}``: the stores of one LM pass read in step, or one forward for
+all hooks online) and each run reads its own hook's: each chunk is
 visited by every run still training, each in its own order ``numpy.random.default_rng([seed, chunk])``, so
 seeds differ in data order (and in init: ``training.make_sae`` seeds it). A run's numbers depend only on its
 own spec and the stream, never on which other runs share the set: a shard trains the same SAEs, bit for
@@ -36,13 +38,13 @@ from .sparse_step import sparse_forward
 
 
 class Run:
-    """One training run of the set: specs sharing (role, k, seed), checkpointed at each spec's budget."""
+    """One training run of the set: specs sharing (role, layer, k, seed), checkpointed at each spec's budget."""
 
     def __init__(self, p: Params, specs: list[SAESpec], out_dir: Path, model_name: str, context_size: int,
                  device: str, sizes: tuple[int, int]):
         self.p, self.specs, self.out_dir = p, sorted(specs, key=lambda s: s.tokens), out_dir
         s0 = self.specs[0]
-        self.role, self.k, self.seed = s0.role, s0.k, s0.seed
+        self.role, self.k, self.seed, self.layer = s0.role, s0.k, s0.seed, s0.layer
         self.model_name, self.context_size, self.device = model_name, context_size, device
         self.bs = p.sae.batch_size
         self.steps = max(1, self.specs[-1].tokens // self.bs)
@@ -65,7 +67,7 @@ class Run:
         """Init exactly as SAELens does for this seed (``training.make_sae``), then our tensors and optimizer."""
         from sae_lens.training.optim import get_lr_scheduler
 
-        sae = training.make_sae(self.p, self.role, self.k, self.seed, self.model_name, self.context_size)
+        sae = training.make_sae(self.p, self.role, self.k, self.seed, self.model_name, self.context_size, self.layer)
         dev = self.device
         self.W_enc = sae.W_enc.detach().t().contiguous().to(dev).requires_grad_()  # [d_sae, d_in]: row per latent
         self.b_enc = sae.b_enc.detach().clone().to(dev).requires_grad_()
@@ -90,8 +92,11 @@ class Run:
         return not self.pending
 
     # ------------------------------------------------------------------ data
-    def consume(self, c: int, chunk: torch.Tensor, precision: str, progress) -> None:
-        """Visit chunk ``c`` in this run's order; train until the chunk is used up or the run is done."""
+    def consume(self, c: int, chunk: torch.Tensor | dict[int, torch.Tensor], precision: str, progress) -> None:
+        """Visit chunk ``c`` (this run's hook's rows of it) in this run's order; train until the chunk is used up
+        or the run is done."""
+        if isinstance(chunk, dict):
+            chunk = chunk[self.layer]
         if not self.started:
             self._start()
         order = torch.from_numpy(np.random.default_rng([self.seed, c]).permutation(len(chunk))).to(chunk.device)
@@ -175,7 +180,7 @@ class Run:
     def to_saelens(self):
         """This run's SAE now, as a SAELens ``TopKTrainingSAE`` on the CPU with the activation scaling folded in
         and SAELens' end-of-training metadata (``l0``, ``num_dead_features``) set."""
-        sae = training.make_sae(self.p, self.role, self.k, self.seed, self.model_name, self.context_size)
+        sae = training.make_sae(self.p, self.role, self.k, self.seed, self.model_name, self.context_size, self.layer)
         sae.W_enc.copy_(self.W_enc.detach().t().cpu())
         sae.b_enc.copy_(self.b_enc.detach().cpu())
         sae.W_dec.copy_(self.W_dec.detach().cpu())
@@ -220,8 +225,9 @@ def train_set(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name
               device: str = "cpu", progress: bool = True) -> list[dict]:
     """Train every SAE of ``specs`` that is not already saved, from one pass over ``source.chunks``.
 
-    ``specs`` may mix k, seeds and budgets of one role (a unit). Runs are grouped as ``training.runs_for``
-    does (one per spec in ``separate`` mode, one per (k, seed) in ``ladder`` mode); a run whose SAEs are all
+    ``specs`` may mix hooks, k, seeds and budgets of one role (a unit); with several hooks ``source.chunks``
+    yields ``{layer: Tensor}``. Runs are grouped as ``training.runs_for``
+    does (one per spec in ``separate`` mode, one per (hook, k, seed) in ``ladder`` mode); a run whose SAEs are all
     saved is skipped, an unfinished one restarts from its seed (resume after a kill). Returns the train_meta
     of each SAE saved now.
 

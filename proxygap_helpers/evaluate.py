@@ -34,9 +34,9 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
     """Evaluate the SAEs of ``role`` (those of ``sae_ids`` when given) that have no current metrics.json;
     return all their metrics.
 
-    All of them are evaluated together (``metrics.evaluate_saes``), so the per-model work (activation
-    statistics, clean forward and gradient, ablations) is done once; ``eval_seconds`` is each SAE's share
-    of that call (``eval_unit_seconds`` over ``provenance.saes_evaluated_together``).
+    All of them are evaluated together, one ``metrics.evaluate_saes`` call per hook, so the per-model work
+    (activation statistics, clean forward and gradient, ablations) is done once per hook; ``eval_seconds`` is
+    each SAE's share of the unit's evaluation (``eval_unit_seconds`` over ``provenance.saes_evaluated_together``).
     """
     from .metrics import evaluate_saes
 
@@ -47,26 +47,32 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
         return [read_json(metrics_path(out_dir, s.sae_id)) for s in specs]
     t0, started = time.time(), provenance.now()
     tokens = load_eval_tokens(out_dir)
-    tokens_hash = token_hash(tokens)  # the same eval rows for both models and every SAE: recorded with each
+    tokens_hash = token_hash(tokens)  # the same eval rows for every model and SAE: recorded with each
     model = load_model(p, out_dir, role, device)
     special = (0, 1) if p.embedded else (model.config.eos_token_id,)
-    loaded = [load_sae(out_dir, spec.sae_id, device) for spec in todo]
     ev = p.evaluation
-    per_seq: dict = {}
-    results = evaluate_saes(model, p.layer(role), [sae for sae, _ in loaded], tokens, sequence_sums=per_seq,
-                            batch_sequences=ev.batch_sequences, swd=ev.swd, gwd=ev.gwd,
-                            random_error_draws=ev.random_error_draws,
-                            random_error_sequences=ev.random_error_sequences, twonn_points=ev.twonn_points,
-                            seed=ev.seed, exclude_special_tokens=ev.exclude_special_tokens, special_ids=special,
-                            progress=progress)
+    done = []  # (spec, train_meta, metrics, per-sequence CE of the SAE, per-sequence sums of its hook)
+    for layer in sorted({s.layer for s in todo}):
+        here = [s for s in todo if s.layer == layer]
+        loaded = [load_sae(out_dir, spec.sae_id, device) for spec in here]
+        per_seq: dict = {}
+        results = evaluate_saes(model, layer, [sae for sae, _ in loaded], tokens, sequence_sums=per_seq,
+                                batch_sequences=ev.batch_sequences, swd=ev.swd, gwd=ev.gwd,
+                                random_error_draws=ev.random_error_draws,
+                                random_error_sequences=ev.random_error_sequences, twonn_points=ev.twonn_points,
+                                seed=ev.seed, exclude_special_tokens=ev.exclude_special_tokens, special_ids=special,
+                                progress=progress)
+        done += [(spec, meta, m, ce_sae, per_seq) for spec, (_, meta), m, ce_sae in
+                 zip(here, loaded, results, per_seq["ce_sae"])]
     total = time.time() - t0
-    for spec, (_, train_meta), m, ce_sae in zip(todo, loaded, results, per_seq["ce_sae"]):
+    for spec, train_meta, m, ce_sae, per_seq in done:
         write_json_atomic(sequence_ce_path(out_dir, spec.sae_id), {
             "sae_id": spec.sae_id, "eval_hash": p.eval_hash, "ce_sae": ce_sae.tolist(),
             **{k: per_seq[k].tolist() for k in ("ce_clean", "ce_zero", "predictions")}})
         m["ce_rec"] = m["ce_rec_relative"] if ev.ce_rec == "relative" else m["ce_rec_zero_norm"]
-        rec = {"sae_id": spec.sae_id, "model_role": role, "model_name": model_name(p, role), "hook": p.hook(role),
-               "k": spec.k, "tokens": spec.tokens, "seed": spec.seed, "d_in": p.d_in(role), "d_sae": p.d_sae(role),
+        rec = {"sae_id": spec.sae_id, "model_role": role, "model_name": model_name(p, role),
+               "hook": p.hook(role, spec.layer), "k": spec.k, "tokens": spec.tokens, "seed": spec.seed,
+               "d_in": p.d_in(role), "d_sae": p.d_sae(role),
                **m, "ce_rec_definition": ev.ce_rec,
                "tokens_per_latent": spec.tokens / p.d_sae(role), "trainer": train_meta.get("trainer", "saelens"),
                "train_seconds": train_meta["train_seconds"], "budget_mode": train_meta["budget_mode"],

@@ -92,18 +92,19 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
     compute, notebooks = 0.0, []
     try:
         with _kernel() as km:
-            for name in unit.notebooks:
-                target = rd / f"{name}.ipynb"
+            for name, copy, extra in unit.executions():
+                target = rd / f"{copy}.ipynb"
                 notebooks.append(str(target.relative_to(out)))
                 nb = pm.execute_notebook(
-                    str(NOTEBOOKS / f"{name}.ipynb"), str(target), parameters={**unit.parameters, "threads": threads},
+                    str(NOTEBOOKS / f"{name}.ipynb"), str(target),
+                    parameters={**unit.parameters, **extra, "threads": threads},
                     cwd=str(NOTEBOOKS), progress_bar=progress, log_output=False, kernel_name="python3", km=km,
                 )
                 compute += _compute_seconds(nb)
         if unit.stage == "report":
             from .publish import publish
 
-            publish(p, out, rd / "05_report.ipynb")
+            publish(p, out, [out / n for n in notebooks])
     except BaseException as exc:  # noqa: BLE001 - recorded, then the runner moves on
         rec = {"unit": unit.uid, "message": _error_message(exc), "notebook": notebooks[-1] if notebooks else None,
                "traceback": traceback.format_exc(limit=5), "start": start, "end": provenance.now(),

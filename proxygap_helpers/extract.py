@@ -1,12 +1,13 @@
-"""Stage 1: the model pair, the held-out eval tokens and the activation stores of a grid.
+"""Stage 1: the models, the held-out eval tokens and the activation stores of a grid.
 
-Embedded grids: text -> tokenizer -> two tiny GPT-NeoX models, trained here and cached under
-``<results>/.cache/models/<hash>`` (keyed by corpus, tokenizer and model config), copied to
-``<out>/models/<role>/``. Hub grids: the Pythia checkpoints by hub id and revision (or from a local folder,
-``path``); the eval rows are the first rows of the text's validation split, and activations come from the
-online source (the train split, minus any row equal to an eval row) at training time, so no store is written.
+Embedded grids: text -> tokenizer -> tiny GPT-NeoX models (two or more, one per role), trained here and cached
+under ``<results>/.cache/models/<hash>`` (keyed by corpus, tokenizer and model config), copied to
+``<out>/models/<role>/``; one LM pass per model writes the store of every hook of that model. Hub grids: the
+Pythia checkpoints by hub id and revision (or from a local folder, ``path``); the eval rows are the first rows of
+the text's validation split, and activations come from the online source (the train split, minus any row equal
+to an eval row) at training time, so no store is written.
 
-Both write ``data/eval_tokens.npy`` (the eval rows: the same for both models and every SAE) and
+Both write ``data/eval_tokens.npy`` (the eval rows: the same for every model and SAE) and
 ``data/eval_tokens.json`` (its hash, shape and where the text came from).
 """
 
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 
 from . import data, models
-from .activations import StoreError, remove_store, store_dir, verify_store, write_store
+from .activations import StoreError, remove_store, store_dir, verify_store, write_stores
 from .files import read_json, write_json_atomic
 from .layout import EVAL_META, EVAL_TOKENS, cache_root, model_dir
-from .params import ROLES, Params, short_hash
+from .params import Params, short_hash
 
 MODEL_META = "proxygap_model.json"
 
@@ -72,13 +73,15 @@ def _tokenized(p: Params, out_dir: Path, progress: bool):
     return corpus, tok_dir, tok, data.encode(tok, corpus.train_text), data.encode(tok, corpus.eval_text)
 
 
-def _train_pair(p: Params, out_dir: Path, corpus, tok_dir: Path, tok, train_ids, eval_seqs, progress: bool):
+def _train_models(p: Params, out_dir: Path, corpus, tok_dir: Path, tok, train_ids, eval_seqs, progress: bool):
     """Train (or reuse from cache) each role's model and copy it to ``<out>/models/<role>``."""
     d = p.data
     train_seqs = data.to_sequences(train_ids, d.context_size)
     metas = {}
-    for role in ROLES:
+    for role in p.roles:
         m = p.models[role]
+        # the model's entry as written (``layer`` too, as before ladders, so existing caches stay valid; with
+        # ``depths`` every layer is the default 'mid', so a depth sweep reuses the same trained model)
         key = short_hash({"corpus": corpus.content_hash, "tok": tok_dir.name, "model": m.model_dump(),
                           "ctx": d.context_size, "seed": d.seed, "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "v": 1})  # CPU results depend on the thread count
@@ -120,7 +123,7 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
               f"(data.eval_sequences = {d.eval_sequences})", file=sys.stderr)
     _save_eval(out_dir, eval_seqs, {"text": {"corpus_hash": corpus.content_hash,
                                              "eval_files": len(corpus.eval_files)}})
-    model_metas = _train_pair(p, out_dir, corpus, tok_dir, tok, train_ids, eval_seqs, progress)
+    model_metas = _train_models(p, out_dir, corpus, tok_dir, tok, train_ids, eval_seqs, progress)
 
     all_rows = data.to_sequences(train_ids, d.context_size)
     n_rows = min(len(all_rows), -(-p.store_tokens // d.context_size))
@@ -128,21 +131,9 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
     store_seqs = all_rows[pick]
     tokens_hash = data.token_hash(store_seqs)
     stores = {}
-    for role in ROLES:
-        sdir = store_dir(out_dir, role)
-        expect = {"tokens_hash": tokens_hash, "hook": p.hook(role), "model_key": model_metas[role]["cache_key"],
-                  "dtype": d.store_dtype}
-        try:
-            stores[role] = verify_store(sdir, expect)
-            continue
-        except StoreError as e:
-            if (sdir / "meta.json").exists() or (sdir / "acts.bin").exists():
-                print(f"rebuilding activation store: {e}", file=sys.stderr)
-            remove_store(sdir)
-        lm = load_model(p, out_dir, role, device)
-        stores[role] = write_store(lm, p.layer(role), store_seqs, sdir, dtype=d.store_dtype, progress=progress,
-                                   meta={"role": role, "model": model_source(p, out_dir, role), **expect,
-                                         "model_name": model_name(p, role)})
+    for role in p.roles:
+        stores |= _role_stores(p, out_dir, role, store_seqs, tokens_hash, model_metas[role]["cache_key"], device,
+                               progress)
     return {"corpus_hash": corpus.content_hash, "train_files": len(corpus.train_files),
             "eval_files": len(corpus.eval_files), "train_tokens": int(len(train_ids)),
             "eval_tokens_hash": data.token_hash(eval_seqs), "eval_sequences": int(len(eval_seqs)),
@@ -151,29 +142,61 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
             "seconds": time.time() - t0}
 
 
+def store_path(p: Params, out_dir: Path, role: str, layer: int) -> Path:
+    """The store of one hook: ``activations/<role>/``, or ``activations/<role>/L<layer>/`` with several hooks."""
+    return store_dir(out_dir, role, layer if p.multi_hook else None)
+
+
+def _role_stores(p: Params, out_dir: Path, role: str, seqs: np.ndarray, tokens_hash: str, model_key: str,
+                 device: str, progress: bool) -> dict[str, dict]:
+    """Every hook's store of one role: intact ones are kept, the others written by one LM pass (all of them in
+    one forward per batch). Keyed by role, or ``<role> L<layer>`` with several hooks per model."""
+    kept, todo = {}, {}
+    for layer in p.layers(role):
+        sdir = store_path(p, out_dir, role, layer)
+        want = {"tokens_hash": tokens_hash, "hook": p.hook(role, layer), "model_key": model_key,
+                "dtype": p.data.store_dtype}
+        try:
+            kept[layer] = verify_store(sdir, want)
+            continue
+        except StoreError as e:
+            if (sdir / "meta.json").exists() or (sdir / "acts.bin").exists():
+                print(f"rebuilding activation store: {e}", file=sys.stderr)
+            remove_store(sdir)
+        todo[layer] = (sdir, {"role": role, "model": model_source(p, out_dir, role), **want,
+                              "model_name": model_name(p, role)})
+    if todo:
+        lm = load_model(p, out_dir, role, device)
+        kept |= write_stores(lm, todo, seqs, dtype=p.data.store_dtype, progress=progress)
+    return {f"{role} L{layer}" if p.multi_hook else role: kept[layer] for layer in p.layers(role)}
+
+
 def _extract_hub(p: Params, out_dir: Path, t0: float) -> dict:
-    """Hub grids: check the text source and the two tokenizers, then write the eval rows (first rows of the
-    validation split, tokenized once: the same ids for both models)."""
+    """Hub grids: check the text source and the models' tokenizers (all the same), then write the eval rows (first
+    rows of the validation split, tokenized once: the same ids for every model)."""
     d = p.data
     src = data.text_source(d)
     data.check_text_source(src)
-    toks = {r: load_tokenizer(p, out_dir, r) for r in ROLES}
-    same = toks["small"].get_vocab() == toks["large"].get_vocab()
-    if not same or toks["small"].eos_token_id != toks["large"].eos_token_id:
-        raise ValueError(f"the tokenizers of {p.models['small'].name} and {p.models['large'].name} differ: both "
-                         "models must read the same token ids (the eval rows are tokenized once); use two models of "
-                         "one family")
-    rows = data.text_rows(src, toks["small"], d.context_size, "validation")
+    first = p.roles[0]
+    toks = {r: load_tokenizer(p, out_dir, r) for r in p.roles}
+    for r in p.roles[1:]:
+        if toks[r].get_vocab() != toks[first].get_vocab() or toks[r].eos_token_id != toks[first].eos_token_id:
+            raise ValueError(f"the tokenizers of {p.models[first].name} and {p.models[r].name} differ: all "
+                             "models must read the same token ids (the eval rows are tokenized once); use models of "
+                             "one family")
+    rows = data.text_rows(src, toks[first], d.context_size, "validation")
     eval_rows = list(islice(rows, d.eval_sequences))
     if len(eval_rows) < d.eval_sequences:
         raise ValueError(f"the validation split holds only {len(eval_rows)} rows of {d.context_size} tokens, but "
                          f"data.eval_sequences = {d.eval_sequences}: lower it or give more validation text")
     eval_seqs = np.stack(eval_rows)
-    tokenizer = f"{model_source(p, out_dir, 'small')}@{model_revision(p, 'small')}"
+    tokenizer = f"{model_source(p, out_dir, first)}@{model_revision(p, first)}"
     meta = _save_eval(out_dir, eval_seqs, {"text": src.describe(), "split": "validation", "tokenizer": tokenizer})
     checkpoints = {r: {"name": p.models[r].name, "source": model_source(p, out_dir, r),
                        "revision": model_revision(p, r), "n_layers": p.models[r].n_layers,
-                       "d_model": p.models[r].d_model, "hook": p.hook(r)} for r in ROLES}
+                       "d_model": p.models[r].d_model,
+                       **({"hooks": [p.hook(r, L) for L in p.layers(r)]} if p.multi_hook else {"hook": p.hook(r)})}
+                   for r in p.roles}
     return {**meta, "checkpoints": checkpoints, "stores": {}, "seconds": time.time() - t0}
 
 
@@ -204,8 +227,9 @@ def training_rows(p: Params, out_dir: Path, tokenizer):
     return data.text_rows(data.text_source(p.data), tokenizer, p.data.context_size, "train", exclude)
 
 
-def online_source(p: Params, out_dir: Path, role: str, device: str):
-    """Activations streamed from a role's model over :func:`training_rows` (the reference grid).
+def online_source(p: Params, out_dir: Path, role: str, device: str, layers: list[int] | None = None):
+    """Activations streamed from a role's model over :func:`training_rows` (the reference grid): its only hook,
+    or (``layers``) several hooks from one forward per batch (chunks ``{layer: Tensor}``).
 
     The text stream is the same for every seed; each SAE's seed drives its own order within a chunk.
     """
@@ -213,4 +237,20 @@ def online_source(p: Params, out_dir: Path, role: str, device: str):
 
     lm = load_model(p, out_dir, role, device)
     tok = load_tokenizer(p, out_dir, role)
-    return OnlineSource(lm, p.layer(role), lambda seed: training_rows(p, out_dir, tok))
+    return OnlineSource(lm, p.layer(role) if layers is None else list(layers),
+                        lambda seed: training_rows(p, out_dir, tok))
+
+
+def activation_source(p: Params, out_dir: Path, role: str, layers: list[int], device: str):
+    """What a unit of ``role`` trains from, for the hooks ``layers`` of its SAEs: the store (embedded grids) or
+    the online source (hub grids), one hook as in a single-hook grid, several as one shared stream (a
+    ``StoreSet`` of their stores; one LM forward per batch for all of them online)."""
+    from .activations import StoreSet, StoreSource
+
+    layers = sorted(set(layers))
+    if not p.multi_hook:
+        return StoreSource(store_path(p, out_dir, role, layers[0])) if p.embedded else \
+            online_source(p, out_dir, role, device)
+    if p.embedded:
+        return StoreSet({L: store_path(p, out_dir, role, L) for L in layers})
+    return online_source(p, out_dir, role, device, layers)

@@ -3,10 +3,16 @@
 Stages run in order; units within a stage are independent:
 
 1. ``extract``            notebooks/01_extract   models, eval tokens, activation stores
-2. ``sae-<role>-<i>of<n>`` 02_train, 03_evaluate  the SAEs of one role (every k x seed x budget), or of
-                                                  shard i of n (``executor.shards``), from one stream
-3. ``aggregate``          04_aggregate           tables, leaderboard, claims
-4. ``report``             05_report              reports/<grid>/report.html
+2. ``sae-<role>-<i>of<n>`` 02_train, 03_evaluate  the SAEs of one model (every hook x k x seed x budget), or
+                                                  of shard i of n (``executor.shards``), from one stream;
+                                                  ``sae-<role>-L1+L3-<i>of<n>`` names the hooks of a shard
+                                                  when models have several
+3. ``aggregate``          04_aggregate           tables, leaderboard, claims (per pair and hook)
+4. ``report``             05_report [06_ladder]  reports/<grid>/report.html: 05_report once per setting (pair x
+                                                  hook) when there are several, then the summary across them
+
+A model's hooks share its unit: the hub path's online stream then runs the model once per batch for all of
+them (one LM pass per unit, as with one hook), and an embedded model's stores are read in step.
 
 A unit's id ends in a hash of exactly the resolved parameters that shape its outputs, so changing the SAE
 learning rate gives new ``sae-*`` ids (and new SAE ids) while changing the report title only renames
@@ -24,7 +30,7 @@ from pathlib import Path
 
 from .files import read_json
 from .layout import DONE, ERROR, NOTEBOOKS, RUNNING, aggregate_dir, default_out, metrics_files, metrics_path, run_dir
-from .params import ROLES, Params, load_params, short_hash
+from .params import Params, load_params, short_hash
 from .runlock import _alive
 
 
@@ -38,9 +44,16 @@ class Unit:
     parameters: dict = field(default_factory=dict)
     sae_ids: tuple[str, ...] = ()
     tokens: int = 0  # SAE training tokens (for plan and progress)
+    # (notebook, name of the executed copy, parameters beyond ``parameters``) of each notebook run, when not
+    # simply each notebook once: how the report runs 05_report once per setting
+    runs: tuple[tuple[str, str, dict], ...] = ()
 
     def run_dir(self, out_dir: Path) -> Path:
         return run_dir(out_dir, self.uid)
+
+    def executions(self) -> list[tuple[str, str, dict]]:
+        """(notebook, executed copy's name, its parameters) of each notebook run of the unit, in order."""
+        return list(self.runs) or [(nb, nb, {}) for nb in self.notebooks]
 
 
 def resolve(params_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> tuple[Params, Path]:
@@ -63,15 +76,27 @@ def units(p: Params, out_dir: Path, params_file: Path) -> list[Unit]:
     base = {"params_path": str(params_file), "out_dir": str(out_dir)}
     out = [Unit(f"extract-{p.extract_hash}", "extract", ("01_extract",), dict(base))]
     n = p.executor.shards
-    for role in ROLES:
+    for role in p.roles:
         for i, specs in enumerate(shards(p, role, n)):
             ids = tuple(s.sae_id for s in specs)
             h = short_hash({"saes": ids, "eval": p.eval_hash})
-            out.append(Unit(f"sae-{role}-{i + 1}of{n}-{h}", "sae", ("02_train", "03_evaluate"),
+            hooks = "+".join(f"L{L}" for L in sorted({s.layer for s in specs})) + "-" if p.multi_hook else ""
+            out.append(Unit(f"sae-{role}-{hooks}{i + 1}of{n}-{h}", "sae", ("02_train", "03_evaluate"),
                             {**base, "role": role, "sae_ids": list(ids)}, ids, _train_tokens(p, specs)))
     out.append(Unit("aggregate", "aggregate", ("04_aggregate",), dict(base)))
-    out.append(Unit("report", "report", ("05_report",), dict(base)))
+    out.append(report_unit(p, base))
     return out
+
+
+def report_unit(p: Params, base: dict) -> Unit:
+    """``05_report`` on the grid's one setting; with several (pairs x hooks), once per setting (executed copies
+    ``05_report-<setting>.ipynb``) and then ``06_ladder``, the summary across them."""
+    settings = p.settings()
+    if len(settings) == 1:
+        return Unit("report", "report", ("05_report",), dict(base))
+    runs = tuple(("05_report", f"05_report-{s.label}", {"setting": s.label}) for s in settings)
+    return Unit("report", "report", ("05_report", "06_ladder"), dict(base),
+                runs=(*runs, ("06_ladder", "06_ladder", {})))
 
 
 def shards(p: Params, role: str, n: int) -> list[list]:
@@ -94,7 +119,7 @@ def _train_tokens(p: Params, specs) -> int:
     """SAE training tokens of a unit: every budget (separate) or the largest per (k, seed) run (ladder)."""
     if p.sae.budget_mode == "separate":
         return sum(s.tokens for s in specs)
-    runs = {(s.k, s.seed) for s in specs}
+    runs = {(s.layer, s.k, s.seed) for s in specs}
     return len(runs) * max(p.sae.tokens)
 
 

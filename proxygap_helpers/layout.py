@@ -8,6 +8,7 @@ directory (``results/<grid>/`` by default)::
     <out>/data/eval_tokens.npy          <out> / EVAL_TOKENS       held-out eval token ids [n_seq, ctx]
     <out>/data/eval_tokens.json         <out> / EVAL_META         their hash, shape and text source
     <out>/activations/<role>/           store_dir(out, role)      activation store (acts.bin + meta.json)
+    <out>/activations/<role>/L<layer>/  store_dir(out, role, L)   one store per hook (several hooks per model)
     <out>/saes/<sae id>/                sae_dir(out, sae_id)      SAELens format
     <out>/runs/<unit or sae id>/        run_dir(out, uid)         done.json / error.json / running.json,
                                                                   executed notebooks
@@ -44,8 +45,11 @@ def model_dir(out_dir: Path, role: str) -> Path:
     return Path(out_dir) / "models" / role
 
 
-def store_dir(out_dir: Path, role: str) -> Path:
-    return Path(out_dir) / "activations" / role
+def store_dir(out_dir: Path, role: str, layer: int | None = None) -> Path:
+    """A role's activation store: ``activations/<role>/``, or ``activations/<role>/L<layer>/`` for one of
+    several hooks of the model (``layer`` given only in grids with several hooks per model)."""
+    base = Path(out_dir) / "activations" / role
+    return base if layer is None else base / f"L{layer}"
 
 
 def sae_dir(out_dir: Path, sae_id: str) -> Path:

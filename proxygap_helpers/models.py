@@ -174,23 +174,36 @@ def _layers(model):
     return model.gpt_neox.layers
 
 
-@torch.no_grad()
 def resid_post(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
     """``blocks.{layer}.hook_resid_post`` via the HF model, stopping after that layer. [batch, ctx, d]."""
-    out = {}
+    return resid_posts(model, input_ids, [layer])[layer]
 
-    def grab(_mod, _inp, output):
-        out["x"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
 
-    h = _layers(model)[layer].register_forward_hook(grab)
+@torch.no_grad()
+def resid_posts(model, input_ids: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+    """``blocks.{L}.hook_resid_post`` for every L of ``layers`` from one forward that stops after the deepest
+    of them: {L: [batch, ctx, d]}. (Each block returns a new tensor, so an earlier capture is not changed by
+    the blocks after it.)"""
+    layers = sorted(set(layers))
+    out: dict[int, torch.Tensor] = {}
+    last = layers[-1]
+
+    def grab(layer):
+        def hook(_mod, _inp, output):
+            out[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == last:
+                raise _Stop
+        return hook
+
+    handles = [_layers(model)[L].register_forward_hook(grab(L)) for L in layers]
     try:
         model.gpt_neox(input_ids=input_ids, use_cache=False)
     except _Stop:
         pass
     finally:
-        h.remove()
-    return out["x"]
+        for h in handles:
+            h.remove()
+    return out
 
 
 @contextmanager

@@ -1,9 +1,10 @@
 """Typed, validated study parameters (YAML -> pydantic), and every value derived from them.
 
-Everything that other modules need to know about a grid is computed here, once: the model roles, each
-role's hook and layer, d_in and d_sae, the SAE specs and their ids, and the hashes that key units of
-work. Bad input raises :class:`ParamsError`, a one-paragraph message that names the key, the value and
-what is allowed; the command line turns it into exit code 2 before any work starts.
+Everything that other modules need to know about a grid is computed here, once: the model roles (two or more,
+ordered by size), each role's hooks and layers, the pairs of roles and the settings (pair x hook) the analysis
+compares, d_in and d_sae, the SAE specs and their ids, and the hashes that key units of work. Bad input raises
+:class:`ParamsError`, a one-paragraph message that names the key, the value and what is allowed; the command line
+turns it into exit code 2 before any work starts.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import math
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
-ROLES = ("small", "large")
+TWO_ROLES = ("small", "large")  # the two-model form of ``models`` (every params file before model ladders)
+ROLE_NAME = r"^[A-Za-z0-9_]+$"  # a role names folders and starts SAE and unit ids: no '-', no '/'
 
 # Architecture facts of the Pythia family (from the model cards), so that a hub grid can be validated
 # and planned without network access.  name -> (n_layers, d_model, n_heads)
@@ -57,6 +60,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _layer_list(v: Any) -> Any:
+    """A list of explicit layers (several hooks of one model): non-empty, distinct, returned sorted."""
+    if isinstance(v, list):
+        if not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"give one layer (an integer, or 'mid') or a list of distinct integer layers; got {v}")
+        return sorted(v)
+    return v
+
+
+# A model's hook(s): one block index, 'mid' (the block that ends the first half), or a list of block indices.
+Layer = Annotated[int | Literal["mid"] | list[int], BeforeValidator(_layer_list)]
+
+
 class EmbeddedModel(_Strict):
     """A tiny GPT-NeoX (Pythia architecture) trained here on the embedded text."""
 
@@ -68,7 +84,7 @@ class EmbeddedModel(_Strict):
     train_tokens: int = Field(gt=0)
     lr: float = Field(default=1e-3, gt=0, lt=1)
     batch_size: int = Field(default=32, ge=1)
-    layer: int | Literal["mid"] = "mid"
+    layer: Layer = "mid"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "EmbeddedModel":
@@ -95,7 +111,7 @@ class HubModel(_Strict):
     path: str | None = None  # (before name and revision: their checks read it)
     name: str
     revision: str = "main"
-    layer: int | Literal["mid"] = "mid"
+    layer: Layer = "mid"
 
     @field_validator("name")
     @classmethod
@@ -274,14 +290,36 @@ class ReportParams(_Strict):
     reference_table: bool = False
 
 
+class Setting(NamedTuple):
+    """One comparison of the analysis: a pair of models (``small`` < ``large`` by size) at one matched hook.
+
+    ``label`` names it in tables, file names and the report (``small-large``, plus ``@d0.25`` / ``@h1`` for a
+    grid with several hooks per model); ``hook`` is the hook's own label (``d0.25`` for a relative depth,
+    ``h1``, ``h2``, ... for the i-th shallowest explicit layer; empty for one hook per model)."""
+
+    label: str
+    pair: str
+    hook: str
+    small: str
+    large: str
+    layer_small: int
+    layer_large: int
+
+
 class Params(_Strict):
-    """The whole study. ``models`` maps the two roles ``small`` and ``large`` to a model."""
+    """The whole study. ``models``: two or more models ordered by size, as a list of entries with a ``role``
+    each (``- {role: p70m, source: hub, name: EleutherAI/pythia-70m}``) or a mapping role -> model in that
+    order (the two-model form ``{small: ..., large: ...}`` of the first params files). ``depths`` gives every
+    model the hooks at these relative depths; without it each model's ``layer`` (one, or a list) says.
+    ``pairs``: ``consecutive`` sizes (default), or ``with_smallest`` (also each larger model against the smallest)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataParams = DataParams()
-    models: dict[Literal["small", "large"], Annotated[EmbeddedModel | HubModel, Field(discriminator="source")]]
+    models: dict[str, Annotated[EmbeddedModel | HubModel, Field(discriminator="source")]]
+    depths: list[float] | None = None
+    pairs: Literal["consecutive", "with_smallest"] = "consecutive"
     sae: SAEParams
     evaluation: EvalParams = EvalParams()
     stats: StatsParams = StatsParams()
@@ -289,14 +327,50 @@ class Params(_Strict):
     executor: ExecutorParams = ExecutorParams()
     report: ReportParams = ReportParams()
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_in_order(cls, v: Any) -> Any:
+        """The list form -> a mapping role -> model in list order; the two-role mapping -> small, then large."""
+        if isinstance(v, list):
+            out: dict[str, Any] = {}
+            for i, entry in enumerate(v):
+                if not isinstance(entry, dict) or not isinstance(entry.get("role"), str):
+                    raise ValueError(f"entry {i} of the list needs a `role`: a short name for the model used in ids "
+                                     "and folders (letters, digits, '_'), e.g. `role: p70m`")
+                entry = dict(entry)
+                role = entry.pop("role")
+                if role in out:
+                    raise ValueError(f"role {role!r} is given twice: every model needs its own role")
+                out[role] = entry
+            return out
+        if isinstance(v, dict) and set(v) == set(TWO_ROLES):
+            return {r: v[r] for r in TWO_ROLES}
+        return v
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not v or any(not 0 < d < 1 for d in v) or len(set(v)) != len(v):
+            raise ValueError(f"give distinct relative depths strictly between 0 and 1 (e.g. [0.25, 0.5, 0.75]: "
+                             f"the hook after that share of a model's blocks); got {v}")
+        return sorted(v)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
-        if set(self.models) != set(ROLES):
-            raise ValueError(f"key `models` defines {sorted(self.models)}: it must define exactly the two roles "
-                             "'small' and 'large'")
+        import re
+
+        if len(self.models) < 2:
+            raise ValueError(f"key `models` defines {sorted(self.models)}: give two or more models ordered by size, "
+                             "as a list of entries with a `role` each, or the two roles 'small' and 'large'")
+        bad = [r for r in self.models if not re.fullmatch(ROLE_NAME, r)]
+        if bad:
+            raise ValueError(f"key `models`: role {bad[0]!r} is not a valid name: use letters, digits and '_' only "
+                             "(roles start SAE and unit ids and name folders)")
         sources = {m.source for m in self.models.values()}
         if len(sources) != 1:
-            raise ValueError(f"key `models.<role>.source`: both models must have the same source ('embedded' or "
+            raise ValueError(f"key `models.<role>.source`: all models must have the same source ('embedded' or "
                              f"'hub'); got {sorted(sources)}")
         if "embedded" in sources and self.data.source != "sympy":
             raise ValueError("key `data.source`: embedded models are trained on the embedded text (the pinned SymPy "
@@ -307,23 +381,93 @@ class Params(_Strict):
         if self.data.pile_files is not None and self.data.source != "pile":
             raise ValueError("key `data.pile_files`: a local copy of the Pile is read only with data.source 'pile' "
                              "(hub models); remove it for embedded models")
+        if self.depths is not None:
+            explicit = [r for r, m in self.models.items() if m.layer != "mid"]
+            if explicit:
+                raise ValueError(f"key `models.{explicit[0]}.layer`: with `depths` every model's hooks are at those "
+                                 "relative depths; remove the model's `layer` (or remove `depths`)")
         return self
 
     # ---- derived values (the one place they are computed) ----
-    def layer(self, role: str) -> int:
-        """The hook's block index. ``mid`` is the block that ends the first half of the model:
-        ``ceil(n_layers / 2) - 1``, relative depth ``(layer + 1) / n_layers`` = 0.5 for an even layer count
-        (4 layers: ``blocks.1``; 8: ``blocks.3``; 24: ``blocks.11``), never the last block (2 layers or more)."""
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The model roles, smallest model first (``("small", "large")`` for the two-model form)."""
+        return tuple(self.models)
+
+    def n_params(self, role: str) -> int:
+        """Non-embedding parameters of a role's model, 12 x n_layers x d_model^2 (Kaplan et al. 2020, eq. 2.1):
+        what orders models by size and gives the size ratio of a pair."""
         m = self.models[role]
-        return (m.n_layers + 1) // 2 - 1 if m.layer == "mid" else m.layer
+        return 12 * m.n_layers * m.d_model ** 2
 
-    def depth(self, role: str) -> float:
-        """Relative depth of the hook: blocks before it, included, over all blocks (Pythia-70m ``blocks.3``:
+    def layers(self, role: str) -> list[int]:
+        """The block indices of a role's hooks, shallowest first: the ``depths`` (relative depth d -> the block
+        that ends that share of the model, ``ceil(d * n_layers) - 1``: 0.5 of 4 layers is ``blocks.1``, 0.25 of 8
+        is ``blocks.1``), else the model's ``layer`` (``mid`` = ``ceil(n_layers / 2) - 1``, the same as depth
+        0.5; an integer; or a list of integers)."""
+        m = self.models[role]
+        if self.depths is not None:
+            return [depth_layer(d, m.n_layers) for d in self.depths]
+        if m.layer == "mid":
+            return [(m.n_layers + 1) // 2 - 1]
+        return list(m.layer) if isinstance(m.layer, list) else [m.layer]
+
+    @property
+    def n_hooks(self) -> int:
+        """Hooks per model (the same for every model: hooks pair up by position, shallowest first)."""
+        return len(self.layers(self.roles[0]))
+
+    @property
+    def multi_hook(self) -> bool:
+        """Several hooks per model: SAE ids, unit ids and store folders then carry the layer."""
+        return self.n_hooks > 1
+
+    def hook_label(self, i: int) -> str:
+        """Label of the i-th hook of every model: ``d0.25`` (from ``depths``), ``h1``, ``h2``, ... (explicit
+        layers); empty when each model has one hook."""
+        if not self.multi_hook:
+            return ""
+        return f"d{self.depths[i]:g}" if self.depths is not None else f"h{i + 1}"
+
+    def layer(self, role: str) -> int:
+        """The block index of a role's only hook (``layers`` gives all of them). ``mid`` is the block that ends
+        the first half of the model: ``ceil(n_layers / 2) - 1``, relative depth ``(layer + 1) / n_layers`` = 0.5
+        for an even layer count (4 layers: ``blocks.1``; 8: ``blocks.3``; 24: ``blocks.11``), never the last
+        block (2 layers or more). Raises ValueError in a grid with several hooks per model."""
+        layers = self.layers(role)
+        if len(layers) != 1:
+            raise ValueError(f"the {role} model has {len(layers)} hooks ({layers}): name the layer")
+        return layers[0]
+
+    def depth(self, role: str, layer: int | None = None) -> float:
+        """Relative depth of a hook: blocks before it, included, over all blocks (Pythia-70m ``blocks.3``:
         4/6 = 0.67; Pythia-410m ``blocks.12``: 13/24 = 0.54)."""
-        return (self.layer(role) + 1) / self.models[role].n_layers
+        return ((self.layer(role) if layer is None else layer) + 1) / self.models[role].n_layers
 
-    def hook(self, role: str) -> str:
-        return f"blocks.{self.layer(role)}.hook_resid_post"
+    def hook(self, role: str, layer: int | None = None) -> str:
+        """TransformerLens' name of the hook: ``blocks.<layer>.hook_resid_post`` (the only hook by default)."""
+        return f"blocks.{self.layer(role) if layer is None else layer}.hook_resid_post"
+
+    def pair_list(self) -> list[tuple[str, str]]:
+        """(smaller, larger) roles compared: consecutive sizes, then (``pairs: with_smallest``) the smallest
+        against every model two or more steps above it."""
+        r = self.roles
+        out = list(zip(r[:-1], r[1:]))
+        if self.pairs == "with_smallest":
+            out += [(r[0], b) for b in r[2:]]
+        return out
+
+    def settings(self) -> list[Setting]:
+        """Every (pair, hook) the analysis compares, pair by pair, shallowest hook first; hooks match by
+        position (the i-th hook of one model with the i-th of the other: the same relative depth with
+        ``depths``)."""
+        out = []
+        for small, large in self.pair_list():
+            for i, (ls, ll) in enumerate(zip(self.layers(small), self.layers(large))):
+                hook = self.hook_label(i)
+                pair = f"{small}-{large}"
+                out.append(Setting(f"{pair}@{hook}" if hook else pair, pair, hook, small, large, ls, ll))
+        return out
 
     def d_in(self, role: str) -> int:
         return self.models[role].d_model
@@ -333,35 +477,46 @@ class Params(_Strict):
 
     @property
     def embedded(self) -> bool:
-        return self.models["small"].source == "embedded"
+        return self.models[self.roles[0]].source == "embedded"
 
     @property
     def store_tokens(self) -> int:
-        """Tokens of activations kept on disk per role (default: the largest budget plus the batches used to
-        estimate the activation norm, so that no budget needs a second epoch)."""
+        """Tokens of activations kept on disk per role and hook (default: the largest budget plus the batches
+        used to estimate the activation norm, so that no budget needs a second epoch)."""
         return self.data.store_tokens or max(self.sae.tokens) + self.sae.norm_estimate_batches * self.sae.batch_size
 
     @cached_property
     def extract_hash(self) -> str:
         """Everything that shapes the models, the text and the activation stores."""
-        return short_hash({"data": _hashed(self.data), "models": {r: _hashed(m) for r, m in self.models.items()},
-                           "store_tokens": self.store_tokens})
+        shaped = {"data": _hashed(self.data), "models": {r: _hashed(m) for r, m in self.models.items()},
+                  "store_tokens": self.store_tokens}
+        if self.depths is not None:
+            shaped["depths"] = self.depths
+        return short_hash(shaped)
 
-    def sae_hash(self, role: str, k: int, tokens: int, seed: int) -> str:
+    def sae_hash(self, role: str, k: int, tokens: int, seed: int, layer: int | None = None) -> str:
         """Everything that shapes one SAE's weights. In ladder mode the schedule does not depend on the budget,
-        so the checkpoint at T is the same whatever the largest budget is."""
+        so the checkpoint at T is the same whatever the largest budget is. With several hooks per model the
+        layer is part of it (with one, the extract hash already fixes the hook)."""
         unused = {"buffer_tokens", "precision"} if self.sae.trainer == "saelens" else set()
         sae = self.sae.model_dump(exclude={"k", "tokens", "seeds", "log_every"} | unused)
-        return short_hash({"extract": self.extract_hash, "role": role, "k": k, "tokens": tokens, "seed": seed,
-                           "sae": sae, "lr": self.sae.lr_for(self.d_sae(role))})
+        shaped = {"extract": self.extract_hash, "role": role, "k": k, "tokens": tokens, "seed": seed, "sae": sae,
+                  "lr": self.sae.lr_for(self.d_sae(role))}
+        if self.multi_hook:
+            shaped["layer"] = self.layer(role) if layer is None else layer
+        return short_hash(shaped)
 
-    def sae_id(self, role: str, k: int, tokens: int, seed: int) -> str:
-        return f"{role}-k{k}-t{format_tokens(tokens)}-s{seed}-{self.sae_hash(role, k, tokens, seed)}"
+    def sae_id(self, role: str, k: int, tokens: int, seed: int, layer: int | None = None) -> str:
+        """``<role>-k<k>-t<tokens>-s<seed>-<hash>``; ``<role>-L<layer>-k...`` with several hooks per model."""
+        site = f"{role}-L{self.layer(role) if layer is None else layer}" if self.multi_hook else role
+        return f"{site}-k{k}-t{format_tokens(tokens)}-s{seed}-{self.sae_hash(role, k, tokens, seed, layer)}"
 
-    def sae_specs(self, role: str | None = None, k: int | None = None, seed: int | None = None) -> list["SAESpec"]:
-        """Every SAE of the grid (or those of one role / k / seed), ordered role, k, seed, budget."""
-        return [SAESpec(r, kk, t, s, self.sae_id(r, kk, t, s))
-                for r in ROLES if role in (None, r)
+    def sae_specs(self, role: str | None = None, k: int | None = None, seed: int | None = None,
+                  layer: int | None = None) -> list["SAESpec"]:
+        """Every SAE of the grid (or those of one role / k / seed / layer), ordered role, layer, k, seed, budget."""
+        return [SAESpec(r, kk, t, s, self.sae_id(r, kk, t, s, L), L)
+                for r in self.roles if role in (None, r)
+                for L in self.layers(r) if layer in (None, L)
                 for kk in self.sae.k if k in (None, kk)
                 for s in self.sae.seeds if seed in (None, s) for t in self.sae.tokens]
 
@@ -370,16 +525,23 @@ class Params(_Strict):
         return short_hash({"evaluation": self.evaluation.model_dump(), "extract": self.extract_hash})
 
     def params_hash(self) -> str:
-        return short_hash(self.model_dump(mode="json"))
+        return short_hash(_hashed(self, mode="json"))
+
+
+def depth_layer(depth: float, n_layers: int) -> int:
+    """The block that ends the first ``depth`` of a model's ``n_layers`` blocks: ``ceil(depth * n_layers) - 1``
+    (to 1e-9, so 0.3 x 10 is block 2), so that its relative depth ``(layer + 1) / n_layers`` is the smallest one
+    >= ``depth``. May be the last block: the params check refuses it."""
+    return math.ceil(depth * n_layers - 1e-9) - 1
 
 
 # Keys added after results existed: they enter the hashes (extract, SAE and unit ids) only when set to something
 # other than their default, so grids that do not use them keep their ids and results.
-_LATER_KEYS = {DataParams: ("pile_files", "text_field"), HubModel: ("path",)}
+_LATER_KEYS = {DataParams: ("pile_files", "text_field"), HubModel: ("path",), Params: ("depths", "pairs")}
 
 
-def _hashed(m: BaseModel) -> dict:
-    dump = m.model_dump()
+def _hashed(m: BaseModel, mode: str = "python") -> dict:
+    dump = m.model_dump(mode=mode)
     for key in _LATER_KEYS.get(type(m), ()):
         if dump[key] == type(m).model_fields[key].default:
             del dump[key]
@@ -387,12 +549,12 @@ def _hashed(m: BaseModel) -> dict:
 
 
 class SAESpec:
-    """One SAE of the grid: its role, sparsity, budget, seed and readable id."""
+    """One SAE of the grid: its role, sparsity, budget, seed, readable id and the layer of its hook."""
 
-    __slots__ = ("role", "k", "tokens", "seed", "sae_id")
+    __slots__ = ("role", "k", "tokens", "seed", "sae_id", "layer")
 
-    def __init__(self, role: str, k: int, tokens: int, seed: int, sae_id: str):
-        self.role, self.k, self.tokens, self.seed, self.sae_id = role, k, tokens, seed, sae_id
+    def __init__(self, role: str, k: int, tokens: int, seed: int, sae_id: str, layer: int):
+        self.role, self.k, self.tokens, self.seed, self.sae_id, self.layer = role, k, tokens, seed, sae_id, layer
 
     def __repr__(self) -> str:
         return f"SAESpec({self.sae_id})"
@@ -472,7 +634,7 @@ def _check_paths(p: Params) -> None:
         if not Path(path).exists():
             raise ParamsError(f"key `{key}` = {path!r}: no such file or folder (give a .jsonl, .jsonl.zst or .parquet "
                               "file, or a folder of them)")
-    for role in ROLES:
+    for role in p.roles:
         m = p.models[role]
         if getattr(m, "path", None) is None:
             continue
@@ -498,14 +660,59 @@ def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
     if isinstance(data, dict) and "pile_files" in data:
         pf = data["pile_files"]
         data["pile_files"] = {k: fix(v) for k, v in pf.items()} if isinstance(pf, dict) else fix(pf)
-    for m in (raw.get("models") or {}).values() if isinstance(raw.get("models"), dict) else ():
+    models = raw.get("models")
+    for m in models.values() if isinstance(models, dict) else models if isinstance(models, list) else ():
         if isinstance(m, dict) and "path" in m:
             m["path"] = fix(m["path"])
 
 
+def _check_hooks(p: Params, role: str) -> None:
+    """A role's hooks exist in its model: 'mid' needs 2+ layers, explicit layers lie in range, a relative depth
+    lands on a block that is not the last one, and distinct depths on distinct blocks."""
+    m = p.models[role]
+    n = m.n_layers
+    if p.depths is not None:
+        layers = p.layers(role)
+        for d, layer in zip(p.depths, layers):
+            if layer >= n - 1:
+                raise ParamsError(f"key `depths` = {p.depths}: depth {d:g} of the {role} model ({n} layers) is block "
+                                  f"ceil({d:g} x {n}) - 1 = {layer}, the last block; depths must be at most "
+                                  f"{n - 1}/{n} = {(n - 1) / n:.3g} for this model (a hook is never on the last "
+                                  "block)")
+        if len(set(layers)) != len(layers):
+            raise ParamsError(f"key `depths` = {p.depths}: the {role} model has only {n} layers, so these depths land "
+                              f"on the blocks {layers}, not all distinct; use fewer or further apart depths, or "
+                              "deeper models")
+        return
+    if m.layer == "mid" and n < 2:
+        raise ParamsError(f"key `models.{role}.layer` = 'mid': a model with {n} layer has no middle "
+                          "layer (its only block is the last one); give it 2 or more layers, or an integer "
+                          "layer")
+    for layer in [] if m.layer == "mid" else m.layer if isinstance(m.layer, list) else [m.layer]:
+        if not 0 <= layer < n:
+            raise ParamsError(f"key `models.{role}.layer` = {m.layer}: a hook layer must be 'mid' or an integer "
+                              f"in [0, {n - 1}] for a model with {n} layers")
+
+
+def _check_ladder(p: Params) -> None:
+    """A list of models is ordered by size (non-embedding parameters never decreasing: checkpoints of one model
+    may share a size); every model has the same number of hooks. The two-role form ``{small, large}`` names its
+    order itself and is not checked for size (as before ladders)."""
+    sizes = [p.n_params(r) for r in p.roles]
+    for (a, na), (b, nb) in zip(zip(p.roles, sizes), zip(p.roles[1:], sizes[1:])):
+        if nb < na and p.roles != TWO_ROLES:
+            raise ParamsError(f"key `models`: models must be ordered by size, smallest first, but {b!r} ({nb:,} "
+                              f"non-embedding parameters, 12 x n_layers x d_model^2) is smaller than {a!r} "
+                              f"({na:,}); reorder them")
+    counts = {r: len(p.layers(r)) for r in p.roles}
+    if len(set(counts.values())) != 1:
+        raise ParamsError(f"key `models.<role>.layer`: every model needs the same number of hooks (they pair up by "
+                          f"position, shallowest first); got {counts}")
+
+
 def _check_model_dependent(p: Params) -> None:
     _check_paths(p)
-    for role in ROLES:
+    for role in p.roles:
         m = p.models[role]
         if isinstance(m, EmbeddedModel) and _rotary_dims(m.d_model // m.n_heads, m.rotary_pct) is None:
             head_dim = m.d_model // m.n_heads
@@ -515,17 +722,12 @@ def _check_model_dependent(p: Params) -> None:
                               f"d_model / n_heads = {m.d_model} / {m.n_heads} = {head_dim} gives "
                               f"{head_dim} x {m.rotary_pct} = {head_dim * m.rotary_pct:g}; allowed values for this "
                               f"shape: {', '.join(ok[:8])}{', ...' if len(ok) > 8 else ''}")
-        if m.layer == "mid" and m.n_layers < 2:
-            raise ParamsError(f"key `models.{role}.layer` = 'mid': a model with {m.n_layers} layer has no middle "
-                              "layer (its only block is the last one); give it 2 or more layers, or an integer "
-                              "layer")
-        if m.layer != "mid" and not 0 <= m.layer < m.n_layers:
-            raise ParamsError(f"key `models.{role}.layer` = {m.layer}: the hook layer must be 'mid' or an integer "
-                              f"in [0, {m.n_layers - 1}] for a model with {m.n_layers} layers")
+        _check_hooks(p, role)
         for k in p.sae.k:
             if k >= p.d_sae(role):
                 raise ParamsError(f"key `sae.k` = {k}: k must be smaller than d_sae = expansion x d_model = "
                                   f"{p.sae.expansion} x {m.d_model} = {p.d_sae(role)} for the {role} model")
+    _check_ladder(p)
     if p.embedded and p.data.vocab_size > 65536:
         raise ParamsError("key `data.vocab_size` too large")
     largest = max(p.sae.tokens)

@@ -16,7 +16,7 @@ from .files import read_json, write_json_atomic
 from .executors import local_threads
 from .grid import units
 from .layout import cache_root
-from .params import ROLES, Params, format_tokens, short_hash
+from .params import Params, format_tokens, short_hash
 
 NOTEBOOK_OVERHEAD_S = 6.0  # kernel start + imports (torch, sae_lens) per executed notebook, measured here
 # Evaluation in LM forwards per eval token (metrics.evaluate_saes), measured at 512 x 128 eval tokens with the
@@ -105,7 +105,7 @@ def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
     else:
         bs = min(p.sae.batch_size, 1024)
         x = torch.randn(bs, d_in)
-        sae = make_sae(p, role, p.sae.k[0], 0, "calibration", p.data.context_size)
+        sae = make_sae(p, role, p.sae.k[0], 0, "calibration", p.data.context_size, p.layers(role)[0])
         tr = make_trainer(p, sae, 10 * bs, "cpu", iter(()))
 
         def plain_step():
@@ -184,7 +184,7 @@ def calibration(p: Params, out_dir: Path) -> dict:
 
     shapes = {r: {"d_in": p.d_in(r), "d_sae": p.d_sae(r), "bs": p.sae.batch_size,
                   "model": p.models[r].model_dump(), "ctx": p.data.context_size, "vocab": p.data.vocab_size}
-              for r in ROLES}
+              for r in p.roles}
     key = short_hash({"machine": provenance.machine(), "torch": torch.__version__, "shapes": shapes,
                       "unit_threads": local_threads(p.executor.jobs), "window": p.sae.dead_tokens_window,
                       "eval_batch": p.evaluation.batch_sequences, "jobs": p.executor.jobs,
@@ -192,7 +192,7 @@ def calibration(p: Params, out_dir: Path) -> dict:
     path = cache_root(out_dir) / "calibration.json"
     cache = read_json(path) if path.is_file() else {}
     if key not in cache:
-        cache[key] = {r: {**_calibrate_units(p, r), **_calibrate_lm(p, r)} for r in ROLES}
+        cache[key] = {r: {**_calibrate_units(p, r), **_calibrate_lm(p, r)} for r in p.roles}
         write_json_atomic(path, cache)
     return cache[key]
 
@@ -207,7 +207,8 @@ def eval_forwards_per_sae(p: Params) -> float:
 def sae_seconds(p: Params, cal: dict, specs) -> float:
     """Train + evaluate time of these SAEs (one unit): per training run, the tokens up to
     ``dead_tokens_window`` at the plain step rate and the rest at the AuxK rate, plus SAE_FIXED_S; per model of
-    the unit, EVAL_MODEL_FORWARD_EQUIV forward passes over the eval tokens, and per SAE ``eval_forwards_per_sae``.
+    the unit and hook, EVAL_MODEL_FORWARD_EQUIV forward passes over the eval tokens, and per SAE
+    ``eval_forwards_per_sae``.
     Hub models produce activations online: one LM pass per unit for the fast trainer (the longest run's rows),
     one per run for the saelens trainer."""
     from .training import runs_for
@@ -216,7 +217,8 @@ def sae_seconds(p: Params, cal: dict, specs) -> float:
     window = p.sae.dead_tokens_window
     norm_rows = p.sae.norm_estimate_batches * p.sae.batch_size
     t, lm_rows = 0.0, []
-    t += sum(EVAL_MODEL_FORWARD_EQUIV * n_eval / cal[role]["eval_forward_tok_s"] for role in {s.role for s in specs})
+    t += sum(EVAL_MODEL_FORWARD_EQUIV * n_eval / cal[role]["eval_forward_tok_s"]
+             for role, _ in {(s.role, s.layer) for s in specs})
     for run in runs_for(p, specs):
         c = cal[run[0].role]
         total = max(s.tokens for s in run)
@@ -235,13 +237,15 @@ def estimate(p: Params, out_dir: Path) -> dict:
     us = units(p, out_dir, Path("params.resolved.yaml"))
     t_extract = 0.0
     if p.embedded:
-        t_extract += sum(p.models[r].train_tokens / cal[r]["train_tok_s"] for r in ROLES)
-        t_extract += sum(p.store_tokens / cal[r]["forward_tok_s"] for r in ROLES) + 25.0  # + text, tokenizer
+        t_extract += sum(p.models[r].train_tokens / cal[r]["train_tok_s"] for r in p.roles)
+        # one LM pass per model writes the stores of all its hooks
+        t_extract += sum(p.store_tokens / cal[r]["forward_tok_s"] for r in p.roles) + 25.0  # + text, tokenizer
     t_sae = _sae_unit_seconds(p, cal, us)
     sae_wall = _makespan(sorted(t_sae.values(), reverse=True), p.executor.jobs)
-    n_nb = sum(len(u.notebooks) for u in us)
-    other_nb = n_nb - sum(len(u.notebooks) for u in us if u.stage == "sae")
-    total = t_extract + sae_wall + other_nb * NOTEBOOK_OVERHEAD_S + 20.0  # + aggregate and report compute
+    n_nb = sum(len(u.executions()) for u in us)
+    other_nb = n_nb - sum(len(u.executions()) for u in us if u.stage == "sae")
+    # + aggregate and report compute, per setting (pair x hook)
+    total = t_extract + sae_wall + other_nb * NOTEBOOK_OVERHEAD_S + 20.0 * len(p.settings())
     return {"extract_s": t_extract, "sae_s": t_sae, "sae_wall_s": sae_wall, "notebooks": n_nb, "total_s": total,
             "calibration": cal}
 
@@ -249,7 +253,7 @@ def estimate(p: Params, out_dir: Path) -> dict:
 def _sae_unit_seconds(p: Params, cal: dict, us) -> dict[str, float]:
     """Seconds of each SAE unit of ``us`` (``sae_seconds`` of its SAEs plus its notebook starts), by unit id."""
     specs = {s.sae_id: s for s in p.sae_specs()}
-    return {u.uid: sae_seconds(p, cal, [specs[i] for i in u.sae_ids]) + len(u.notebooks) * NOTEBOOK_OVERHEAD_S
+    return {u.uid: sae_seconds(p, cal, [specs[i] for i in u.sae_ids]) + len(u.executions()) * NOTEBOOK_OVERHEAD_S
             for u in us if u.stage == "sae"}
 
 
@@ -264,8 +268,9 @@ def _makespan(durations: list[float], jobs: int) -> float:
 
 def disk_bytes(p: Params) -> dict:
     per = {}
-    for r in ROLES:
+    for r in p.roles:
         store = p.store_tokens * p.d_in(r) * (4 if p.data.store_dtype == "float32" else 2) if p.embedded else 0
+        store *= len(p.layers(r))  # one store per hook
         sae = (2 * p.d_in(r) * p.d_sae(r) + p.d_sae(r) + p.d_in(r)) * 4
         per[r] = {"store": store, "saes": sae * len(p.sae_specs(role=r))}
     return per
@@ -286,16 +291,22 @@ def _fmt_s(s: float) -> str:
 def print_plan(p: Params, out_dir: Path) -> None:
     us = units(p, out_dir, Path("params.resolved.yaml"))
     print(f"grid '{p.name}': {p.description}")
-    for r in ROLES:
+    for r in p.roles:
         m = p.models[r]
-        print(f"  {r:5s}: {m.name} ({m.source}), {p.hook(r)}, d_in {p.d_in(r)}, d_sae {p.d_sae(r)}")
+        hooks = ", ".join(p.hook(r, L) for L in p.layers(r))
+        print(f"  {r:5s}: {m.name} ({m.source}), {hooks}, d_in {p.d_in(r)}, d_sae {p.d_sae(r)}")
+    if len(p.settings()) > 1:
+        print(f"  pairs ({p.pairs}): {', '.join(s.label for s in p.settings())}")
     print(f"  SAEs: TopK {p.sae.expansion}x, k {p.sae.k}, tokens {[format_tokens(t) for t in p.sae.tokens]}, "
           f"seeds {p.sae.seeds}, budget mode {p.sae.budget_mode}: {len(p.sae_specs())} SAEs")
     print(f"  output: {out_dir}\n")
-    print(f"{'unit':34s} {'notebooks':28s} {'SAEs':>5s} {'train tokens':>13s}")
+    width = max(34, *(len(u.uid) for u in us))
+    print(f"{'unit':{width}s} {'notebooks':28s} {'SAEs':>5s} {'train tokens':>13s}")
     for u in us:
-        print(f"{u.uid:34s} {', '.join(u.notebooks):28s} {len(u.sae_ids):5d} {format_tokens(u.tokens):>13s}")
-    print(f"SAE trainer: {p.sae.trainer}" + (" (each unit streams its role's activations once)"
+        nbs = ", ".join(u.notebooks) + (f" ({len(u.executions())} runs)" if u.runs else "")
+        print(f"{u.uid:{width}s} {nbs:28s} {len(u.sae_ids):5d} {format_tokens(u.tokens):>13s}")
+    once = " (each unit streams its role's activations once" + (", for all its hooks)" if p.multi_hook else ")")
+    print(f"SAE trainer: {p.sae.trainer}" + (once
                                               if p.sae.trainer == "fast" else " (each SAE reads its own stream)"))
     disk = disk_bytes(p)
     total_disk = sum(v for d in disk.values() for v in d.values())
@@ -314,7 +325,7 @@ def print_plan(p: Params, out_dir: Path) -> None:
 
 
 def budget_cost(p: Params, out_dir: Path, tokens: list[int], n_seeds: int) -> dict:
-    """Estimated wall time here of training and evaluating the grid's k x ``n_seeds`` seeds x both models at
+    """Estimated wall time here of training and evaluating the grid's k x ``n_seeds`` seeds x every model and hook at
     the extra budget(s) ``tokens`` (the proposal of ``budget_curves.next_budget``), timed like ``estimate``'s
     SAE units: the cached calibration, the grid's units (per role or shard) with their notebook starts,
     ``jobs`` units at a time.

@@ -93,6 +93,12 @@ CAPTIONS = {
         "leave-one-budget-out ● and leave-one-k-out ▲). Dashed diagonal: perfect prediction; grey lines: "
         "zero, so points in the off-diagonal quadrants have the wrong sign. Titles: MAE and sign accuracy of the "
         "pooled scheme, and whether the proxy beats ΔR² (95% CI of the MAE gain above 0)."),
+    "ladder": (
+        "The paired gaps of every setting against its size ratio (non-embedding parameters of the larger model of "
+        "the pair over the smaller's, log scale): one column per k, one colour per SAE budget, one line style and "
+        "marker per hook. Points are each pair's cell mean over seeds, bars its 95% Student-t interval. A line "
+        "that falls to the right: the bigger the step in size, the more the larger model's SAEs lose at that "
+        "budget."),
     "reference": (
         "Our phase-2 table beside the study's published one (Pythia-70M vs 410M): mean gaps with 95% "
         "intervals per k against the SAE training budget; hollow markers: n = 1 (directional)."),
@@ -681,3 +687,43 @@ def reference_figure(ours_table: pd.DataFrame | None, reference_table: pd.DataFr
     handles.append(Line2D([], [], lw=0, marker="o", markerfacecolor="white", color="0.3", label="n = 1 (directional)"))
     fig.legend(handles=handles, loc="outside right center", fontsize="small")
     return _finish(fig, "reference", title, caption)
+
+
+def ladder_figure(ladder: pd.DataFrame | None, caption: bool = True) -> Figure:
+    """ΔCE_rec (top row) and ΔR² (bottom row) against the size ratio (log scale), one column per k, one line
+    per budget, marker and line style per hook; error bars are the cells' 95% intervals (``ladder.ladder_table``
+    rows). Returns the figure."""
+    ladder = _frame(ladder)
+    if not len(ladder):
+        fig, axes = _new_figure(1, 1, (5.0, 3.5))
+        _pending(axes[0, 0], "pending: no complete pairs yet")
+        return _finish(fig, "ladder", "ΔCE_rec and ΔR² against the size ratio", caption)
+    ks = sorted(ladder["k"].unique())
+    budgets = sorted(ladder["tokens"].unique())
+    hooks = list(dict.fromkeys(ladder["hook"].fillna("")))
+    colors = dict(zip(budgets, matplotlib.colormaps["viridis"](np.linspace(0.1, 0.85, len(budgets)))))
+    markers = dict(zip(hooks, "os^Dvp"))
+    fig, axes = _new_figure(2, len(ks), (3.6, 2.9), legend=1.6)
+    ladder["hook"] = ladder["hook"].fillna("")
+    for j, k in enumerate(ks):
+        for i, (metric, label) in enumerate((("d_ce_rec", "ΔCE_rec (large − small)"), ("d_r2", "ΔR² (large − small)"))):
+            ax = axes[i, j]
+            ax.axhline(0, color="grey", lw=0.8)
+            for (t, hook), g in ladder[ladder["k"] == k].groupby(["tokens", "hook"], sort=True):
+                g = g.sort_values("size_ratio")
+                mean = g[f"{metric}_mean"].to_numpy(float)
+                err = np.abs(np.vstack([mean - g[f"{metric}_lo"].to_numpy(float),
+                                        g[f"{metric}_hi"].to_numpy(float) - mean]))
+                ax.errorbar(g["size_ratio"], mean, yerr=err, color=colors[t], marker=markers[hook], ms=5, lw=1.2,
+                            capsize=2, ls="-" if hook == hooks[0] else "--")
+            ax.set_xscale("log")
+            ax.set(xlabel="size ratio (large / small, non-embedding parameters)" if i == 1 else "",
+                   ylabel=label if j == 0 else "")
+            if i == 0:
+                ax.set_title(f"k = {int(k)}")
+    handles = [Line2D([], [], color=colors[t], lw=2, label=f"T = {format_tokens(int(t))}") for t in budgets]
+    if len(hooks) > 1:
+        handles += [Line2D([], [], color="black", marker=markers[h], ls="-" if h == hooks[0] else "--",
+                           label=f"hook {h}") for h in hooks]
+    fig.legend(handles=handles, loc="outside right center", fontsize="small")
+    return _finish(fig, "ladder", "Across the ladder: the paired gaps against the size ratio", caption)

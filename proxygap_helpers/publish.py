@@ -1,7 +1,9 @@
-"""Stage 4: the executed report notebook -> the published report of a grid (``layout.report_dir``).
+"""Stage 4: the executed report notebook(s) -> the published report of a grid (``layout.report_dir``).
 
-Writes ``report.html`` (code hidden, self-contained), ``sign_flip.png`` and copies of the aggregate tables
-beside it. The ``report`` unit's executor calls :func:`publish` after ``05_report`` ran.
+Writes ``report.html`` (code hidden, self-contained), the sign-flip figure as PNG and copies of the aggregate
+tables beside it. The ``report`` unit's executor calls :func:`publish` after its notebooks ran: ``05_report``
+for a grid with one setting; for several (pairs of models x hooks), ``06_ladder`` (the summary across them)
+first and then each setting's ``05_report``, as one page (``sign_flip_<setting>.png`` per setting, ``ladder.png``).
 """
 
 from __future__ import annotations
@@ -9,23 +11,32 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .aggregate import CURVE_TABLES, load_aggregate
+from .aggregate import CURVE_TABLES, LADDER_TABLES, load_aggregate
 from .layout import aggregate_dir, report_dir
 from .params import Params
 
 PUBLISHED = ("phase2_table.csv", "phase2_table.md", "pairs.csv", "sae_metrics.csv", "proxy_leaderboard.csv",
-             "claims.csv", "sign_flip.csv", "heldout_predictions.csv", *(f"{t}.csv" for t in CURVE_TABLES))
+             "claims.csv", "sign_flip.csv", "heldout_predictions.csv", *(f"{t}.csv" for t in CURVE_TABLES),
+             *(f"{t}.csv" for t in LADDER_TABLES))
 
 
-def publish(p: Params, out_dir: Path, executed_report: Path) -> Path:
-    """Render the executed report notebook to ``<report dir>/report.html`` and copy the aggregate tables
-    beside it. Returns the HTML path."""
+def publish(p: Params, out_dir: Path, executed: list[Path]) -> Path:
+    """Render the executed report notebook(s) to ``<report dir>/report.html`` (several: the ``06_ladder`` summary
+    first, then the settings in order, as one page) and copy the aggregate tables beside it. Returns the HTML
+    path."""
     from .report import render_html
 
     dest = report_dir(p.name, out_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    html = render_html(executed_report, dest / "report.html", title=p.report.title)
-    _sign_flip_png(out_dir, dest / "sign_flip.png")
+    summary = [nb for nb in executed if Path(nb).stem == "06_ladder"]
+    source = Path(executed[0]) if len(executed) == 1 else _merged(summary + [nb for nb in executed
+                                                                            if nb not in summary])
+    html = render_html(source, dest / "report.html", title=p.report.title)
+    settings = [s.label for s in p.settings()]
+    for label in settings:
+        _sign_flip_png(p, out_dir, label, dest / ("sign_flip.png" if len(settings) == 1 else f"sign_flip_{label}.png"))
+    if len(settings) > 1:
+        _ladder_png(out_dir, dest / "ladder.png")
     for name in PUBLISHED:
         src = aggregate_dir(out_dir) / name
         if src.is_file():
@@ -35,17 +46,44 @@ def publish(p: Params, out_dir: Path, executed_report: Path) -> Path:
     return html
 
 
-def _sign_flip_png(out_dir: Path, png: Path) -> None:
-    """The report's sign-flip figure as a PNG beside it (for the README and slides)."""
+def _merged(notebooks: list[Path]) -> Path:
+    """One notebook of the cells of ``notebooks`` in order (metadata of the first), written beside them."""
+    import nbformat
+
+    nbs = [nbformat.read(Path(nb), as_version=4) for nb in notebooks]
+    merged = nbs[0]
+    for nb in nbs[1:]:
+        merged.cells += nb.cells
+    path = Path(notebooks[0]).with_name("report.ipynb")
+    nbformat.write(merged, path)
+    return path
+
+
+def _save(fig, png: Path) -> None:
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(png)
+
+
+def _sign_flip_png(p: Params, out_dir: Path, setting: str, png: Path) -> None:
+    """A setting's sign-flip figure as a PNG beside the report (for the README and slides)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from . import plots
 
-    agg = load_aggregate(out_dir)
+    agg = load_aggregate(out_dir, p, setting)
     plots.set_theme()
-    fig = plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"], curves=agg["budget_curves"],
-                                 tstar=agg["tstar"])
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(png)
+    _save(plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"], curves=agg["budget_curves"],
+                                 tstar=agg["tstar"]), png)
+
+
+def _ladder_png(out_dir: Path, png: Path) -> None:
+    """The ladder figure (the paired gaps against the size ratio) as a PNG beside the report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import plots
+
+    plots.set_theme()
+    _save(plots.ladder_figure(load_aggregate(out_dir)["ladder"]), png)

@@ -28,7 +28,7 @@ from .plots import format_tokens as fmt_tokens
 MIN_N = 2
 STUDY_LOW_BUDGET = 10_000_000
 STATUS_COLORS = {"supported": ("#d4edda", "#1e7b34"), "pending": ("#fff3cd", "#8a6100"),
-                 "rejected": ("#f8d7da", "#a71d2a")}
+                 "rejected": ("#f8d7da", "#a71d2a"), "mixed": ("#e2e3e5", "#383d41")}
 CHROMIUM_HINT = ("headless Chromium was not found (looked for $PROXYGAP_CHROMIUM, /usr/bin/chromium, and chromium / "
                  "chromium-browser / google-chrome on PATH); install it with "
                  "`apt-get update && apt-get install -y chromium`")
@@ -446,6 +446,23 @@ def style_claims(claims: pd.DataFrame | None):
     ])
     return styler.set_caption("Claims: green = supported, amber = pending, red = rejected. "
                               "Too little data (n < 2, missing cells) is pending, never supported.")
+
+
+def style_status_matrix(matrix: pd.DataFrame):
+    """A claim x setting table of statuses (``ladder.claims_matrix``) as a Styler: each status cell tinted like
+    the claim table (green supported, amber pending, red rejected)."""
+    def cell(value: Any) -> str:
+        bg, fg = STATUS_COLORS.get(str(value).lower(), ("#ffffff", "#000000"))
+        return f"background-color: {bg}; color: {fg}"
+
+    styler = matrix.style.set_uuid("claims_matrix").map(cell)
+    styler = styler.set_table_styles([
+        {"selector": "th", "props": "text-align: center; background-color: #f2f2f2; padding: 4px 8px"},
+        {"selector": "td", "props": "text-align: center; padding: 3px 8px; border-bottom: 1px solid #ddd"},
+        {"selector": "", "props": "border-collapse: collapse; font-size: 0.9em"},
+    ])
+    return styler.set_caption("Each claim in each setting (pair of models @ hook); the last column counts the "
+                              "settings where it is supported.")
 
 
 TABLE_DISPLAY = (("d_ce_rec", "ΔCE_rec mean [95% CI]", fmt_ci), ("d_r2", "ΔR² mean [95% CI]", fmt_ci),

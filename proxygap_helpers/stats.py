@@ -1,8 +1,9 @@
 """Aggregation of per-SAE metrics into the study's paired statistics.
 
 The chain is ``flatten_metrics`` (metrics.json records -> one row per SAE) -> ``dedupe`` (one SAE per
-``(model_role, k, tokens, seed)``, the newest ``finished_at`` wins) -> ``pair`` (small and large SAEs of the
-same ``(k, tokens, seed)``; deltas are large - small) -> ``phase2_table`` (one row per ``(k, tokens)``: n,
+``(model_role, hook, k, tokens, seed)``, the newest ``finished_at`` wins) -> ``pair`` (small and large SAEs of the
+same ``(k, tokens, seed)``; deltas are large - small; ``small`` and ``large`` are the two sides of one setting of
+a grid, ``ladder.side_rows``) -> ``phase2_table`` (one row per ``(k, tokens)``: n,
 Student-t means and CIs, mismatch rate) -> ``phase2_markdown`` (rendered like the study's table).
 ``sign_flip`` finds the budget T* where the mean CE gap changes sign.
 """
@@ -25,7 +26,7 @@ CORE_KEYS: tuple[str, ...] = (
     "random_error_ratio", "random_error_ratio_sd", "pr_recon", "pr_recon_frac", "pr_act", "twonn_dim",
     "sst_per_token", "act_norm_mean", "train_seconds", "budget_mode", "finished_at",
 )
-DEDUPE_KEY = ["model_role", "k", "tokens", "seed"]
+DEDUPE_KEY = ["model_role", "hook", "k", "tokens", "seed"]
 PAIR_KEY = ["k", "tokens", "seed"]
 CELL_KEY = ["k", "tokens"]
 DEFAULT_PAIR_METRICS: tuple[str, ...] = (
@@ -78,7 +79,7 @@ def flatten_metrics(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Keep one SAE per ``(model_role, k, tokens, seed)``: the one with the newest ``finished_at``.
+    """Keep one SAE per ``(model_role, hook, k, tokens, seed)``: the one with the newest ``finished_at``.
 
     Timestamps are parsed as ISO-8601 (naive ones read as UTC); an unparsable or missing timestamp counts
     as oldest; among equal timestamps the record that comes later in ``df`` wins.
@@ -99,7 +100,7 @@ def dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _drop_reason(row: dict[str, Any]) -> str:
-    key = "(model_role, k, tokens, seed) = ({model_role}, {k}, {tokens}, {seed})".format(**row)
+    key = "(model_role, hook, k, tokens, seed) = ({model_role}, {hook}, {k}, {tokens}, {seed})".format(**row)
     finished, kept_finished, kept = row["_finished"], row["_kept_finished"], row["kept_sae_id"]
     if pd.isna(finished):
         return f"duplicate {key} with no valid finished_at; kept {kept}"
@@ -116,7 +117,8 @@ def _sides(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """Outer merge of the small and large rows on (k, tokens, seed), columns suffixed _small/_large."""
     repeated = df.duplicated(DEDUPE_KEY, keep=False)
     if repeated.any():
-        raise ValueError(f"{int(repeated.sum())} rows share (model_role, k, tokens, seed); call dedupe() first")
+        raise ValueError(f"{int(repeated.sum())} rows share (model_role, hook, k, tokens, seed); call dedupe() "
+                         "first")
     cols = [*PAIR_KEY, "sae_id", *metrics]
     small = df.loc[df["model_role"] == "small", cols]
     large = df.loc[df["model_role"] == "large", cols]

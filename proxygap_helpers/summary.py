@@ -15,7 +15,9 @@ from . import stats
 from .data import CORPUS_PACKAGE, CORPUS_VERSION
 from .files import read_json
 from .layout import done_files, metrics_files
-from .params import ROLES, Params, format_tokens
+from .params import Params, Setting, format_tokens
+
+SIDES = ("small", "large")  # the two sides of a setting (the smaller and the larger model of the pair)
 
 
 CE_REC_TEXT = {"relative": "2 − CE_sae / CE_clean (the study's relative definition)",
@@ -46,18 +48,33 @@ def _clean_loss(sae_metrics: pd.DataFrame | None) -> dict[str, str]:
     return {r: f"{v:.4f}" for r, v in sae_metrics.groupby("model_role")["ce_clean"].mean().items()}
 
 
-def run_summary(p: Params, out_dir: Path, agg: dict[str, pd.DataFrame]) -> dict[str, str]:
-    """Markdown blocks: ``header`` (title, what was run, provenance), ``study_table``, ``footer`` (scope)."""
+def _setting(p: Params, setting: str | None) -> Setting:
+    settings = {s.label: s for s in p.settings()}
+    return settings[setting] if setting is not None else next(iter(settings.values()))
+
+
+def run_summary(p: Params, out_dir: Path, agg: dict[str, pd.DataFrame], setting: str | None = None) -> dict[str, str]:
+    """Markdown blocks: ``header`` (title, what was run, provenance), ``study_table``, ``footer`` (scope).
+    ``agg`` is one setting's view (``ladder.setting_view``); ``setting`` its label (None: the grid's only one). In a
+    grid with several settings the header's title names the setting, whose two models are the report's
+    small and large sides."""
     prov = _provenance(out_dir)
     clean = _clean_loss(agg.get("sae_metrics"))
-    models = "\n".join(f"| {r} | `{p.models[r].name}` ({p.models[r].source}) | `{p.hook(r)}` | "
-                       f"{p.layer(r) + 1}/{p.models[r].n_layers} = {p.depth(r):.2f} | {clean.get(r, '—')} | "
-                       f"{p.d_in(r)} | {p.d_sae(r)} |" for r in ROLES)
+    s = _setting(p, setting)
+    sides = {"small": (s.small, s.layer_small), "large": (s.large, s.layer_large)}
+    models = "\n".join(f"| {side if r == side else f'{side} ({r})'} | `{p.models[r].name}` ({p.models[r].source}) | "
+                       f"`{p.hook(r, L)}` | {L + 1}/{p.models[r].n_layers} = {p.depth(r, L):.2f} | "
+                       f"{clean.get(side, '—')} | {p.d_in(r)} | {p.d_sae(r)} |" for side, (r, L) in sides.items())
     v = prov["versions"]
     m = prov["machine"]
-    header = f"""# {p.report.title}
+    several = len(p.settings()) > 1
+    title = (f"Setting {s.label}: {p.models[s.small].name} vs {p.models[s.large].name}"
+             f"{f', hook {s.hook}' if s.hook else ''}" if several else p.report.title)
+    intro = (f"One setting of the grid '{p.name}': the two models below are this section's small and large sides."
+             if several else p.description)
+    header = f"""# {title}
 
-{p.description}
+{intro}
 
 | role | model | hook | depth (blocks up to the hook) | held-out CE (nats) | d_in | d_sae (TopK {p.sae.expansion}x) |
 |---|---|---|---|---|---|---|
@@ -141,7 +158,7 @@ def model_frame(sae_metrics: pd.DataFrame | None) -> pd.DataFrame:
     if not len(m) or "model_role" not in m.columns or "sst_per_token" not in cols or m["sst_per_token"].isna().all():
         return pd.DataFrame({"status": ["pending: no per-model statistics yet"]})
     rows = m.dropna(subset=["sst_per_token"]).groupby("model_role").first()
-    out = rows.reindex([r for r in ROLES if r in rows.index])[cols]
+    out = rows.reindex([r for r in SIDES if r in rows.index])[cols]
     if {"small", "large"} <= set(out.index):
         numeric = [c for c in cols if c not in ("hook", "twonn_points")]
         ratio = out.loc["large", numeric].astype(float) / out.loc["small", numeric].astype(float)
@@ -162,7 +179,7 @@ def scale_section(sae_metrics: pd.DataFrame | None, pairs: pd.DataFrame | None) 
     ratio per model. Deterministic; says 'pending' where the numbers are missing."""
     m = sae_metrics if sae_metrics is not None else pd.DataFrame()
     pr = pairs if pairs is not None else pd.DataFrame()
-    sst = {r: _role_mean(m, "sst_per_token", r) for r in ROLES}
+    sst = {r: _role_mean(m, "sst_per_token", r) for r in SIDES}
     if any(np.isnan(v) for v in sst.values()):
         return "Pending: no per-model activation statistics yet."
     d = {c: float(pr[c].mean()) if c in pr.columns and len(pr) else float("nan") for c in ("d_r2", "d_nmse")}
@@ -172,14 +189,14 @@ def scale_section(sae_metrics: pd.DataFrame | None, pairs: pd.DataFrame | None) 
             f"{len(pr)} pairs the mean ΔR² is {d['d_r2']:+.3f}; the scale-free ΔNMSE (squared error over the "
             f"uncentred Σ‖x‖²) is {d['d_nmse']:+.3g} (negative = the large model's SAE has the smaller relative "
             f"error)."]
-    dims = {c: {r: _role_mean(m, c, r) for r in ROLES} for c in ("pr_act", "twonn_dim", "pr_recon_frac")}
+    dims = {c: {r: _role_mean(m, c, r) for r in SIDES} for c in ("pr_act", "twonn_dim", "pr_recon_frac")}
     text.append(f"**Dimensionality (gate D3).** Participation ratio of the activation covariance "
                 f"{dims['pr_act']['small']:.3g} (small) vs {dims['pr_act']['large']:.3g} (large); TwoNN intrinsic "
                 f"dimension {dims['twonn_dim']['small']:.3g} vs {dims['twonn_dim']['large']:.3g}. These are one "
                 f"number per model, so they cannot rank pairs; claim C6 uses the per-SAE share of the input's "
                 f"participation ratio that the reconstruction keeps (mean {dims['pr_recon_frac']['small']:.3g} "
                 f"small, {dims['pr_recon_frac']['large']:.3g} large), as Δ per pair (`d_dim`).")
-    ratio = {r: _role_mean(m, "random_error_ratio", r) for r in ROLES}
+    ratio = {r: _role_mean(m, "random_error_ratio", r) for r in SIDES}
     if not any(np.isnan(v) for v in ratio.values()):
         text.append(f"**Random-error baseline (Gurnee 2024).** Spliced in, the SAE's error raises KL "
                     f"{ratio['small']:.3g}× (small) and {ratio['large']:.3g}× (large) as much as a random error of "

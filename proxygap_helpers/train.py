@@ -18,8 +18,9 @@ from .training import is_trained, run_training, runs_for
 
 def train_unit(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name: str, context_size: int,
                device: str = "cpu", force: bool = False, progress: bool = True) -> list[dict]:
-    """Train every missing SAE of ``specs`` (one role) with the params' trainer; finished SAEs are kept unless
-    ``force`` (then they are removed first and retrained). Returns the train_meta of each SAE trained now."""
+    """Train every missing SAE of ``specs`` (one role, one or more hooks) with the params' trainer from ``source``
+    (``extract.activation_source``); finished SAEs are kept unless ``force`` (then they are removed first and
+    retrained). Returns the train_meta of each SAE trained now."""
     if force:
         for s in specs:
             shutil.rmtree(sae_dir(out_dir, s.sae_id), ignore_errors=True)
@@ -32,5 +33,6 @@ def train_unit(p: Params, specs: list[SAESpec], source, out_dir: Path, model_nam
         return train_set(p, todo, source, out_dir, model_name, context_size, device, progress)
     metas = []
     for run in runs_for(p, todo):
-        metas += run_training(p, run, source, out_dir, model_name, context_size, device, progress)
+        src = source.for_layer(run[0].layer) if p.multi_hook else source  # this trainer reads one hook at a time
+        metas += run_training(p, run, src, out_dir, model_name, context_size, device, progress)
     return metas

@@ -10,7 +10,7 @@ Budget modes (recorded in every result):
 
 * ``separate`` (the study's): each budget T is its own run, with its own schedule: linear warm-up over
   ``lr_warmup_fraction`` of the steps, constant, then linear decay to 0 over the last ``lr_decay_fraction``.
-* ``ladder``: one run per (role, k, seed) up to the largest budget, checkpointed at each smaller budget;
+* ``ladder``: one run per (role, hook, k, seed) up to the largest budget, checkpointed at each smaller budget;
   the schedule does not depend on T (warm-up over ``ladder_warmup_tokens``, then constant).
 
 Choices from Gao et al. (2024), all in params: lr = 2e-4 / sqrt(d_sae / 2^14) unless given, AuxK loss
@@ -51,8 +51,8 @@ def is_trained(out_dir: Path, sae_id: str) -> bool:
     return all((d / f).is_file() for f in ("cfg.json", "sae_weights.safetensors", TRAIN_META))
 
 
-def make_sae(p: Params, role: str, k: int, seed: int, model_name: str, context_size: int):
-    """A fresh, seeded ``TopKTrainingSAE`` for one role and k."""
+def make_sae(p: Params, role: str, k: int, seed: int, model_name: str, context_size: int, layer: int | None = None):
+    """A fresh, seeded ``TopKTrainingSAE`` for one role, hook (``layer``: the role's only one by default) and k."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
     torch.manual_seed(seed)
@@ -63,7 +63,7 @@ def make_sae(p: Params, role: str, k: int, seed: int, model_name: str, context_s
         dtype="float32", device="cpu",
     )
     cfg.metadata.model_name = model_name
-    cfg.metadata.hook_name = p.hook(role)
+    cfg.metadata.hook_name = p.hook(role, layer)
     cfg.metadata.context_size = context_size
     cfg.metadata.prepend_bos = False
     return TopKTrainingSAE(cfg)
@@ -124,7 +124,7 @@ def save_sae(out_dir: Path, spec: SAESpec, sae, log: list[dict], meta: dict) -> 
 
 def run_training(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name: str, context_size: int,
                  device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Train one SAE run for ``specs`` that share (role, k, seed); save a checkpoint at each spec's budget.
+    """Train one SAE run for ``specs`` that share (role, layer, k, seed); save a checkpoint at each spec's budget.
 
     In ``separate`` mode ``specs`` has one element; in ``ladder`` mode the run goes to the largest budget.
     Returns the train_meta of each saved SAE.
@@ -132,10 +132,10 @@ def run_training(p: Params, specs: list[SAESpec], source, out_dir: Path, model_n
     from tqdm.auto import tqdm
 
     specs = sorted(specs, key=lambda s: s.tokens)
-    role, k, seed = specs[0].role, specs[0].k, specs[0].seed
-    assert all((s.role, s.k, s.seed) == (role, k, seed) for s in specs)
+    role, k, seed, layer = specs[0].role, specs[0].k, specs[0].seed, specs[0].layer
+    assert all((s.role, s.k, s.seed, s.layer) == (role, k, seed, layer) for s in specs)
     total = specs[-1].tokens
-    sae = make_sae(p, role, k, seed, model_name, context_size)
+    sae = make_sae(p, role, k, seed, model_name, context_size, layer)
     batches = source.batches(p.sae.batch_size, total + p.sae.norm_estimate_batches * p.sae.batch_size, seed)
     trainer = make_trainer(p, sae, total, device, batches)
     t0 = time.time()
@@ -191,22 +191,22 @@ def train_meta(p: Params, spec: SAESpec, steps: int, tokens_seen: int, seconds: 
                extra: dict) -> dict:
     """What ``train_meta.json`` records of one SAE: its spec, shapes, schedule facts, trainer and timing."""
     return {"sae_id": spec.sae_id, "model_role": spec.role, "k": spec.k, "tokens": spec.tokens, "seed": spec.seed,
-            "hook": p.hook(spec.role), "d_in": p.d_in(spec.role), "d_sae": p.d_sae(spec.role),
+            "hook": p.hook(spec.role, spec.layer), "d_in": p.d_in(spec.role), "d_sae": p.d_sae(spec.role),
             "tokens_per_latent": spec.tokens / p.d_sae(spec.role),
             "budget_mode": p.sae.budget_mode, "steps": steps, "tokens_seen": tokens_seen,
             "lr": p.sae.lr_for(p.d_sae(spec.role)), "epochs_used": epochs_used, "train_seconds": seconds,
             **extra, "sae_params": p.sae.model_dump(mode="json"),
-            "sae_hash": p.sae_hash(spec.role, spec.k, spec.tokens, spec.seed)}
+            "sae_hash": p.sae_hash(spec.role, spec.k, spec.tokens, spec.seed, spec.layer)}
 
 
 def runs_for(p: Params, specs: Iterable[SAESpec]) -> list[list[SAESpec]]:
-    """Group SAE specs into training runs: one per spec (separate) or per (role, k, seed) (ladder)."""
+    """Group SAE specs into training runs: one per spec (separate) or per (role, layer, k, seed) (ladder)."""
     specs = list(specs)
     if p.sae.budget_mode == "separate":
         return [[s] for s in specs]
     groups: dict[tuple, list[SAESpec]] = {}
     for s in specs:
-        groups.setdefault((s.role, s.k, s.seed), []).append(s)
+        groups.setdefault((s.role, s.layer, s.k, s.seed), []).append(s)
     return list(groups.values())
 
 

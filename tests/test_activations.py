@@ -15,7 +15,7 @@ from proxygap_helpers.activations import (ACTS, META, OnlineSource, StoreError, 
                                           verify_store, write_store)
 from proxygap_helpers.extract import load_eval_tokens, run_extract
 from proxygap_helpers.files import write_json_atomic
-from proxygap_helpers.params import ROLES
+from proxygap_helpers.params import TWO_ROLES as ROLES  # the smoke grid's two models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

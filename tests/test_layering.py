@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {  # top to bottom
     "stages": ("extract", "train", "evaluate", "aggregate", "publish"),
     "science and analysis": ("data", "models", "activations", "training", "engine", "sparse_step", "metrics",
                              "dimensionality",
-                             "stats", "leaderboard", "claims", "budget_curves", "plots", "report", "summary"),
+                             "stats", "leaderboard", "claims", "budget_curves", "ladder", "plots", "report", "summary"),
     "config": ("params", "files", "layout", "provenance"),
 }
 RANK = {m: len(LAYERS) - i for i, mods in enumerate(LAYERS.values()) for m in mods}  # config = 1, face = 5

@@ -12,7 +12,7 @@ import torch
 
 from proxygap_helpers import models
 from proxygap_helpers.extract import MODEL_META, load_eval_tokens, run_extract
-from proxygap_helpers.params import ROLES, EmbeddedModel
+from proxygap_helpers.params import TWO_ROLES as ROLES, EmbeddedModel  # ROLES: the smoke grid's two models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

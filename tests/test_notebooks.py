@@ -10,8 +10,9 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.py"))
 
 
-def test_all_five_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["01_extract", "02_train", "03_evaluate", "04_aggregate", "05_report"]
+def test_all_six_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == ["01_extract", "02_train", "03_evaluate", "04_aggregate", "05_report",
+                                           "06_ladder"]
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)

@@ -78,6 +78,9 @@ BAD: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "missing-file": (None, ("does not exist", "params/smoke.yaml")),
     "python-object-tag": ("name: !!python/object/apply:os.system ['touch {tmp}/PWNED']\n", ("construct",)),
     "only-one-role": (_mutated(SMOKE_RAW, _drop("models.large")), ("models", "small", "large")),
+    "ladder-not-ordered-by-size": (_mutated(SMOKE_RAW, lambda r: _set("models", [
+        {"role": "big", **r["models"]["large"]}, {"role": "tiny", **r["models"]["small"]}])(r)),
+        ("models", "ordered by size", "'tiny'")),
     "mixed-sources": (_mutated(SMOKE_RAW, _set("models.large", {"source": "hub", "name": "EleutherAI/pythia-70m"})),
                       ("source", "embedded", "hub")),
     "unknown-source": (_mutated(SMOKE_RAW, _set("models.large.source", "local")),

@@ -126,6 +126,7 @@ def test_narrative_pending_on_thin_or_empty_data(agg):
 def test_style_claims_colours(agg):
     cl = agg["claims"].copy()
     cl.loc[0, "status"], cl.loc[1, "status"], cl.loc[2, "status"] = "supported", "pending", "rejected"
+    cl.loc[3, "status"] = "mixed"  # a ladder's summary row: the settings disagree
     html = report.style_claims(cl).to_html()
     for status, (bg, fg) in report.STATUS_COLORS.items():
         assert bg in html and fg in html, status
