@@ -224,6 +224,35 @@ def test_online_source_gives_every_hook_from_one_forward(large_lm):
     assert multi.for_layer(2).layer == 2
 
 
+def test_the_published_default_tables_are_what_the_ladder_code_computes(tmp_path):
+    """reports/default was published by main's code before ladders (c20101a). From its published SAE metrics,
+    today's per-setting path (the grid's one setting: ``side_rows`` keeps every row) writes the same pairs, cells,
+    sign flip and proxy leaderboard, to the last bit (the CSVs keep full precision)."""
+    from proxygap_helpers import claims, leaderboard, stats
+
+    pub = REPO / "reports" / "default"
+    p = load_params(PARAMS / "default.yaml")
+    kept = pd.read_csv(pub / "sae_metrics.csv")
+    (setting,) = p.settings()
+    rows = ladder.side_rows(kept, p, setting)
+    pd.testing.assert_frame_equal(rows, kept)
+
+    def same_as_published(name, df):
+        aggregate._csv(df, tmp_path / f"{name}.csv")  # as run_aggregate writes it
+        mine, published = pd.read_csv(tmp_path / f"{name}.csv"), pd.read_csv(pub / f"{name}.csv")
+        pd.testing.assert_frame_equal(mine, published[mine.columns], check_exact=True)
+
+    pairs = stats.pair(rows)
+    same_as_published("pairs", pairs)
+    table = stats.phase2_table(pairs, level=p.stats.ci, bootstrap=p.stats.bootstrap, seed=p.stats.seed)
+    same_as_published("phase2_table", table)  # (its eval-noise columns need the unpublished per-sequence CE)
+    n_boot = max(p.stats.bootstrap, 200)
+    same_as_published("sign_flip", stats.sign_flip(pairs, n_boot=n_boot, seed=p.stats.seed))
+    board = leaderboard.proxy_leaderboard(pairs, n_boot=n_boot, seed=p.stats.seed)
+    same_as_published("proxy_leaderboard", board)
+    same_as_published("claims", claims.evaluate_claims(table, pairs, board, p.claims, grid=(p.sae.k, p.sae.tokens)))
+
+
 # --------------------------------------------------------------------------- the analysis across settings
 def _setting_params():
     return load_params(SMOKE, overrides={"models.small.layer": [0, 1], "models.large.layer": [1, 2]})
