@@ -26,7 +26,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .params import Params, Setting, format_tokens
+from .params import Params, Setting
+from .plots import format_tokens  # rounded (123k), as the figures and the report write budgets
 
 SETTING_COLUMNS = ["setting", "pair", "hook"]
 SIDES = ("small", "large")
@@ -173,7 +174,8 @@ def claims_summary(claims: pd.DataFrame) -> pd.DataFrame:
         counts = {st: g.loc[g["status"] == st, "setting"].tolist() for st in ("supported", "rejected", "pending")}
         n = len(g)
         status = next((st for st, where in counts.items() if len(where) == n), "mixed")
-        evidence = "; ".join(f"{st} in {len(where)} of {n} settings" + (f" ({', '.join(where)})" if where else "")
+        evidence = "; ".join(f"{st} in {len(where)} of {n} settings" + (f" ({', '.join(where)})" if 0 < len(where) < n
+                                                                         else "")
                              for st, where in counts.items())
         first = g.iloc[0]
         rows.append({"setting": SUMMARY_LABEL, "pair": "", "hook": "", "claim": claim, "gate": first["gate"],

@@ -24,6 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import NullLocator
 
 from proxygap_helpers.stats import mean_ci
 
@@ -717,10 +718,14 @@ def ladder_figure(ladder: pd.DataFrame | None, caption: bool = True) -> Figure:
                 ax.errorbar(g["size_ratio"], mean, yerr=err, color=colors[t], marker=markers[hook], ms=5, lw=1.2,
                             capsize=2, ls="-" if hook == hooks[0] else "--")
             ax.set_xscale("log")
-            ax.set(xlabel="size ratio (large / small, non-embedding parameters)" if i == 1 else "",
-                   ylabel=label if j == 0 else "")
+            ratios = sorted(ladder["size_ratio"].unique())
+            ax.set_xticks(ratios, [f"{r:.3g}×" for r in ratios])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.margins(x=0.12)
+            ax.set(ylabel=label if j == 0 else "")
             if i == 0:
                 ax.set_title(f"k = {int(k)}")
+    axes[1, len(ks) // 2].set_xlabel("size ratio of the pair (large / small, non-embedding parameters; log scale)")
     handles = [Line2D([], [], color=colors[t], lw=2, label=f"T = {format_tokens(int(t))}") for t in budgets]
     if len(hooks) > 1:
         handles += [Line2D([], [], color="black", marker=markers[h], ls="-" if h == hooks[0] else "--",
