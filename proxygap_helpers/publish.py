@@ -52,7 +52,9 @@ def _merged(notebooks: list[Path]) -> Path:
 
     nbs = [nbformat.read(Path(nb), as_version=4) for nb in notebooks]
     merged = nbs[0]
-    for nb in nbs[1:]:
+    for i, nb in enumerate(nbs[1:], 1):
+        for cell in nb.cells:  # the same notebook run per setting: cell ids must stay unique in the page
+            cell["id"] = f"n{i}-{cell.get('id', '')}"[:64]
         merged.cells += nb.cells
     path = Path(notebooks[0]).with_name("report.ipynb")
     nbformat.write(merged, path)
