@@ -253,6 +253,30 @@ def test_the_published_default_tables_are_what_the_ladder_code_computes(tmp_path
     same_as_published("claims", claims.evaluate_claims(table, pairs, board, p.claims, grid=(p.sae.k, p.sae.tokens)))
 
 
+def test_the_published_ladder_is_the_ladder_params_and_its_tables_agree():
+    """reports/ladder: its settings are params/ladder.yaml's, every setting has every cell with all seeds, the
+    ladder table is the phase-2 table beside the size ratios, and each claim's summary row counts its rows."""
+    pub = REPO / "reports" / "ladder"
+    p = load_params(PARAMS / "ladder.yaml")
+    settings = pd.read_csv(pub / "settings.csv")
+    pd.testing.assert_frame_equal(settings, ladder.settings_table(p), check_dtype=False)
+    metrics = pd.read_csv(pub / "sae_metrics.csv")
+    assert set(metrics["sae_id"]) == {s.sae_id for s in p.sae_specs()}
+    table = pd.read_csv(pub / "phase2_table.csv")
+    assert len(table) == len(p.settings()) * len(p.sae.k) * len(p.sae.tokens) and (table["n"] == 3).all()
+    pd.testing.assert_frame_equal(pd.read_csv(pub / "ladder.csv"), ladder.ladder_table(table, settings),
+                                  check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(pub / "size_trend.csv"), ladder.size_trend(ladder.ladder_table(
+        table, settings)), check_dtype=False)
+    claims = pd.read_csv(pub / "claims.csv")
+    per = claims[claims["setting"] != ladder.SUMMARY_LABEL]
+    summary = claims[claims["setting"] == ladder.SUMMARY_LABEL].set_index("claim")
+    for claim, g in per.groupby("claim"):
+        assert summary.loc[claim, "n_settings"] == len(g) == len(p.settings())
+        for status in ("supported", "rejected", "pending"):
+            assert summary.loc[claim, f"n_{status}"] == (g["status"] == status).sum()
+
+
 # --------------------------------------------------------------------------- the analysis across settings
 def _setting_params():
     return load_params(SMOKE, overrides={"models.small.layer": [0, 1], "models.large.layer": [1, 2]})
