@@ -439,13 +439,17 @@ def style_claims(claims: pd.DataFrame | None):
     wide = [c for c in ("statement", "evidence", "rule") if c in df.columns]
     styler = styler.set_properties(subset=wide, **{"white-space": "normal", "text-align": "left",
                                                    "min-width": "16em"})
-    styler = styler.set_table_styles([
-        {"selector": "th", "props": "text-align: left; background-color: #f2f2f2; padding: 4px 8px"},
-        {"selector": "td", "props": "vertical-align: top; padding: 4px 8px; border-bottom: 1px solid #ddd"},
-        {"selector": "", "props": "border-collapse: collapse; font-size: 0.9em"},
-    ])
+    styler = styler.set_table_styles(_status_table_styles("left", "vertical-align: top; padding: 4px 8px"))
     return styler.set_caption("Claims: green = supported, amber = pending, red = rejected. "
                               "Too little data (n < 2, missing cells) is pending, never supported.")
+
+
+def _status_table_styles(header_align: str, cell_props: str) -> list[dict]:
+    """The table styles of the claim tables: grey headers aligned ``header_align``, cells ``cell_props`` with a
+    rule below, collapsed borders, small type."""
+    return [{"selector": "th", "props": f"text-align: {header_align}; background-color: #f2f2f2; padding: 4px 8px"},
+            {"selector": "td", "props": f"{cell_props}; border-bottom: 1px solid #ddd"},
+            {"selector": "", "props": "border-collapse: collapse; font-size: 0.9em"}]
 
 
 def style_status_matrix(matrix: pd.DataFrame):
@@ -456,11 +460,7 @@ def style_status_matrix(matrix: pd.DataFrame):
         return f"background-color: {bg}; color: {fg}"
 
     styler = matrix.style.set_uuid("claims_matrix").map(cell)
-    styler = styler.set_table_styles([
-        {"selector": "th", "props": "text-align: center; background-color: #f2f2f2; padding: 4px 8px"},
-        {"selector": "td", "props": "text-align: center; padding: 3px 8px; border-bottom: 1px solid #ddd"},
-        {"selector": "", "props": "border-collapse: collapse; font-size: 0.9em"},
-    ])
+    styler = styler.set_table_styles(_status_table_styles("center", "text-align: center; padding: 3px 8px"))
     return styler.set_caption("Each claim in each setting (pair of models @ hook); the last column counts the "
                               "settings where it is supported.")
 
