@@ -124,8 +124,11 @@ def _train_tokens(p: Params, specs) -> int:
 
 
 def aggregate_inputs_hash(p: Params, out_dir: Path) -> str:
-    """Hash of every finished metrics.json plus the stats/claims params: what the aggregate depends on."""
-    h = hashlib.sha256(json.dumps({"stats": p.stats.model_dump(), "claims": p.claims}, sort_keys=True).encode())
+    """Hash of every finished metrics.json plus the stats/claims params, the grid's SAE ids and its settings (pairs
+    x hooks): what the aggregate depends on (so dropping a seed or changing ``pairs`` re-runs it)."""
+    h = hashlib.sha256(json.dumps({"stats": p.stats.model_dump(), "claims": p.claims,
+                                   "saes": sorted(s.sae_id for s in p.sae_specs()),
+                                   "settings": [s.label for s in p.settings()]}, sort_keys=True).encode())
     for path in metrics_files(out_dir):
         h.update(path.parent.name.encode() + path.read_bytes())
     return h.hexdigest()[:8]

@@ -149,19 +149,22 @@ def _slope(ratio: np.ndarray, y: np.ndarray) -> float:
 def size_trend(ladder: pd.DataFrame) -> pd.DataFrame:
     """Per hook, k and budget: over the settings' pairs (one mean per pair), the size-ratio range, the slope of
     mean ΔCE_rec and of mean ΔR² per decade of size ratio (``_slope``), and the means at the smallest and the
-    largest ratio. A negative ΔCE_rec slope: the larger the step in size, the worse the larger model's SAEs
+    largest ratio (averaged over the pairs that share it; NaN when every pair has the same ratio: no size
+    trend to read). A negative ΔCE_rec slope: the larger the step in size, the worse the larger model's SAEs
     preserve behaviour at that budget."""
     rows = []
     if not len(ladder):
         return pd.DataFrame(columns=TREND_COLUMNS)
     for (hook, k, tokens), g in ladder.groupby(["hook", "k", "tokens"], sort=True, dropna=False):
-        g = g.sort_values("size_ratio", kind="stable")
         r = g["size_ratio"].to_numpy(float)
         ce, r2 = g["d_ce_rec_mean"].to_numpy(float), g["d_r2_mean"].to_numpy(float)
+        lo, hi = r == r.min(), r == r.max()
+        spread = r.max() > r.min()
+        at = lambda y, where: float(np.mean(y[where])) if spread else np.nan  # noqa: E731
         rows.append({"hook": hook, "k": k, "tokens": tokens, "n_pairs": len(g), "size_ratio_min": r.min(),
                      "size_ratio_max": r.max(), "d_ce_rec_slope": _slope(r, ce), "d_r2_slope": _slope(r, r2),
-                     "d_ce_rec_at_min": ce[0], "d_ce_rec_at_max": ce[-1], "d_r2_at_min": r2[0],
-                     "d_r2_at_max": r2[-1]})
+                     "d_ce_rec_at_min": at(ce, lo), "d_ce_rec_at_max": at(ce, hi), "d_r2_at_min": at(r2, lo),
+                     "d_r2_at_max": at(r2, hi)})
     return pd.DataFrame(rows, columns=TREND_COLUMNS)
 
 

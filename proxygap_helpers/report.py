@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -435,13 +436,20 @@ def style_claims(claims: pd.DataFrame | None):
         return [f"background-color: {bg}; color: {fg}; font-weight: bold" if col == "status"
                 else f"background-color: {bg}" for col in row.index]
 
-    styler = df.style.set_uuid("claims").apply(row_style, axis=1).hide(axis="index")
+    styler = df.style.set_uuid(_table_id("claims", df)).apply(row_style, axis=1).hide(axis="index")
     wide = [c for c in ("statement", "evidence", "rule") if c in df.columns]
     styler = styler.set_properties(subset=wide, **{"white-space": "normal", "text-align": "left",
                                                    "min-width": "16em"})
     styler = styler.set_table_styles(_status_table_styles("left", "vertical-align: top; padding: 4px 8px"))
     return styler.set_caption("Claims: green = supported, amber = pending, red = rejected. "
                               "Too little data (n < 2, missing cells) is pending, never supported.")
+
+
+def _table_id(kind: str, df: pd.DataFrame) -> str:
+    """A Styler id unique to the table's content (``kind`` + a hash of it), so that one page holding several
+    such tables (a ladder's report: one section per setting) styles each by its own CSS rules; deterministic,
+    so that re-executed notebooks compare equal."""
+    return f"{kind}_{hashlib.sha256(df.to_csv().encode()).hexdigest()[:10]}"
 
 
 def _status_table_styles(header_align: str, cell_props: str) -> list[dict]:
@@ -459,7 +467,7 @@ def style_status_matrix(matrix: pd.DataFrame):
         bg, fg = STATUS_COLORS.get(str(value).lower(), ("#ffffff", "#000000"))
         return f"background-color: {bg}; color: {fg}"
 
-    styler = matrix.style.set_uuid("claims_matrix").map(cell)
+    styler = matrix.style.set_uuid(_table_id("claims_matrix", matrix)).map(cell)
     styler = styler.set_table_styles(_status_table_styles("center", "text-align: center; padding: 3px 8px"))
     return styler.set_caption("Each claim in each setting (pair of models @ hook); the last column counts the "
                               "settings where it is supported.")
@@ -520,7 +528,7 @@ def style_table(table: pd.DataFrame | None, fill_grid: bool = True):
         rate = _num(value)
         return "color: #a71d2a; font-weight: bold" if rate > 0 else ""
 
-    styler = shown.style.set_uuid("phase2").apply(row_style, axis=1).hide(axis="index")
+    styler = shown.style.set_uuid(_table_id("phase2", shown)).apply(row_style, axis=1).hide(axis="index")
     if "mismatch rate" in shown.columns:
         styler = styler.map(rate_style, subset=["mismatch rate"])
     styler = styler.set_table_styles([

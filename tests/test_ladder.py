@@ -148,6 +148,7 @@ BAD_LADDERS = {
     "depths collide": ([("a", 32, 2), ("b", 64, 4)], {"depths": [0.25, 0.5]}, ("depths", "not all distinct")),
     "depth out of range": ([("a", 32, 4), ("b", 64, 4)], {"depths": [0.5, 1.0]}, ("depths", "between 0 and 1")),
     "depths and a layer": ([("a", 32, 4), ("b", 64, 4, 1)], {"depths": [0.5]}, ("models.b.layer", "depths")),
+    "depths and layer mid": ([("a", 32, 4), ("b", 64, 4, "mid")], {"depths": [0.5]}, ("models.b.layer", "depths")),
     "unequal hook counts": ([("a", 32, 4, [0, 1]), ("b", 64, 4, 2)], {}, ("same number of hooks",)),
 }
 
@@ -325,6 +326,14 @@ def test_size_trend_by_hand():
     assert (trend["d_ce_rec_at_min"], trend["d_ce_rec_at_max"]) == (-0.1, -0.5)
     one = ladder.size_trend(ladder_rows.iloc[:1]).iloc[0]
     assert np.isnan(one["d_ce_rec_slope"]), "one size ratio: no slope"
+    assert np.isnan(one["d_ce_rec_at_min"]) and np.isnan(one["d_r2_at_max"]), "no size trend to read"
+    # two pairs at the smallest ratio (e.g. doubling the width twice): their mean, not whichever sorts first
+    tied = pd.concat([ladder_rows, ladder_rows.iloc[:1].assign(d_ce_rec_mean=-0.3, d_r2_mean=0.05)])
+    t = ladder.size_trend(tied).iloc[0]
+    assert t["n_pairs"] == 4 and t["d_ce_rec_at_min"] == pytest.approx(-0.2) and t["d_r2_at_min"] == pytest.approx(0.03)
+    assert t["d_ce_rec_at_max"] == -0.5
+    same = ladder.size_trend(ladder_rows.assign(size_ratio=4.0)).iloc[0]
+    assert np.isnan(same["d_ce_rec_at_min"]) and np.isnan(same["d_ce_rec_slope"]), "every pair 4x: no trend"
 
 
 # --------------------------------------------------------------------------- a tiny ladder, end to end
