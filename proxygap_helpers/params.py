@@ -382,7 +382,8 @@ class Params(_Strict):
             raise ValueError("key `data.pile_files`: a local copy of the Pile is read only with data.source 'pile' "
                              "(hub models); remove it for embedded models")
         if self.depths is not None:
-            explicit = [r for r, m in self.models.items() if "layer" in m.model_fields_set]
+            explicit = [r for r, m in self.models.items() if m.layer != "mid"]  # ('mid' is the default: the
+            # resolved params, params.resolved.yaml, write it out for every model)
             if explicit:
                 raise ValueError(f"key `models.{explicit[0]}.layer`: with `depths` every model's hooks are at those "
                                  "relative depths; remove the model's `layer` (or remove `depths`)")

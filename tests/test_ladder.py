@@ -148,9 +148,19 @@ BAD_LADDERS = {
     "depths collide": ([("a", 32, 2), ("b", 64, 4)], {"depths": [0.25, 0.5]}, ("depths", "not all distinct")),
     "depth out of range": ([("a", 32, 4), ("b", 64, 4)], {"depths": [0.5, 1.0]}, ("depths", "between 0 and 1")),
     "depths and a layer": ([("a", 32, 4), ("b", 64, 4, 1)], {"depths": [0.5]}, ("models.b.layer", "depths")),
-    "depths and layer mid": ([("a", 32, 4), ("b", 64, 4, "mid")], {"depths": [0.5]}, ("models.b.layer", "depths")),
     "unequal hook counts": ([("a", 32, 4, [0, 1]), ("b", 64, 4, 2)], {}, ("same number of hooks",)),
 }
+
+
+def test_the_resolved_params_of_a_depth_sweep_load_again(tmp_path):
+    """params.resolved.yaml (what every notebook reads) writes each model's default layer 'mid' out; with
+    ``depths`` that must still validate as the same grid."""
+    from proxygap_helpers.params import dump_resolved
+
+    p = load_params(PARAMS / "ladder.yaml")
+    (tmp_path / "r.yaml").write_text(dump_resolved(p))
+    q = load_params(tmp_path / "r.yaml")
+    assert [s.sae_id for s in q.sae_specs()] == [s.sae_id for s in p.sae_specs()] and q.settings() == p.settings()
 
 
 @pytest.mark.parametrize("case", sorted(BAD_LADDERS))
