@@ -738,8 +738,24 @@ def _check_model_dependent(p: Params) -> None:
                           "store_tokens, lower the budget or allow epochs")
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping (YAML itself would keep the last one silently)."""
+
+
 class _SafeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader: never constructs Python objects (``!!python/...`` tags are refused)."""
+    """yaml.SafeLoader: never constructs Python objects (``!!python/...`` tags are refused), and refuses a key
+    given twice in one mapping (``models: {a: ..., b: ..., b: ...}`` would silently drop a model)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges: their keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def set_dotted(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -761,6 +777,10 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Pa
         raise ParamsError(f"params file {str(path)!r} does not exist (give a YAML file such as params/smoke.yaml)")
     try:
         raw = yaml.load(path.read_text(), Loader=_SafeLoader)
+    except _DuplicateKey as e:
+        mark = e.problem_mark
+        raise ParamsError(f"{path}: {e.problem} (line {mark.line + 1}); remove or rename one of them (every role, "
+                          "model and option appears once)") from None
     except yaml.constructor.ConstructorError as e:
         raise ParamsError(f"{path}: refused to load a YAML tag that would construct an object ({e.problem}); "
                           "params files hold plain values only") from None

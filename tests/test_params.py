@@ -75,6 +75,8 @@ BAD: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "name-with-spaces": (_mutated(SMOKE_RAW, _set("name", "my grid")), ("name", "pattern")),
     "yaml-syntax-error": ("name: smoke\nsae: {k: [8, 16\nmodels: ]\n", ("YAML syntax error", "line")),
     "top-level-not-mapping": ("- 1\n- 2\n", ("mapping",)),
+    "duplicate-key": ("name: smoke\nmodels:\n  small: {source: embedded}\n  small: {source: hub}\n",
+                      ("'small' is given twice", "line 4")),
     "missing-file": (None, ("does not exist", "params/smoke.yaml")),
     "python-object-tag": ("name: !!python/object/apply:os.system ['touch {tmp}/PWNED']\n", ("construct",)),
     "only-one-role": (_mutated(SMOKE_RAW, _drop("models.large")), ("models", "small", "large")),
