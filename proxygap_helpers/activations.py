@@ -59,8 +59,6 @@ def write_stores(model, stores: dict[int, tuple[Path, dict]], seqs: np.ndarray, 
     """
     from tqdm.auto import tqdm
 
-    from .models import resid_posts
-
     n_seq, ctx = seqs.shape
     d = model.config.hidden_size
     arrs, hashes = {}, {}

@@ -30,7 +30,7 @@ from .params import Params, Setting
 from .plots import format_tokens  # rounded (123k), as the figures and the report write budgets
 
 SETTING_COLUMNS = ["setting", "pair", "hook"]
-SIDES = ("small", "large")
+SIDES = ("small", "large")  # the two sides of a setting: the smaller and the larger model of its pair
 SETTINGS_COLUMNS = [*SETTING_COLUMNS, "small_role", "large_role", "small_model", "large_model", "small_hook",
                     "large_hook", "small_depth", "large_depth", "small_params", "large_params", "size_ratio"]
 LADDER_COLUMNS = [*SETTING_COLUMNS, "size_ratio", "small_depth", "large_depth", "k", "tokens", "n",
@@ -51,8 +51,8 @@ def side_rows(sae_metrics: pd.DataFrame, p: Params, s: Setting) -> pd.DataFrame:
     if not len(sae_metrics):
         return sae_metrics
     multi = p.multi_hook
-    sides = {(s.small, p.hook(s.small, s.layer_small) if multi else ""): "small",
-             (s.large, p.hook(s.large, s.layer_large) if multi else ""): "large"}
+    sides = {(s.small, p.hook(s.small, s.layer_small) if multi else ""): SIDES[0],
+             (s.large, p.hook(s.large, s.layer_large) if multi else ""): SIDES[1]}
     hooks = sae_metrics["hook"] if multi else [""] * len(sae_metrics)
     key = list(zip(sae_metrics["model_role"], hooks))
     keep = np.array([k in sides for k in key], dtype=bool)

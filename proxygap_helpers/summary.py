@@ -14,10 +14,10 @@ import pandas as pd
 from . import stats
 from .data import CORPUS_PACKAGE, CORPUS_VERSION
 from .files import read_json
+from .ladder import SIDES
 from .layout import done_files, metrics_files
 from .params import Params, Setting, format_tokens
 
-SIDES = ("small", "large")  # the two sides of a setting (the smaller and the larger model of the pair)
 
 
 CE_REC_TEXT = {"relative": "2 − CE_sae / CE_clean (the study's relative definition)",

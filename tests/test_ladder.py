@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from scipy.stats import t as scipy_t
 
-from proxygap_helpers import aggregate, extract, ladder, models, train
+from proxygap_helpers import activations, aggregate, extract, ladder, models, train
 from proxygap_helpers.activations import OnlineSource, StoreSet, StoreSource, verify_store, write_store, write_stores
 from proxygap_helpers.evaluate import evaluate_unit
 from proxygap_helpers.grid import units
@@ -401,11 +401,11 @@ def tiny(tmp_path_factory, smoke_out, smoke_params):
     def counted(model, x, layers):
         calls[model.config.hidden_size] = calls.get(model.config.hidden_size, 0) + 1
         return real(model, x, layers)
-    models.resid_posts = counted
+    activations.resid_posts = counted  # what write_stores calls (imported from models at module level)
     try:
         info = extract.run_extract(p, out, progress=False)
     finally:
-        models.resid_posts = real
+        activations.resid_posts = real
     try:
         trained = _run_sae_units(p, out)
         agg = aggregate.run_aggregate(p, out)
