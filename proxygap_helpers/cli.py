@@ -225,11 +225,15 @@ def _print_next_budget(p, out: Path) -> None:
 
     torch.set_num_threads(local_threads(1))
     settings = [s.label for s in p.settings()]
+    costs: dict[tuple, dict] = {}  # settings that propose the same budget share its cost (the whole grid's)
     for label in settings:  # one proposal per setting (pair x hook) of a grid with several
         table = load_aggregate(out, p, label)["next_budget"]
         chosen = proposal(table)
         if len(chosen):
-            cost = budget_cost(p, out, chosen["tokens"].astype(int).tolist(), int(chosen["n_new_seeds"].max()))
+            key = (tuple(chosen["tokens"].astype(int).tolist()), int(chosen["n_new_seeds"].max()))
+            if key not in costs:
+                costs[key] = budget_cost(p, out, list(key[0]), key[1])
+            cost = costs[key]
             where = f"{label}: " if len(settings) > 1 else ""
             print(f"proxygap: {where}{next_budget_text(table, cost, markdown=False)}")
 
