@@ -410,7 +410,7 @@ class Params(_Strict):
         if self.depths is not None:
             return [depth_layer(d, m.n_layers) for d in self.depths]
         if m.layer == "mid":
-            return [(m.n_layers + 1) // 2 - 1]
+            return [depth_layer(0.5, m.n_layers)]
         return list(m.layer) if isinstance(m.layer, list) else [m.layer]
 
     @property

@@ -701,11 +701,12 @@ def ladder_figure(ladder: pd.DataFrame | None, caption: bool = True) -> Figure:
         return _finish(fig, "ladder", "ΔCE_rec and ΔR² against the size ratio", caption)
     ks = sorted(ladder["k"].unique())
     budgets = sorted(ladder["tokens"].unique())
-    hooks = list(dict.fromkeys(ladder["hook"].fillna("")))
+    ladder["hook"] = ladder["hook"].fillna("")
+    hooks = list(dict.fromkeys(ladder["hook"]))
+    ratios = sorted(ladder["size_ratio"].unique())
     colors = dict(zip(budgets, matplotlib.colormaps["viridis"](np.linspace(0.1, 0.85, len(budgets)))))
     markers = dict(zip(hooks, "os^Dvp"))
     fig, axes = _new_figure(2, len(ks), (3.6, 2.9), legend=1.6)
-    ladder["hook"] = ladder["hook"].fillna("")
     for j, k in enumerate(ks):
         for i, (metric, label) in enumerate((("d_ce_rec", "ΔCE_rec (large − small)"), ("d_r2", "ΔR² (large − small)"))):
             ax = axes[i, j]
@@ -718,7 +719,6 @@ def ladder_figure(ladder: pd.DataFrame | None, caption: bool = True) -> Figure:
                 ax.errorbar(g["size_ratio"], mean, yerr=err, color=colors[t], marker=markers[hook], ms=5, lw=1.2,
                             capsize=2, ls="-" if hook == hooks[0] else "--")
             ax.set_xscale("log")
-            ratios = sorted(ladder["size_ratio"].unique())
             ax.set_xticks(ratios, [f"{r:.3g}×" for r in ratios])
             ax.xaxis.set_minor_locator(NullLocator())
             ax.margins(x=0.12)
