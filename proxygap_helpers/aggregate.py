@@ -24,6 +24,11 @@ CURVE_TABLES = ("budget_fits", "tstar", "budget_curves", "next_budget")  # budge
 LADDER_TABLES = ("settings", "ladder", "size_trend")  # grids with several settings (ladder.py)
 
 
+class AggregateError(RuntimeError):
+    """Nothing to aggregate: no SAE of the grid has metrics of its evaluation (a stage never reports done on zero
+    inputs)."""
+
+
 def _csv(df: pd.DataFrame, path: Path) -> None:
     """Atomic CSV at full float precision (shortest round-trip repr): machine-readable tables are never
     rounded; only the ``.md`` table and the HTML report round for reading."""
@@ -45,7 +50,14 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
     agg.mkdir(parents=True, exist_ok=True)
     records = [read_json(f) for f in metrics_files(out_dir)]
     wanted = {s.sae_id for s in p.sae_specs()}
-    records = [r for r in records if r["sae_id"] in wanted]  # SAEs of this grid's current params only
+    # SAEs of this grid's current params, evaluated as its params say (another evaluation's metrics.json of the
+    # same SAE id is stale for this grid: it is left out, its cells are missing, and ``run`` re-evaluates them)
+    mine = [r for r in records if r["sae_id"] in wanted]
+    records = [r for r in mine if r.get("eval_hash") == p.eval_hash]
+    if not records and wanted:
+        raise AggregateError(f"no SAE of grid {p.name!r} has metrics of this evaluation in {out_dir} (expected "
+                             f"{len(wanted)}; {len(mine)} found with other `evaluation.*` settings): run the grid "
+                             "first (python -m proxygap_helpers run PARAMS), or give the notebook the right out_dir")
     flat = stats.flatten_metrics(records)
     kept, dropped = stats.dedupe(flat) if len(flat) else (flat, flat)
     settings = p.settings()
@@ -68,7 +80,7 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
     write_json_atomic(agg / "summary.json", {
         "grid": p.name, "params_hash": p.params_hash(), "n_metrics_files": len(records), "n_saes": len(kept),
         "n_dropped_duplicates": len(dropped), "n_pairs": len(out["pairs"]), "n_cells": len(out["phase2_table"]),
-        "expected_saes": len(wanted), "budget_mode": p.sae.budget_mode, "ce_rec": p.evaluation.ce_rec,
+        "expected_saes": len(wanted), "n_stale_evaluation": len(mine) - len(records), "eval_hash": p.eval_hash, "budget_mode": p.sae.budget_mode, "ce_rec": p.evaluation.ce_rec,
         **({"settings": [s.label for s in settings]} if len(settings) > 1 else {})})
     return out
 
@@ -79,7 +91,7 @@ def _setting_tables(p: Params, out_dir: Path, kept: pd.DataFrame) -> dict[str, p
     table = stats.phase2_table(pairs, level=p.stats.ci, bootstrap=p.stats.bootstrap, seed=p.stats.seed) \
         if len(pairs) else pd.DataFrame(columns=stats.TABLE_COLUMNS)
     if len(pairs):  # the eval set's share of the uncertainty, beside the seeds' (issue: eval noise < seed noise)
-        noise = stats.eval_noise(pairs, sequence_table(out_dir, kept["sae_id"]), p.evaluation.ce_rec,
+        noise = stats.eval_noise(pairs, sequence_table(out_dir, kept["sae_id"], p.eval_hash), p.evaluation.ce_rec,
                                  n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed)
         table = table.merge(noise.drop(columns="n"), on=stats.CELL_KEY, how="left")
     flips = stats.sign_flip(pairs, n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed) if len(pairs) \
@@ -95,15 +107,18 @@ def _setting_tables(p: Params, out_dir: Path, kept: pd.DataFrame) -> dict[str, p
                                        level=p.stats.ci)
 
 
-def sequence_table(out_dir: Path, sae_ids) -> pd.DataFrame:
+def sequence_table(out_dir: Path, sae_ids, eval_hash: str | None = None) -> pd.DataFrame:
     """The per eval sequence CE sums of these SAEs (``runs/<sae id>/sequence_ce.json``), long: one row per
     (``sae_id``, ``sequence``) with ``ce_sae``, ``ce_clean``, ``ce_zero``, ``predictions``; SAEs evaluated
-    before those files existed are left out (their cells get NaN eval noise)."""
+    before those files existed, or (``eval_hash`` given) under another evaluation, are left out (their cells get
+    NaN eval noise)."""
     frames = []
     for sid in sae_ids:
         path = sequence_ce_path(out_dir, sid)
         if path.is_file():
             rec = read_json(path)
+            if eval_hash is not None and rec.get("eval_hash") != eval_hash:
+                continue
             cols = {c: rec[c] for c in ("ce_sae", "ce_clean", "ce_zero", "predictions")}
             frames.append(pd.DataFrame({"sae_id": sid, "sequence": range(len(cols["ce_sae"])), **cols}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

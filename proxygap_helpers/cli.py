@@ -176,9 +176,10 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
             if u.uid not in {v.uid for v in pending} | counted:  # e.g. an aggregate whose inputs did not change
                 count(u.uid, f"up to date {u.uid} (its inputs did not change)")
         pending.sort(key=lambda u: -u.tokens * _sae_cost(p, u))
-        if stage == "sae" and any(f["uid"].startswith("extract") for f in failed):
+        before = {"sae": "extract", "report": "aggregate"}.get(stage)  # a stage that cannot run without it
+        if before and any(f["uid"].startswith(before) for f in failed):
             for u in pending:
-                on_done({"uid": u.uid, "ok": False, "message": "skipped: the extract unit failed"})
+                on_done({"uid": u.uid, "ok": False, "message": f"skipped: the {before} unit failed"})
             continue
         execute(kind if stage == "sae" else "local", str(params_file), str(out), pending, p,
                 jobs if stage == "sae" else 1, on_done)

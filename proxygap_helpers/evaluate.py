@@ -15,18 +15,16 @@ import numpy as np
 from . import provenance
 from .data import token_hash
 from .extract import load_eval_tokens, load_model, model_name
-from .files import read_json, write_json_atomic
+from .files import read_json, read_json_field, write_json_atomic
 from .layout import metrics_path, sequence_ce_path
 from .params import Params
 from .training import load_sae
 
 
 def is_evaluated(p: Params, out_dir: Path, sae_id: str) -> bool:
-    path = metrics_path(out_dir, sae_id)
-    try:
-        return read_json(path).get("eval_hash") == p.eval_hash
-    except (OSError, ValueError):
-        return False
+    """A metrics.json of this evaluation (``Params.eval_hash``) exists: one written under other ``evaluation.*``
+    settings of the same SAE is stale, and is replaced."""
+    return read_json_field(metrics_path(out_dir, sae_id), "eval_hash") == p.eval_hash
 
 
 def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str = "cpu", force: bool = False,

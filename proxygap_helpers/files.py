@@ -59,3 +59,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def read_json_field(path: Path, key: str, default: Any = None) -> Any:
+    """``read_json(path)[key]``, or ``default`` when the file is missing, unreadable, not JSON or lacks the key."""
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError):
+        return default
+    return obj.get(key, default) if isinstance(obj, dict) else default

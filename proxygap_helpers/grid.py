@@ -17,7 +17,9 @@ them (one LM pass per unit, as with one hook), and an embedded model's stores ar
 A unit's id ends in a hash of exactly the resolved parameters that shape its outputs, so changing the SAE
 learning rate gives new ``sae-*`` ids (and new SAE ids) while changing the report title only renames
 ``report``. A unit is complete when ``runs/<unit id>/done.json`` exists (written last, atomically) and its
-outputs are present. Executed notebooks stay in ``runs/<unit id>/``.
+outputs are present (an SAE unit's metrics of this very evaluation: ``metrics.json`` is keyed by SAE id, so
+evaluating the same SAEs with other ``evaluation.*`` settings into the same folder makes the first grid's unit
+pending again, never silently complete with the other setting's numbers). Executed notebooks stay in ``runs/<unit id>/``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import read_json
+from .files import read_json, read_json_field
 from .layout import DONE, ERROR, NOTEBOOKS, RUNNING, aggregate_dir, default_out, metrics_files, metrics_path, run_dir
 from .params import Params, load_params, short_hash
 from .runlock import _alive
@@ -159,7 +161,8 @@ def is_complete(p: Params, out_dir: Path, unit: Unit) -> bool:
         rec = read_json(done)
     except ValueError:
         return False
-    if unit.stage == "sae" and not all(metrics_path(out_dir, s).is_file() for s in unit.sae_ids):
+    if unit.stage == "sae" and not all(read_json_field(metrics_path(out_dir, s), "eval_hash") == p.eval_hash
+                                       for s in unit.sae_ids):  # metrics of another evaluation are stale
         return False
     if unit.stage in ("aggregate", "report"):
         return rec.get("input_hash") == input_hash(p, out_dir, unit)

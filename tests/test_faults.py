@@ -106,7 +106,8 @@ def _fake_metrics(spec, ce_rec, r2):
             "ce_sae": 4.0 * (2 - ce_rec), "ce_zero": 9.0, "ce_mean_ablation": 8.0, "ce_rec": ce_rec,
             "ce_rec_relative": ce_rec, "ce_rec_zero_norm": 0.9, "r2": r2, "cosine": 0.9, "rel_err_norm": 0.3,
             "kl": 0.1, "swd": 0.1, "l0": spec.k, "dead_frac": 0.1, "train_seconds": 1.0, "budget_mode": "separate",
-            "epochs_used": 1, "finished_at": "2026-01-01T00:00:00+00:00", "provenance": {"params_hash": "x"}}
+            "epochs_used": 1, "finished_at": "2026-01-01T00:00:00+00:00", "provenance": {"params_hash": "x"},
+            "eval_hash": load_params(SMOKE).eval_hash}
 
 
 def test_aggregate_of_a_partial_grid_reports_missing_cells_as_pending(tmp_path):
@@ -130,14 +131,23 @@ def test_aggregate_of_a_partial_grid_reports_missing_cells_as_pending(tmp_path):
 
 
 def test_aggregate_ignores_metrics_of_other_params(tmp_path):
+    """A metrics.json of an SAE id that the params do not define, or of a grid SAE evaluated under other
+    ``evaluation.*`` settings (another eval hash), is left out; with nothing left, the aggregate refuses instead of
+    writing empty tables and reporting done."""
     p = load_params(SMOKE)
     out = tmp_path / "out"
-    s = p.sae_specs()[0]
+    s, t = p.sae_specs()[:2]
     stale = _fake_metrics(s, 0.5, 0.5) | {"sae_id": "small-k8-t8192-s0-deadbeef"}
     files.write_json_atomic(out / "runs" / stale["sae_id"] / "metrics.json", stale)
+    files.write_json_atomic(out / "runs" / t.sae_id / "metrics.json", _fake_metrics(t, 0.5, 0.5) | {"eval_hash": "0ther"})
+    with pytest.raises(aggregate.AggregateError, match="no SAE of grid 'smoke' has metrics of this evaluation"):
+        aggregate.run_aggregate(p, out)
+    assert not (out / "aggregate" / "phase2_table.csv").exists()
+    files.write_json_atomic(out / "runs" / s.sae_id / "metrics.json", _fake_metrics(s, 0.9, 0.6))
     agg = aggregate.run_aggregate(p, out)
-    assert len(agg["sae_metrics"]) == 0 and len(agg["phase2_table"]) == 0
+    assert list(agg["sae_metrics"]["sae_id"]) == [s.sae_id] and len(agg["phase2_table"]) == 0
     assert (agg["claims"]["status"] == "pending").all()
+    assert json.loads((out / "aggregate" / "summary.json").read_text())["n_stale_evaluation"] == 1
     assert os.path.isfile(out / "aggregate" / "phase2_table.md")
 
 

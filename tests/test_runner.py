@@ -362,3 +362,39 @@ def test_force_with_submitit_reruns_every_unit_with_identical_results(env, micro
             (base_out / "saes" / s / "sae_weights.safetensors").read_bytes(), s
     assert list((out / "submitit").rglob("*_result.pkl")), "no submitit job ran"
     assert_same_numbers(out, base_out, sae_ids)
+
+
+def test_another_evaluation_into_the_same_out_never_leaves_stale_metrics(env, micro, base_out, tmp_path):
+    """The same SAEs (equal ids) evaluated with ``evaluation.ce_rec: zero_norm`` into the same ``--out``, then the
+    first params again: the first grid's SAE units are pending (not done with the other setting's numbers), its
+    rerun re-evaluates without retraining and its aggregate reports its own ``ce_rec``; and the other way round."""
+    import pandas as pd
+
+    out = copy_out(base_out, tmp_path / "out")
+    zero = write_params(tmp_path / "zero.yaml", evaluation__ce_rec="zero_norm")
+    p, us = grid_units(micro, out)
+    q, _ = grid_units(zero, out)
+    assert [s.sae_id for s in p.sae_specs()] == [s.sae_id for s in q.sae_specs()]
+    weights = {s.sae_id: (out / "saes" / s.sae_id / "sae_weights.safetensors").stat().st_mtime_ns
+               for s in p.sae_specs()}
+
+    def ce_rec(params) -> dict[str, float]:
+        table = pd.read_csv(out / "aggregate" / "sae_metrics.csv")
+        assert (table["ce_rec_definition"] == params.evaluation.ce_rec).all()
+        return dict(zip(table["sae_id"], table["ce_rec"]))
+
+    first = ce_rec(p)
+    for params_file, params, column in ((zero, q, "ce_rec_zero_norm"), (micro, p, "ce_rec_relative"),
+                                        (zero, q, "ce_rec_zero_norm")):
+        status = cli(env, "status", params_file, "--out", out)
+        states = dict(line.split()[:2][::-1] for line in status.stdout.splitlines() if line[:1].isalpha()
+                      and line.split()[0] in ("done", "pending", "failed"))
+        _, pus = grid_units(params_file, out)
+        assert [states[u.uid] for u in pus if u.stage == "sae"] == ["pending", "pending"], status.stdout
+        res = cli(env, "run", params_file, "--out", out)
+        assert res.returncode == 0, explain(res)
+        got = ce_rec(params)
+        table = pd.read_csv(out / "aggregate" / "sae_metrics.csv")
+        assert got == dict(zip(table["sae_id"], table[column]))
+    assert got != first  # zero_norm's values, not the relative ones
+    assert {s: (out / "saes" / s / "sae_weights.safetensors").stat().st_mtime_ns for s in weights} == weights
