@@ -34,7 +34,7 @@
 # %% tags=["parameters"]
 params_path = "params/smoke.yaml"  # relative paths resolve from the repository root
 out_dir = None  # default: results/<grid name>
-threads = 0  # torch threads: 0 keeps the default
+threads = 0  # torch threads: 0 means executor.threads of the params (what the numbers depend on)
 
 # %% tags=["imports"]
 import pandas as pd
@@ -45,7 +45,7 @@ from proxygap_helpers import extract, grid
 # NBVAL_IGNORE_OUTPUT
 # (output is volatile: progress bars, and whether the work ran or was found already done)
 p, out, device = grid.setup(params_path, out_dir, threads)
-info = extract.run_extract(p, out, device=device)
+info = extract.run_extract(p, out, device=device, processes=p.jobs)  # models train p.jobs at a time
 
 # %% [markdown]
 # ## What was built

@@ -41,7 +41,7 @@ out_dir = None
 role = None  # None: every model
 sae_ids = None  # None: every SAE of the role(s); else the ids of this unit
 force = False
-threads = 0  # torch threads: 0 keeps the default
+threads = 0  # torch threads: 0 means executor.threads of the params (what the numbers depend on)
 
 # %% tags=["imports"]
 import pandas as pd

@@ -36,7 +36,7 @@
 # %% tags=["parameters"]
 params_path = "params/smoke.yaml"
 out_dir = None
-threads = 0  # torch threads: 0 keeps the default
+threads = 0  # torch threads: 0 means executor.threads of the params (what the numbers depend on)
 
 # %% tags=["imports"]
 from IPython.display import Markdown

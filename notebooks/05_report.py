@@ -15,7 +15,7 @@
 # %% tags=["parameters", "remove"]
 params_path = "params/smoke.yaml"
 out_dir = None
-threads = 0  # torch threads: 0 keeps the default
+threads = 0  # torch threads: 0 means executor.threads of the params (what the numbers depend on)
 setting = None  # grids with several pairs or hooks: the setting this report is about (e.g. "m1-m2@d0.25")
 
 # %% tags=["imports", "remove"]

@@ -25,7 +25,7 @@
 # %% tags=["parameters", "remove"]
 params_path = "params/smoke.yaml"
 out_dir = None
-threads = 0  # torch threads: 0 keeps the default
+threads = 0  # torch threads: 0 means executor.threads of the params (what the numbers depend on)
 
 # %% tags=["imports", "remove"]
 from IPython.display import Markdown

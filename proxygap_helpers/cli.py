@@ -2,7 +2,7 @@
 
 Exit codes: 0 every unit succeeded; 1 some unit failed (the others finished; rerun retries only those);
 2 bad parameters or invocation, or an embedded grid whose corpus package is not the pinned one (one
-paragraph on stderr, nothing run or written).
+paragraph on stderr, nothing run or written); 130 interrupted by Ctrl-C (one line; the same command resumes).
 """
 
 from __future__ import annotations
@@ -63,6 +63,15 @@ def _check_text(p, params_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; Ctrl-C anywhere ends it with one line and exit code 130 (the units that were running
+    record it: ``status`` shows them as interrupted, and the same command resumes)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return _fail("interrupted; run the same command to resume (finished units and SAEs are kept)", 130)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         p, out = resolve(args.params, args.out)
@@ -88,20 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _status(p, out, todo)
     try:
-        with RunLock(out):
-            text = dump_resolved(p)
-            if not resolved.is_file() or resolved.read_text() != text:  # a no-op rerun changes no file
-                write_text_atomic(resolved, text)
-            if args.command == "report":
-                todo = [u for u in todo if u.stage in ("aggregate", "report")]
-                rc = _run(p, out, resolved, todo, "local", 1, force=True)
-                if rc == 0:
-                    _print_next_budget(p, out)
-                return rc
-            kind = args.executor or p.executor.kind
-            return _run(p, out, resolved, todo, kind, args.jobs or p.executor.jobs, args.force)
+        return _locked(args, p, out, resolved, todo)
     except LockError as e:
         return _fail(str(e))
+
+
+def _locked(args, p, out: Path, resolved: Path, todo: list[Unit]) -> int:
+    """``run`` or ``report`` under the output folder's lock."""
+    with RunLock(out):
+        text = dump_resolved(p)
+        if not resolved.is_file() or resolved.read_text() != text:  # a no-op rerun changes no file
+            write_text_atomic(resolved, text)
+        if args.command == "report":
+            todo = [u for u in todo if u.stage in ("aggregate", "report")]
+            rc = _run(p, out, resolved, todo, "local", 1, force=True)
+            if rc == 0:
+                _print_next_budget(p, out)
+            return rc
+        kind = args.executor or p.executor.kind
+        return _run(p, out, resolved, todo, kind, args.jobs or p.jobs, args.force)
 
 
 def _status(p, out: Path, todo: list[Unit]) -> int:
@@ -216,15 +230,14 @@ def _already_complete(todo: list[Unit], complete: set[str]) -> set[str]:
 def _print_next_budget(p, out: Path) -> None:
     """The last line of ``report``: the proposed next budget (``aggregate/next_budget.csv``) with
     ``plan``'s cost estimate. Its calibration is cached by then (the report notebook used it); the torch
-    thread count, part of the cache key, is set as the report unit's kernel had it."""
+    thread count, part of the cache key, is set as the report unit's kernel had it (``executor.threads``)."""
     import torch
 
     from .aggregate import load_aggregate
     from .budget_curves import next_budget_text, proposal
-    from .executors import local_threads
     from .plan import budget_cost
 
-    torch.set_num_threads(local_threads(1))
+    torch.set_num_threads(p.threads)
     settings = [s.label for s in p.settings()]
     costs: dict[tuple, dict] = {}  # settings that propose the same budget share its cost (the whole grid's)
     for label in settings:  # one proposal per setting (pair x hook) of a grid with several

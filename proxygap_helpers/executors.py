@@ -7,9 +7,11 @@ notebook is kept). Executors: ``local`` (a process pool; torch threads divided a
 ``submitit`` (Slurm job arrays, followed by ``slurm.run_array``; or submitit's local executor where there
 is no Slurm). Inside a Slurm task the records also carry ``slurm: {job_id, node, ...}`` (see ``slurm.py``).
 
-Threads per unit: ``cpu_count // jobs`` (local) or ``slurm.cpus_per_task`` (Slurm), unless the environment
-sets ``PROXYGAP_THREADS`` (e.g. 1 on a shared, loaded machine, where OpenMP threads that outnumber the free
-cores slow every matmul down many times over; the tests use it).
+Threads per unit: ``executor.threads`` (default 1) on every executor, whatever the machine's core count
+(``$PROXYGAP_THREADS`` overrides it as a params value: ``grid.resolve``). CPU numbers depend on the thread count
+and on nothing else of the machine, so a fixed count reproduces a published report bit for bit on any core count;
+``executor.jobs`` (``auto``: cores // threads) fills the cores with units instead. On Slurm, give
+``slurm.cpus_per_task`` at least ``threads``.
 """
 
 from __future__ import annotations
@@ -62,15 +64,22 @@ def _kernel():
     with the thread variables, and cwd notebooks/); it does not own the manager, so it leaves the kernel
     running for the next notebook.
     """
+    import shutil
+    import tempfile
+
     from jupyter_client.manager import AsyncKernelManager
     from nbclient.util import run_sync
 
-    km = AsyncKernelManager(kernel_name="python3")  # started by the first notebook's client, as papermill would
+    # IPC transport (Unix sockets in a private temporary folder): the kernel is local, and over TCP ipykernel warns
+    # on every start that the channel is unencrypted (seven lines of noise per run in the runner's output)
+    sockets = tempfile.mkdtemp(prefix="proxygap-kernel-")
+    km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "k"))
     try:
         yield km
     finally:
         if km.has_kernel:
             run_sync(km.shutdown_kernel)(now=True)
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress: bool = False) -> dict:
@@ -106,12 +115,14 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
 
             publish(p, out, [out / n for n in notebooks])
     except BaseException as exc:  # noqa: BLE001 - recorded, then the runner moves on
-        rec = {"unit": unit.uid, "message": _error_message(exc), "notebook": notebooks[-1] if notebooks else None,
-               "traceback": traceback.format_exc(limit=5), "start": start, "end": provenance.now(),
+        stopped = isinstance(exc, KeyboardInterrupt)  # Ctrl-C: not a failure (status shows it as interrupted)
+        rec = {"unit": unit.uid, "message": "interrupted (Ctrl-C)" if stopped else _error_message(exc),
+               "notebook": notebooks[-1] if notebooks else None, "interrupted": stopped,
+               "traceback": "" if stopped else traceback.format_exc(limit=5), "start": start, "end": provenance.now(),
                "wall_seconds": time.time() - t0, **task}
         write_json_atomic(rd / ERROR, rec)
         (rd / RUNNING).unlink(missing_ok=True)
-        if isinstance(exc, KeyboardInterrupt):
+        if stopped:
             raise
         return {"uid": unit.uid, "ok": False, **rec}
     finally:
@@ -128,39 +139,46 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
     return {"uid": unit.uid, "ok": True, **rec}
 
 
-def _threads(default: int) -> int:
-    """``$PROXYGAP_THREADS`` when set to a positive integer, else ``default``."""
-    try:
-        n = int(os.environ.get("PROXYGAP_THREADS", ""))
-    except ValueError:
-        return default
-    return n if n >= 1 else default
-
-
-def local_threads(jobs: int) -> int:
-    """Torch threads of each unit when the local executor runs ``jobs`` at once."""
-    return _threads(max(1, (os.cpu_count() or 1) // jobs))
-
-
 def _worker_init() -> None:
+    """A pool worker: unbuffered output; Ctrl-C (SIGINT to the whole foreground group) is ignored while it waits for
+    a unit, so that only the units it runs stop (:func:`_pool_unit` restores it for them), without tracebacks."""
+    import signal
+
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool_unit(params_path: str, out_dir: str, unit: Unit, threads: int) -> dict:
+    """:func:`run_unit` in a pool worker, interruptible by Ctrl-C as in the runner itself."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return run_unit(params_path, out_dir, unit, threads)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_local(params_path: str, out_dir: str, todo: list[Unit], jobs: int,
               on_done: Callable[[dict], None]) -> list[dict]:
-    """Run units in a process pool of ``jobs`` workers, each kernel with cpu_count // jobs threads."""
-    threads = local_threads(jobs)
+    """Run units in a process pool of ``jobs`` workers, each kernel with the params' ``executor.threads``."""
+    threads = load_params(params_path).threads
     results = []
     if jobs == 1 or len(todo) == 1:
         for u in todo:
             results.append(run_unit(params_path, out_dir, u, threads))
             on_done(results[-1])
         return results
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
-        futs = [pool.submit(run_unit, params_path, out_dir, u, threads) for u in todo]
+    pool = cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+    try:
+        futs = [pool.submit(_pool_unit, params_path, out_dir, u, threads) for u in todo]
         for f in cf.as_completed(futs):
             results.append(f.result())
             on_done(results[-1])
+    except KeyboardInterrupt:  # the running units got the same Ctrl-C and record it; the queued ones never start
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return results
 
 
@@ -196,21 +214,19 @@ def run_submitit(params_path: str, out_dir: str, todo: list[Unit], p: Params,
     """Submit units as one Slurm job array (``cluster='local'``: as local processes through submitit).
 
     On Slurm the tasks are followed with squeue and a relaunched launcher waits for the tasks of an
-    earlier one instead of resubmitting them (``slurm.run_array``). Threads per unit: ``cpus_per_task``.
+    earlier one instead of resubmitting them (``slurm.run_array``). Threads per unit: ``executor.threads``.
     """
     ex = submitit_executor(p, out_dir, cluster)
     if ex.cluster == "slurm":
         try:
-            return slurm.run_array(ex, run_unit, params_path, out_dir, todo,
-                                   _threads(p.executor.slurm.cpus_per_task), on_done, _say)
+            return slurm.run_array(ex, run_unit, params_path, out_dir, todo, p.threads, on_done, _say)
         except slurm.SlurmError as exc:  # sbatch or squeue failed before anything was followed
             results = [{"uid": u.uid, "ok": False, "message": str(exc)} for u in todo]
             for res in results:
                 on_done(res)
             return results
     # submitit's local cluster starts every job at once: they share the cores
-    threads = _threads(max(1, (os.cpu_count() or 1) // len(todo)))
-    jobs = ex.map_array(run_unit, [params_path] * len(todo), [out_dir] * len(todo), todo, [threads] * len(todo))
+    jobs = ex.map_array(run_unit, [params_path] * len(todo), [out_dir] * len(todo), todo, [p.threads] * len(todo))
     results = []
     for job, u in zip(jobs, todo):
         try:

@@ -73,43 +73,73 @@ def _tokenized(p: Params, out_dir: Path, progress: bool):
     return corpus, tok_dir, tok, data.encode(tok, corpus.train_text), data.encode(tok, corpus.eval_text)
 
 
-def _train_models(p: Params, out_dir: Path, corpus, tok_dir: Path, tok, train_ids, eval_seqs, progress: bool):
-    """Train (or reuse from cache) each role's model and copy it to ``<out>/models/<role>``."""
+def _model_key(p: Params, role: str, corpus, tok_dir: Path) -> str:
+    """The cache key of a role's trained model: the model's entry as written (``layer`` too, as before ladders, so
+    existing caches stay valid; with ``depths`` every layer is the default 'mid', so a depth sweep reuses the same
+    trained model), the text, the tokenizer, torch and the thread count (CPU results depend on it)."""
+    d = p.data
+    return short_hash({"corpus": corpus.content_hash, "tok": tok_dir.name, "model": p.models[role].model_dump(),
+                       "ctx": d.context_size, "seed": d.seed, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "v": 1})
+
+
+def _train_into_cache(m, vocab: int, train_seqs: np.ndarray, eval_seqs: np.ndarray, seed: int, role: str,
+                      key: str, cached: Path, tok_dir: Path, corpus_hash: str, threads: int, progress: bool) -> None:
+    """Train one role's model with ``threads`` torch threads and save it, its tokenizer and its meta to ``cached``
+    (renamed into place whole). Runs in this process or in a worker of :func:`_train_models`."""
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    lm, log = models.train_lm(m, vocab, train_seqs, seed=seed, desc=f"train {role} LM", progress=progress)
+    tmp = cached.with_name(key + f".tmp{os.getpid()}")
+    lm.save_pretrained(tmp)
+    models.load_tokenizer(str(tok_dir)).save_pretrained(tmp)
+    meta = {"role": role, "name": m.name, "config": m.model_dump(), "cache_key": key,
+            "train_seconds": time.time() - t0, "train_log": log, "train_tokens_available": int(train_seqs.size),
+            "threads": threads, "eval_loss": models.lm_eval_loss(lm, eval_seqs), "corpus_hash": corpus_hash}
+    write_json_atomic(tmp / MODEL_META, meta)
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(tmp, cached)
+
+
+def _train_models(p: Params, out_dir: Path, corpus, tok_dir: Path, tok, train_ids, eval_seqs, progress: bool,
+                  processes: int = 1, device: str = "cpu"):
+    """Train (or reuse from cache) each role's model and copy it to ``<out>/models/<role>``.
+
+    Models missing from the cache train at once in up to ``processes`` worker processes on a CPU (each with the
+    params' thread count, so the same weights as one after the other: only the thread count shapes them)."""
     d = p.data
     train_seqs = data.to_sequences(train_ids, d.context_size)
+    keys = {role: _model_key(p, role, corpus, tok_dir) for role in p.roles}
+    cached = {role: cache_root(out_dir) / "models" / key for role, key in keys.items()}
+    todo = [r for r in p.roles if not (cached[r] / MODEL_META).is_file()]
+    args = {r: (p.models[r], len(tok), train_seqs, eval_seqs, d.seed, r, keys[r], cached[r], tok_dir,
+                corpus.content_hash, torch.get_num_threads()) for r in todo}
+    n = min(processes, len(todo)) if device == "cpu" else 1
+    if n > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        print(f"training {len(todo)} models, {n} at a time ({torch.get_num_threads()} thread(s) each): "
+              f"{', '.join(todo)}", file=sys.stderr, flush=True)
+        with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
+            for fut in [pool.submit(_train_into_cache, *args[r], False) for r in todo]:
+                fut.result()
+    else:
+        for r in todo:
+            _train_into_cache(*args[r], progress)
     metas = {}
     for role in p.roles:
-        m = p.models[role]
-        # the model's entry as written (``layer`` too, as before ladders, so existing caches stay valid; with
-        # ``depths`` every layer is the default 'mid', so a depth sweep reuses the same trained model)
-        key = short_hash({"corpus": corpus.content_hash, "tok": tok_dir.name, "model": m.model_dump(),
-                          "ctx": d.context_size, "seed": d.seed, "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "v": 1})  # CPU results depend on the thread count
-        cached = cache_root(out_dir) / "models" / key
-        if not (cached / MODEL_META).is_file():
-            t0 = time.time()
-            lm, log = models.train_lm(m, len(tok), train_seqs, seed=d.seed, desc=f"train {role} LM",
-                                      progress=progress)
-            tmp = cached.with_name(key + f".tmp{os.getpid()}")
-            lm.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            meta = {"role": role, "name": m.name, "config": m.model_dump(), "cache_key": key,
-                    "train_seconds": time.time() - t0, "train_log": log,
-                    "train_tokens_available": int(train_seqs.size),
-                    "eval_loss": models.lm_eval_loss(lm, eval_seqs), "corpus_hash": corpus.content_hash}
-            write_json_atomic(tmp / MODEL_META, meta)
-            shutil.rmtree(cached, ignore_errors=True)
-            os.replace(tmp, cached)
         dest = model_dir(out_dir, role)
-        if not (dest / MODEL_META).is_file() or read_json(dest / MODEL_META)["cache_key"] != key:
+        if not (dest / MODEL_META).is_file() or read_json(dest / MODEL_META)["cache_key"] != keys[role]:
             shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(cached, dest)
+            shutil.copytree(cached[role], dest)
         metas[role] = read_json(dest / MODEL_META)
     return metas
 
 
-def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = True) -> dict:
-    """Make everything later stages read; idempotent (a complete, intact store is kept)."""
+def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = True, processes: int = 1) -> dict:
+    """Make everything later stages read; idempotent (a complete, intact store is kept). ``processes``: embedded
+    models that are not cached yet train this many at once (on a CPU; the notebook passes ``Params.jobs``)."""
     out_dir = Path(out_dir)
     d = p.data
     t0 = time.time()
@@ -123,7 +153,7 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
               f"(data.eval_sequences = {d.eval_sequences})", file=sys.stderr)
     _save_eval(out_dir, eval_seqs, {"text": {"corpus_hash": corpus.content_hash,
                                              "eval_files": len(corpus.eval_files)}})
-    model_metas = _train_models(p, out_dir, corpus, tok_dir, tok, train_ids, eval_seqs, progress)
+    model_metas = _train_models(p, out_dir, corpus, tok_dir, tok, train_ids, eval_seqs, progress, processes, device)
 
     all_rows = data.to_sequences(train_ids, d.context_size)
     n_rows = min(len(all_rows), -(-p.store_tokens // d.context_size))

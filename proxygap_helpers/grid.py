@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .files import read_json, read_json_field
 from .layout import DONE, ERROR, NOTEBOOKS, RUNNING, aggregate_dir, default_out, metrics_files, metrics_path, run_dir
-from .params import Params, load_params, short_hash
+from .params import Params, ParamsError, load_params, short_hash
 from .runlock import _alive
 
 
@@ -68,9 +68,22 @@ def resolve(params_path: str | os.PathLike, out_dir: str | os.PathLike | None = 
     path = Path(params_path)
     if not path.is_absolute() and not path.exists() and (NOTEBOOKS.parent / path).exists():
         path = NOTEBOOKS.parent / path
-    p = load_params(path)
+    p = load_params(path, overrides=thread_override())
     out = Path(out_dir) if out_dir else NOTEBOOKS.parent / default_out(p.name)
     return p, out.resolve()
+
+
+def thread_override() -> dict:
+    """``$PROXYGAP_THREADS``, when set, as an override of ``executor.threads`` (validated like the params file's
+    own value, then recorded in the resolved params and the ids like it)."""
+    value = os.environ.get("PROXYGAP_THREADS", "").strip()
+    if not value:
+        return {}
+    try:
+        return {"executor.threads": int(value)}
+    except ValueError:
+        raise ParamsError(f"environment variable PROXYGAP_THREADS = {value!r}: give a positive integer (the torch "
+                          "threads of every unit, overriding `executor.threads`), or unset it") from None
 
 
 def units(p: Params, out_dir: Path, params_file: Path) -> list[Unit]:
@@ -170,7 +183,7 @@ def is_complete(p: Params, out_dir: Path, unit: Unit) -> bool:
 
 
 def state(p: Params, out_dir: Path, unit: Unit) -> tuple[str, str]:
-    """(done | failed | running | pending, detail) of a unit."""
+    """(done | failed | interrupted | running | pending, detail) of a unit."""
     rd = unit.run_dir(out_dir)
     if is_complete(p, out_dir, unit):
         rec = read_json(rd / DONE)
@@ -180,23 +193,25 @@ def state(p: Params, out_dir: Path, unit: Unit) -> tuple[str, str]:
         if _alive(info.get("pid", -1)) and info.get("host") == os.uname().nodename:
             return "running", f"pid {info['pid']} since {info.get('start', '?')}"
     if (rd / ERROR).is_file():
-        return "failed", read_json(rd / ERROR).get("message", "?")
+        rec = read_json(rd / ERROR)
+        if rec.get("interrupted"):
+            return "interrupted", f"at {rec.get('end', '?')}; run the same command to resume"
+        return "failed", rec.get("message", "?")
     return "pending", ""
 
 
 def setup(params_path: str, out_dir: str | None = None, threads: int = 0) -> tuple[Params, Path, str]:
     """What each notebook does first: params, output dir, torch threads, device.
 
-    ``threads`` 0 means ``$PROXYGAP_THREADS`` when set, else torch's default. CPU numbers are deterministic
-    for a given thread count (not across counts), which is why the thread count keys the model cache.
+    ``threads`` 0 means the params' ``executor.threads`` (``$PROXYGAP_THREADS`` overrides it: :func:`resolve`), so
+    a notebook run by hand ("Run All" in JupyterLab, nbval) computes with the same thread count as the runner, and
+    on a CPU the same numbers: they depend on the thread count, never on the machine's core count.
     """
     import torch
 
     from .models import resolve_device
 
-    threads = threads or int(os.environ.get("PROXYGAP_THREADS") or 0)
-    if threads:
-        torch.set_num_threads(threads)
     p, out = resolve(params_path, out_dir)
+    torch.set_num_threads(threads or p.threads)
     out.mkdir(parents=True, exist_ok=True)
     return p, out, resolve_device(p.device)

@@ -279,10 +279,22 @@ class SlurmParams(_Strict):
 
 
 class ExecutorParams(_Strict):
+    """How units run. ``threads``: torch (and BLAS) intra-op threads of every unit, whatever the machine: on a
+    CPU the numbers depend on the thread count (float sums split across threads), so it is part of the params and
+    of every id; ``jobs``: units at once (``auto``: the machine's cores divided by ``threads``)."""
+
     kind: Literal["local", "submitit"] = "local"
-    jobs: int = Field(default=1, ge=1, le=64)
+    threads: int = Field(default=1, ge=1, le=256)
+    jobs: int | Literal["auto"] = "auto"
     shards: int = Field(default=1, ge=1, le=4096)  # SAE units per role (each streams its role's activations once)
     slurm: SlurmParams = SlurmParams()
+
+    @field_validator("jobs", mode="before")
+    @classmethod
+    def _jobs(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64):
+            return v
+        raise ValueError(f"give an integer in [1, 64] or 'auto' (the cores divided by executor.threads); got {v!r}")
 
 
 class ReportParams(_Strict):
@@ -477,6 +489,20 @@ class Params(_Strict):
         return self.sae.expansion * self.d_in(role)
 
     @property
+    def threads(self) -> int:
+        """Intra-op threads of every unit (``executor.threads``; ``$PROXYGAP_THREADS`` overrides it in
+        ``grid.resolve``, and then it is in the resolved params and the ids like any other value)."""
+        return self.executor.threads
+
+    @property
+    def jobs(self) -> int:
+        """Units the local executor runs at once: ``executor.jobs``, or for ``auto`` the machine's cores divided by
+        the threads per unit (at least 1, at most 64). Never changes a number: only ``threads`` does."""
+        if self.executor.jobs != "auto":
+            return self.executor.jobs
+        return max(1, min(64, (os.cpu_count() or 1) // self.threads))
+
+    @property
     def embedded(self) -> bool:
         return self.models[self.roles[0]].source == "embedded"
 
@@ -488,11 +514,14 @@ class Params(_Strict):
 
     @cached_property
     def extract_hash(self) -> str:
-        """Everything that shapes the models, the text and the activation stores."""
+        """Everything that shapes the models, the text and the activation stores (and, through them, every SAE and
+        metric: the thread count too, since CPU numerics depend on it)."""
         shaped = {"data": _hashed(self.data), "models": {r: _hashed(m) for r, m in self.models.items()},
                   "store_tokens": self.store_tokens}
         if self.depths is not None:
             shaped["depths"] = self.depths
+        if self.threads != ExecutorParams.model_fields["threads"].default:  # CPU numbers depend on it (one thread:
+            shaped["threads"] = self.threads  # the ids of every grid from before the key)
         return short_hash(shaped)
 
     def sae_hash(self, role: str, k: int, tokens: int, seed: int, layer: int | None = None) -> str:
@@ -538,7 +567,8 @@ def depth_layer(depth: float, n_layers: int) -> int:
 
 # Keys added after results existed: they enter the hashes (extract, SAE and unit ids) only when set to something
 # other than their default, so grids that do not use them keep their ids and results.
-_LATER_KEYS = {DataParams: ("pile_files", "text_field"), HubModel: ("path",), Params: ("depths", "pairs")}
+_LATER_KEYS = {DataParams: ("pile_files", "text_field"), HubModel: ("path",), Params: ("depths", "pairs"),
+               ExecutorParams: ("threads",)}
 
 
 def _hashed(m: BaseModel, mode: str = "python") -> dict:
@@ -546,6 +576,8 @@ def _hashed(m: BaseModel, mode: str = "python") -> dict:
     for key in _LATER_KEYS.get(type(m), ()):
         if dump[key] == type(m).model_fields[key].default:
             del dump[key]
+    if isinstance(m, Params):  # (params_hash: the executor's later keys too; the other sections as they were)
+        dump["executor"] = _hashed(m.executor, mode)
     return dump
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from . import provenance
 from .files import read_json, write_json_atomic
-from .executors import local_threads
 from .grid import units
 from .layout import cache_root
 from .params import Params, format_tokens, short_hash
@@ -68,7 +67,7 @@ def _rate(fn, seconds: float) -> float:
 
 
 def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
-    """What one SAE unit of ``role`` does, timed with its torch threads (cpu_count // jobs):
+    """What one SAE unit of ``role`` does, timed with its torch threads (``executor.threads``):
     ``sae_tok_s`` for a plain TopK train step (the params' trainer, this role's d_in, d_sae, k and batch
     size), ``sae_aux_tok_s`` for a step with AuxK on (what steps cost once ``dead_tokens_window`` tokens have
     passed; SAELens' AuxK step costs the same whatever the dead count, the fast engine's grows with it and is
@@ -82,7 +81,7 @@ def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
     from .training import make_sae, make_trainer
 
     d_in, d_sae = p.d_in(role), p.d_sae(role)
-    threads = local_threads(p.executor.jobs)
+    threads = p.threads
     torch.set_num_threads(threads)
     m = p.models[role]
     if m.source == "hub" or d_in * d_sae > BIG:
@@ -133,7 +132,7 @@ def _calibrate_units(p: Params, role: str) -> dict:
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    n = max(1, min(p.executor.jobs, os.cpu_count() or 1))
+    n = max(1, min(p.jobs, os.cpu_count() or 1))
     if n == 1:
         return _calibrate_unit(p, role)
     ctx = mp.get_context("spawn")
@@ -186,8 +185,8 @@ def calibration(p: Params, out_dir: Path) -> dict:
                   "model": p.models[r].model_dump(), "ctx": p.data.context_size, "vocab": p.data.vocab_size}
               for r in p.roles}
     key = short_hash({"machine": provenance.machine(), "torch": torch.__version__, "shapes": shapes,
-                      "unit_threads": local_threads(p.executor.jobs), "window": p.sae.dead_tokens_window,
-                      "eval_batch": p.evaluation.batch_sequences, "jobs": p.executor.jobs,
+                      "unit_threads": p.threads, "window": p.sae.dead_tokens_window,
+                      "eval_batch": p.evaluation.batch_sequences, "jobs": p.jobs,
                       "trainer": p.sae.trainer, "precision": p.sae.precision, "v": 3})
     path = cache_root(out_dir) / "calibration.json"
     cache = read_json(path) if path.is_file() else {}
@@ -241,7 +240,7 @@ def estimate(p: Params, out_dir: Path) -> dict:
         # one LM pass per model writes the stores of all its hooks
         t_extract += sum(p.store_tokens / cal[r]["forward_tok_s"] for r in p.roles) + 25.0  # + text, tokenizer
     t_sae = _sae_unit_seconds(p, cal, us)
-    sae_wall = _makespan(sorted(t_sae.values(), reverse=True), p.executor.jobs)
+    sae_wall = _makespan(sorted(t_sae.values(), reverse=True), p.jobs)
     n_nb = sum(len(u.executions()) for u in us)
     other_nb = n_nb - sum(len(u.executions()) for u in us if u.stage == "sae")
     # + aggregate and report compute, per setting (pair x hook)
@@ -316,7 +315,7 @@ def print_plan(p: Params, out_dir: Path) -> None:
     est = estimate(p, out_dir)
     dev = provenance.machine()
     print(f"estimated wall time on this machine ({dev['cpu']}, {dev['cpu_count']} cores, "
-          f"{p.executor.jobs} job(s)): {_fmt_s(est['total_s'])} "
+          f"{p.jobs} job(s)): {_fmt_s(est['total_s'])} "
           f"(extract {_fmt_s(est['extract_s'])}, SAEs {_fmt_s(est['sae_wall_s'])}, "
           f"{est['notebooks']} notebook starts)")
     if not p.embedded:
@@ -345,5 +344,5 @@ def budget_cost(p: Params, out_dir: Path, tokens: list[int], n_seeds: int) -> di
         note = (f"a budget above the activation store ({format_tokens(p.store_tokens)} tokens per model) needs a "
                 "larger store, and adding it to this grid's `sae.tokens` changes the extract hash, so the whole "
                 "grid re-runs (`plan` on the edited params gives that cost)")
-    return {"total_s": _makespan(sorted(per_unit, reverse=True), p.executor.jobs), "n_saes": len(extra.sae_specs()),
-            "jobs": p.executor.jobs, "store_note": note}
+    return {"total_s": _makespan(sorted(per_unit, reverse=True), p.jobs), "n_saes": len(extra.sae_specs()),
+            "jobs": p.jobs, "store_note": note}

@@ -195,6 +195,7 @@ def train_meta(p: Params, spec: SAESpec, steps: int, tokens_seen: int, seconds: 
             "tokens_per_latent": spec.tokens / p.d_sae(spec.role),
             "budget_mode": p.sae.budget_mode, "steps": steps, "tokens_seen": tokens_seen,
             "lr": p.sae.lr_for(p.d_sae(spec.role)), "epochs_used": epochs_used, "train_seconds": seconds,
+            "threads": torch.get_num_threads(),  # CPU numbers depend on it (``executor.threads``)
             **extra, "sae_params": p.sae.model_dump(mode="json"),
             "sae_hash": p.sae_hash(spec.role, spec.k, spec.tokens, spec.seed, spec.layer)}
 
