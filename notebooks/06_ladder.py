@@ -39,12 +39,13 @@ plots.set_theme()
 several = len(p.settings()) > 1
 claims = agg["claims"] if several else agg["claims"].iloc[0:0]
 summary_rows = claims[claims["setting"] == ladder.SUMMARY_LABEL] if several else claims
+settings = ladder.settings_table(p)  # one row per setting: its pair, hook and size ratio
 
 # %%
 Markdown(ladder.header_markdown(p))
 
 # %%
-ladder.settings_frame(ladder.settings_table(p))
+ladder.settings_frame(settings)
 
 # %% [markdown]
 # ## How the gaps change with the size ratio
@@ -53,7 +54,7 @@ ladder.settings_frame(ladder.settings_table(p))
 # slope per decade of size ratio over the pairs (`aggregate/size_trend.csv`; every cell in `aggregate/ladder.csv`).
 
 # %%
-Markdown(ladder.ladder_markdown(agg["size_trend"], summary_rows, ladder.settings_table(p)) if several
+Markdown(ladder.ladder_markdown(agg["size_trend"], summary_rows, settings) if several
          else "One setting: no size trend to read.")
 
 # %%

@@ -3,7 +3,8 @@
 Writes ``sae_metrics.csv``, ``dropped_duplicates.csv``, ``unpaired.csv``, ``pairs.csv``, ``phase2_table.csv``
 and ``.md``, ``sign_flip.csv``, ``heldout_predictions.csv``, ``proxy_leaderboard.csv``, ``claims.csv``, the
 budget-curve tables of ``budget_curves`` (``budget_fits.csv``, ``tstar.csv``, ``budget_curves.csv``,
-``next_budget.csv``) and ``summary.json`` (what went in); per setting (pair of models x hook) when the grid has
+``next_budget.csv``) and ``summary.json`` (what went in, and for an embedded grid the pinned text its models were
+trained on, ``corpus``, which the report quotes); per setting (pair of models x hook) when the grid has
 several, plus ``settings.csv``, ``ladder.csv`` and ``size_trend.csv`` (``ladder.py``). Missing cells are simply
 absent: the claims say "pending".
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import budget_curves, claims, ladder, leaderboard, stats
+from . import budget_curves, claims, data, ladder, leaderboard, stats
 from .files import read_json, write_json_atomic, write_text_atomic
 from .layout import aggregate_dir, metrics_files, sequence_ce_path
 from .params import Params
@@ -81,6 +82,7 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
         "grid": p.name, "params_hash": p.params_hash(), "n_metrics_files": len(records), "n_saes": len(kept),
         "n_dropped_duplicates": len(dropped), "n_pairs": len(out["pairs"]), "n_cells": len(out["phase2_table"]),
         "expected_saes": len(wanted), "n_stale_evaluation": len(mine) - len(records), "eval_hash": p.eval_hash, "budget_mode": p.sae.budget_mode, "ce_rec": p.evaluation.ce_rec,
+        **({"corpus": f"{data.CORPUS_PACKAGE}=={data.CORPUS_VERSION}"} if p.embedded else {}),
         **({"settings": [s.label for s in settings]} if len(settings) > 1 else {})})
     return out
 

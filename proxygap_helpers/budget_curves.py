@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .params import format_tokens
+from .params import TWO_ROLES, format_tokens
 
 ALPHA_MIN, ALPHA_MAX = 0.01, 5.0
 MIN_BUDGETS = 3
@@ -72,7 +72,6 @@ CANDIDATE_DECADES = 1.0
 N_BETA_GRID = 48
 GOLDEN_STEPS = 28
 STATUS_FIT, STATUS_REFUSED = "fit", "cannot be said"
-ROLES = ("small", "large")
 METRICS = ("ce_rec", "r2")
 
 
@@ -401,7 +400,7 @@ def _fit_role(role: str, tokens: np.ndarray, samples: list[np.ndarray], scale: S
 def _samples(cell: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[np.ndarray]]:
     """Tested budgets (sorted) and per budget the [n_j, 2] per-seed (small, large) values of ``metric``
     (pairs with a missing value dropped)."""
-    cols = [f"{metric}_{r}" for r in ROLES]
+    cols = [f"{metric}_{r}" for r in TWO_ROLES]
     cell = cell.dropna(subset=cols)
     tokens = np.array(sorted(cell["tokens"].unique()), dtype=np.int64)
     return tokens, [cell.loc[cell["tokens"] == t, cols].to_numpy(float) for t in tokens]
@@ -415,7 +414,7 @@ def curves_from_samples(k: int, metric: str, tokens: np.ndarray, samples: list[n
     boot = (boot_means(samples, n_boot, level, rng)
             if len(tokens) >= MIN_BUDGETS and n_boot > 0 and min(len(s) for s in samples) > 1 else None)
     fits = {r: _fit_role(r, tokens, [s[:, i] for s in samples], scale, None if boot is None else boot[:, :, i],
-                         level, rng) for i, r in enumerate(ROLES)}
+                         level, rng) for i, r in enumerate(TWO_ROLES)}
     return Curves(k, metric, tokens, samples, scale, fits)
 
 
@@ -425,7 +424,7 @@ def curves_for(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: fl
     out = []
     for k, cell in pairs.groupby("k", sort=True):
         for i, metric in enumerate(METRICS):
-            if not {f"{metric}_{r}" for r in ROLES} <= set(cell.columns):
+            if not {f"{metric}_{r}" for r in TWO_ROLES} <= set(cell.columns):
                 continue
             tokens, samples = _samples(cell, metric)
             out.append(curves_from_samples(int(k), metric, tokens, samples, n_boot, level,

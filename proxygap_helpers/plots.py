@@ -26,10 +26,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 
+from proxygap_helpers.params import TWO_ROLES
 from proxygap_helpers.stats import mean_ci
 
 TOKENS_LABEL = "SAE training tokens (log scale)"
-ROLE_ORDER = ("small", "large")
 ROLE_COLORS = {"small": "#0072B2", "large": "#D55E00"}
 SCHEME_MARKERS = {"leave-one-budget-out": "o", "leave-one-k-out": "^"}
 MISMATCH_COLOR = "#d62728"
@@ -350,9 +350,19 @@ def _tokens_per_latent_axes(top_row: Sequence[Axes], table: pd.DataFrame) -> Non
     d_sae = float(np.median(tokens[ok] / per[ok]))
     for j, ax in enumerate(top_row):
         sec = ax.secondary_xaxis("top", functions=(lambda t: t / d_sae, lambda v: v * d_sae))
+        _plain_ticks(sec, ax.get_xticks() / d_sae)
         sec.tick_params(labelsize="small")
         if j == 0:
             sec.set_xlabel("tokens per latent, large model (T / d_sae)", fontsize="small")
+
+
+def _plain_ticks(sec: Axes, ticks: Sequence[float]) -> None:
+    """Fixed ticks with plain labels ('30', '305', '2.44k') on a secondary x axis, under the primary's ticks, and
+    no minor ticks: its log formatter would label minor ticks on a span under a decade ('3×10⁴', '4×10⁴'),
+    and those labels run into each other."""
+    ticks = [float(v) for v in ticks if np.isfinite(v) and v > 0]
+    sec.set_xticks(ticks, [format_tokens(v) for v in ticks])
+    sec.xaxis.set_minor_locator(NullLocator())
 
 
 def _fit_note(row: pd.Series | None) -> str:
@@ -494,7 +504,7 @@ def per_model_figure(sae_metrics: pd.DataFrame | None, metrics: Sequence[str] = 
     markers = ["o", "s", "^", "D", "v", "P"]
     budgets = sorted(df["tokens"].dropna().astype(float).unique()) if "tokens" in df else []
     offsets = {k: 10 ** (0.02 * (i - (len(ks) - 1) / 2)) for i, k in enumerate(ks)}
-    roles = [r for r in ROLE_ORDER if "model_role" in df and (df["model_role"] == r).any()]
+    roles = [r for r in TWO_ROLES if "model_role" in df and (df["model_role"] == r).any()]
     roles += sorted(set(df.get("model_role", pd.Series(dtype=str)).dropna()) - set(roles))
     for ax, metric in zip(axes[0], metrics):
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
@@ -570,10 +580,21 @@ def _proxy_order(preds: pd.DataFrame, board: pd.DataFrame) -> list[str]:
     return sorted(proxies, key=key)
 
 
+def _panel_limits(sub: pd.DataFrame) -> tuple[float, float]:
+    """Square limits of one held-out panel: its own actual and predicted values and 0, with an 8% margin, so
+    that an outlier of one proxy does not squash the other panels."""
+    vals = np.concatenate([_col(sub, "actual").to_numpy(), _col(sub, "predicted").to_numpy()])
+    vals = vals[np.isfinite(vals)]
+    lo, hi = min(float(vals.min(initial=0.0)), 0.0), max(float(vals.max(initial=0.0)), 0.0)
+    pad = 0.08 * (hi - lo) if hi > lo else 1e-3
+    return lo - pad, hi + pad
+
+
 def leaderboard_figure(predictions: pd.DataFrame | None, leaderboard: pd.DataFrame | None,
                        caption: bool = True, max_cols: int = 3) -> Figure:
     """Held-out predicted vs actual ΔCE_rec, one panel per proxy (ordered by pooled MAE), both schemes
-    distinguished by marker; identity and zero lines; MAE and sign accuracy in each title."""
+    distinguished by marker; identity and zero lines; MAE and sign accuracy in each title. Each panel has its
+    own (square) limits, from its own points and 0."""
     preds, board = _frame(predictions), _frame(leaderboard)
     title = "Held-out prediction of ΔCE_rec from each proxy"
     ok = {"proxy", "actual", "predicted"} <= set(preds.columns)
@@ -587,11 +608,7 @@ def leaderboard_figure(predictions: pd.DataFrame | None, leaderboard: pd.DataFra
     proxies = _proxy_order(preds, board)
     ncols = min(max_cols, len(proxies))
     nrows = math.ceil(len(proxies) / ncols)
-    fig, axes = _new_figure(nrows, ncols, (3.8, 3.6), legend=2.0, sharex=True, sharey=True)
-    vals = np.concatenate([_col(preds, "actual").to_numpy(), _col(preds, "predicted").to_numpy()])
-    lo, hi = float(np.nanmin(vals)), float(np.nanmax(vals))
-    pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi), 1e-3) * 0.5
-    lim = (min(lo, 0.0) - pad, max(hi, 0.0) + pad)
+    fig, axes = _new_figure(nrows, ncols, (3.8, 3.6), legend=2.0)
     schemes = [s for s in dict.fromkeys(preds.get("scheme", pd.Series(["held out"] * len(preds))))]
     for idx, ax in enumerate(axes.flat):
         if idx >= len(proxies):
@@ -599,6 +616,7 @@ def leaderboard_figure(predictions: pd.DataFrame | None, leaderboard: pd.DataFra
             continue
         proxy = proxies[idx]
         sub = preds[preds["proxy"] == proxy]
+        lim = _panel_limits(sub)
         ax.plot(lim, lim, ls="--", color="0.3", lw=1, zorder=1)
         ax.axhline(0, color="0.6", lw=0.8, zorder=1)
         ax.axvline(0, color="0.6", lw=0.8, zorder=1)
@@ -626,7 +644,6 @@ def leaderboard_figure(predictions: pd.DataFrame | None, leaderboard: pd.DataFra
             ax.set_ylabel("predicted ΔCE_rec")
         if idx // ncols == nrows - 1 or idx + ncols >= len(proxies):
             ax.set_xlabel("actual ΔCE_rec (held out)")
-            ax.xaxis.set_tick_params(labelbottom=True)
     handles = [Line2D([], [], lw=0, marker=SCHEME_MARKERS.get(s, "o"), color=f"C{i}", label=s)
                for i, s in enumerate(schemes)]
     handles.append(Line2D([], [], ls="--", color="0.3", label="predicted = actual"))

@@ -12,10 +12,9 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .data import CORPUS_PACKAGE, CORPUS_VERSION
-from .files import read_json
+from .files import read_json, read_json_field
 from .ladder import SIDES
-from .layout import done_files, metrics_files
+from .layout import aggregate_dir, done_files, metrics_files
 from .params import Params, Setting, format_tokens
 
 
@@ -94,6 +93,9 @@ transformer-lens {v.get('transformer-lens', '?')}; {m.get('cpu', '?')} ({m.get('
 {prov['n_metrics']} SAEs evaluated, {prov['train_seconds'] / 60:.1f} min of SAE training and
 {prov['eval_seconds'] / 60:.1f} min of evaluation in total.
 """
+    # the pinned text of an embedded grid, as its aggregate recorded it ("sympy==1.14.0"; absent before it did)
+    corpus = read_json_field(aggregate_dir(out_dir) / "summary.json", "corpus")
+    pin = f"`{corpus}`, pinned" if corpus else "pinned"
     ref = stats.reference_table()
     if p.report.reference_table:
         intro = ("## Side by side with the study\nThe study's published aggregate (Pythia-70m vs Pythia-410m on "
@@ -105,7 +107,7 @@ transformer-lens {v.get('transformer-lens', '?')}; {m.get('cpu', '?')} ({m.get('
     footer = f"""## Scope and how to run the reference grid
 
 {'This report comes from the **embedded** setting: tiny GPT-NeoX models trained here on the Python source code '
- f"of SymPy (`{CORPUS_PACKAGE}=={CORPUS_VERSION}`, pinned), with SAE budgets of thousands rather than millions of "
+ f"of SymPy ({pin}), with SAE budgets of thousands rather than millions of "
  "tokens. It tests whether the study's *pattern* appears in a small, fully reproducible setting; it is not "
  "Pythia on the Pile. " if p.embedded else ''}
 The study's own grid is `params/phase2_pythia.yaml` (pythia-70m `blocks.3` vs pythia-410m `blocks.12`,

@@ -151,6 +151,27 @@ def test_aggregate_ignores_metrics_of_other_params(tmp_path):
     assert os.path.isfile(out / "aggregate" / "phase2_table.md")
 
 
+def test_the_report_quotes_the_corpus_the_aggregate_recorded(tmp_path):
+    """An embedded grid's pinned text reaches the report through ``aggregate/summary.json`` (summary.py reads
+    records and tables, not data.py); an aggregate written before it was recorded leaves the version out."""
+    from proxygap_helpers import data
+    from proxygap_helpers.summary import run_summary
+
+    p = load_params(SMOKE)
+    assert p.embedded
+    out = tmp_path / "out"
+    s = p.sae_specs()[0]
+    rec = _fake_metrics(s, 0.9, 0.6) | {"provenance": {"params_hash": "x", "versions": {}, "machine": {}}}
+    files.write_json_atomic(out / "runs" / s.sae_id / "metrics.json", rec)
+    aggregate.run_aggregate(p, out)
+    pinned = f"{data.CORPUS_PACKAGE}=={data.CORPUS_VERSION}"
+    path = out / "aggregate" / "summary.json"
+    assert json.loads(path.read_text())["corpus"] == pinned == "sympy==1.14.0"
+    assert f"on the Python source code of SymPy (`{pinned}`, pinned), with" in run_summary(p, out, {})["footer"]
+    files.write_json_atomic(path, {k: v for k, v in json.loads(path.read_text()).items() if k != "corpus"})
+    assert "on the Python source code of SymPy (pinned), with" in run_summary(p, out, {})["footer"]
+
+
 def test_csvs_keep_full_precision_phase2_table_recomputed_from_sae_metrics_csv(tmp_path):
     """Each aggregate CSV round-trips its floats exactly; the phase-2 table recomputed independently from
     ``sae_metrics.csv`` (pairing by hand, numpy mean, sample SD and scipy's t quantile) equals

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
@@ -301,3 +302,61 @@ def test_sign_flip_figure_has_a_tokens_per_latent_axis(agg):
     assert "tokens per latent" in plots.CAPTIONS["sign_flip"]
     plain = plots.sign_flip_figure(agg["pairs"], agg["table"], agg["flip"])  # no column: no second axis
     assert not np.array(visible_axes(plain)).reshape(2, 2)[0][0].child_axes
+
+
+def drawn_tick_labels(axis) -> list:
+    """The tick labels an axis draws: ticks inside its view, label shown, text not empty (major and minor)."""
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = [*zip(axis.get_majorticklocs(), axis.get_major_ticks(len(axis.get_majorticklocs()))),
+             *zip(axis.get_minorticklocs(), axis.get_minor_ticks(len(axis.get_minorticklocs())))]
+    return [label for loc, tick in ticks if lo * (1 - 1e-9) <= loc <= hi * (1 + 1e-9)
+            for label in (tick.label1, tick.label2) if label.get_visible() and label.get_text()]
+
+
+def test_tokens_per_latent_axis_labels_do_not_collide(agg):
+    """Issue 25: over less than a decade the top axis' log formatter labelled minor ticks ('3×10²', '4×10²')
+    that ran into each other. Its labels are now the primary ticks' budgets in tokens per latent, plain."""
+    plots.set_theme()
+    table = agg["table"][agg["table"]["tokens"] <= 3_000_000]  # 1M and 3M: 244 to 732 tokens per latent
+    table = table.assign(tokens_per_latent_large=lambda t: t["tokens"] / 4096)
+    fig = plots.sign_flip_figure(agg["pairs"][agg["pairs"]["tokens"] <= 3_000_000], table, agg["flip"])
+    canvas = FigureCanvasAgg(fig)  # figures are built without pyplot: draw on an Agg canvas to measure text
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    top = np.array(visible_axes(fig)).reshape(2, 2)[0]
+    for ax in top:
+        (sec,) = ax.child_axes
+        assert sec.xaxis.get_offset_text().get_text() == ""
+        labels = drawn_tick_labels(sec.xaxis)
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        if sec.get_xlabel():
+            assert not any(b.overlaps(sec.xaxis.label.get_window_extent(renderer)) for b in boxes)
+        assert [t.get_text() for t in labels] == [plots.format_tokens(t / 4096) for t in (1e6, 3e6)]
+        # each label sits over its budget on the primary axis
+        for label, t in zip(labels, (1e6, 3e6)):
+            assert label.get_window_extent(renderer).x0 < ax.transData.transform((t, 0))[0] \
+                < label.get_window_extent(renderer).x1
+
+
+def test_leaderboard_panels_have_their_own_limits(agg):
+    """Issue 25: an outlier of one proxy no longer squashes the other panels; each panel's square limits hold
+    its own points and 0, and its dashed identity line runs corner to corner."""
+    preds = agg["preds"].copy()
+    preds.loc[preds.index[preds["proxy"] == "d_swd"][0], "predicted"] = 5.0
+    def limits(fig):
+        return {ax.get_title().split("\n")[0]: (ax.get_xlim(), ax.get_ylim(), ax) for ax in visible_axes(fig)}
+    plain = limits(plots.leaderboard_figure(agg["preds"], agg["board"]))
+    outlier = limits(plots.leaderboard_figure(preds, agg["board"]))
+    swd = plots.PROXY_LABELS["d_swd"]
+    for name, (xlim, ylim, ax) in outlier.items():
+        assert xlim == ylim
+        sub = preds[preds["proxy"] == {plots.PROXY_LABELS[p]: p for p in PROXIES}[name]]
+        vals = np.r_[sub["actual"], sub["predicted"], 0.0]
+        assert xlim[0] < vals.min() and vals.max() < xlim[1]
+        assert any(ln.get_linestyle() == "--" and tuple(ln.get_xdata()) == xlim == tuple(ln.get_ydata())
+                   for ln in ax.get_lines())
+        if name != swd:
+            assert xlim == plain[name][0] and ylim == plain[name][1]
+    assert outlier[swd][1][1] > 5.0 > plain[swd][1][1]
+    assert all(plain[n][0][1] < 1.0 for n in plain if n != swd)
