@@ -4,7 +4,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PARAMS ?= params/default.yaml
 
-.PHONY: venv system-deps test report lab bench sync notebooks clean-results
+VERIFY_OUT ?= results/verify/$(basename $(notdir $(PARAMS)))
+
+.PHONY: venv system-deps test report verify lab bench sync notebooks clean-results
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +26,12 @@ test: system-deps $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m proxygap_helpers run $(PARAMS)
+
+# Run the study into results/verify/<grid> (not over the published report) and compare every table with
+# reports/<grid>/, cell by cell. PROXYGAP_THREADS=2 make verify does it at another thread count.
+verify: $(STAMP)
+	$(PY) -m proxygap_helpers run $(PARAMS) --out $(VERIFY_OUT)
+	$(PY) -m proxygap_helpers verify $(PARAMS) --out $(VERIFY_OUT)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -57,7 +57,7 @@ def write_stores(model, stores: dict[int, tuple[Path, dict]], seqs: np.ndarray, 
     Written chunk by chunk into memmaps (peak memory independent of the store size), hashed as it goes;
     each ``meta.json`` is written last, so a killed write leaves stores that :func:`verify_store` rejects.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     n_seq, ctx = seqs.shape
     d = model.config.hidden_size
@@ -117,11 +117,15 @@ def verify_store(store_dir: Path, expect: dict | None = None, full_hash: bool = 
     if full_hash:
         arr = open_store(store_dir, meta)
         h = hashlib.blake2b(digest_size=16)
-        rows = meta["context_size"] * 32
+        rows, finite = meta["context_size"] * 32, True
         for i in range(0, len(arr), rows):
-            h.update(np.ascontiguousarray(arr[i:i + rows]))
+            block = np.ascontiguousarray(arr[i:i + rows])
+            h.update(block)
+            finite = finite and bool(np.isfinite(block).all())
         if h.hexdigest() != meta["content_hash"]:
             raise StoreError(f"{path}: content hash differs from meta (corrupted)")
+        if not finite:
+            raise StoreError(f"{path}: holds non-finite values")
     return meta
 
 
@@ -134,7 +138,17 @@ class StoreSource:
     """Shuffled batches from a verified store; ``epochs_used`` tells how often the data was reused."""
 
     def __init__(self, store_dir: Path, meta: dict | None = None):
-        self.meta = meta or verify_store(store_dir, full_hash=False)
+        """Opens the store after :func:`verify_store` with the full hash and a finiteness check (one read of the
+        store, about a second per GB). A store that fails it is removed, so that the next run rebuilds it (the
+        extract unit is pending without it), and :class:`StoreError` says so."""
+        if meta is None:
+            try:
+                meta = verify_store(store_dir, full_hash=True)
+            except StoreError as e:
+                remove_store(store_dir)
+                raise StoreError(f"activation store unusable, removed: {e}; run the same command again to rebuild "
+                                 "it (the extract unit is pending now)") from None
+        self.meta = meta
         self.arr = open_store(store_dir, self.meta)
         self.n, self.d_in = self.arr.shape
         self.epochs_used = 0

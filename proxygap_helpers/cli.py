@@ -1,6 +1,7 @@
-"""Command line: ``python -m proxygap_helpers run | plan | status | report PARAMS [--out DIR] ...``.
+"""Command line: ``python -m proxygap_helpers run | plan | status | report | verify PARAMS [--out DIR] ...``.
 
-Exit codes: 0 every unit succeeded; 1 some unit failed (the others finished; rerun retries only those);
+Exit codes: 0 every unit succeeded (``verify``: every table agrees with the published one); 1 some unit failed
+(the others finished; rerun retries only those; ``verify``: some table differs or is missing);
 2 bad parameters or invocation, or an embedded grid whose corpus package is not the pinned one (one
 paragraph on stderr, nothing run or written); 130 interrupted by Ctrl-C (one line; the same command resumes).
 """
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import progress as progress_file
 from .data import CorpusError
 from .files import write_text_atomic
 from .grid import Unit, is_complete, resolve, state, units
@@ -26,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run the whole grid (resumable)"), ("plan", "list units, tokens, disk, time"),
                        ("status", "done / failed / pending / running per unit"),
-                       ("report", "re-render aggregate + report from finished runs")):
+                       ("report", "re-render aggregate + report from finished runs"),
+                       ("verify", "compare a finished run's tables with a published report, cell by cell")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("params", help="params YAML file, e.g. params/smoke.yaml")
         sp.add_argument("--out", default=None, help="output directory (default results/<grid name>)")
@@ -34,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--jobs", type=int, default=None, help="parallel units (local executor)")
             sp.add_argument("--executor", choices=("local", "submitit"), default=None)
             sp.add_argument("--force", action="store_true", help="redo complete units")
+        if name == "plan":
+            sp.add_argument("--recalibrate", action="store_true",
+                            help="re-time this machine's calibration instead of using the cached one")
+        if name == "verify":
+            sp.add_argument("--against", default=None, help="published report folder (default reports/<grid name>)")
     return ap
 
 
@@ -62,6 +70,25 @@ def _check_text(p, params_path: str) -> None:
         raise ParamsError(f"{params_path}: {e}. Nothing was run or written.") from None
 
 
+def _check_machine(p, out: Path, params_path: str, command: str) -> None:
+    """What the params ask of this machine and its data, before any work: an embedded grid's held-out split holds the
+    eval sequences asked for (so that ``plan`` costs, and ``run`` evaluates, what is asked); for ``run``, the device
+    exists and (offline) every hub checkpoint is in the local cache at its revision."""
+    from .models import DeviceError, resolve_device
+    from .params import check_offline_cache
+
+    try:
+        if command == "run":
+            resolve_device(p.device)
+            check_offline_cache(p)
+        if p.embedded:
+            from .extract import check_eval_sequences
+
+            check_eval_sequences(p, out)
+    except (DeviceError, ParamsError) as e:
+        raise ParamsError(f"{params_path}: {e}. Nothing was run or written.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; Ctrl-C anywhere ends it with one line and exit code 130 (the units that were running
     record it: ``status`` shows them as interrupted, and the same command resumes)."""
@@ -85,13 +112,17 @@ def _main(argv: list[str] | None = None) -> int:
             from .data import pinned_sources
 
             pinned_sources()  # the installed corpus package is the pinned one, before any work starts
+        if args.command in ("run", "plan"):
+            _check_machine(p, out, args.params, args.command)
     except (ParamsError, CorpusError) as e:
         return _fail(str(e))
     if args.command == "plan":
         from .plan import print_plan
 
-        print_plan(p, out)
+        print_plan(p, out, recalibrate=args.recalibrate)
         return 0
+    if args.command == "verify":
+        return _verify(p, out, args.against)
     resolved = resolved_params(out)
     todo = units(p, out, resolved)
     if args.command == "status":
@@ -116,6 +147,22 @@ def _locked(args, p, out: Path, resolved: Path, todo: list[Unit]) -> int:
             return rc
         kind = args.executor or p.executor.kind
         return _run(p, out, resolved, todo, kind, args.jobs or p.jobs, args.force)
+
+
+def _verify(p, out: Path, against: str | None) -> int:
+    """The run's published tables (``report_dir``) against ``against`` (default ``reports/<grid>``)."""
+    from .layout import REPO
+    from .verify import compare_dirs, print_results
+
+    mine, ref = report_dir(p.name, out), Path(against) if against else REPO / "reports" / p.name
+    if mine.resolve() == ref.resolve():
+        return _fail(f"the run's report folder is the reference itself ({ref}): run the grid into another --out "
+                     "(make verify uses results/verify/<grid>) and verify that")
+    try:
+        results = compare_dirs(mine, ref)
+    except FileNotFoundError as e:
+        return _fail(f"--against: {e}; give a published report folder such as reports/{p.name}")
+    return 0 if print_results(results, mine, ref) else 1
 
 
 def _status(p, out: Path, todo: list[Unit]) -> int:
@@ -150,8 +197,6 @@ def _line(res: dict) -> str:
 def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int, force: bool) -> int:
     from tqdm.auto import tqdm
 
-    from .executors import execute
-
     if force:
         for u in todo:
             (u.run_dir(out) / DONE).unlink(missing_ok=True)
@@ -168,7 +213,7 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
     print(f"proxygap: grid '{p.name}': {len(counted)}/{total} units already complete; running the rest "
           f"({how}) into {out}", flush=True)  # before the bar, which would cut this line in two
     bar = tqdm(total=total, initial=len(counted), desc=f"grid {p.name}", unit="unit", disable=not interactive,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} units [{elapsed}<{remaining}]")
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} units [{elapsed}<{remaining}]{postfix}")
     t0, failed = time.time(), []
 
     def count(uid: str, line: str) -> None:
@@ -182,6 +227,29 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
         count(res["uid"], _line(res))
         if not res.get("ok"):
             failed.append(res)
+
+    watch = _ProgressWatch(out, todo, bar, interactive, t0)
+    try:
+        _stages(p, out, params_file, todo, kind, jobs, force, counted, count, on_done, failed)
+    finally:
+        watch.stop()
+    bar.close()
+    wall = time.time() - t0
+    if failed:
+        print(f"proxygap: {len(failed)} of {total} units failed after {wall:.0f}s:", file=sys.stderr)
+        for f in failed:
+            print(f"  - {f['uid']}: {f.get('message', '?')} (see {out}/runs/{f['uid']}/)", file=sys.stderr)
+        print("proxygap: fix the cause and rerun the same command: only failed and missing units run again.",
+              file=sys.stderr)
+        return 1
+    print(f"proxygap: grid '{p.name}' complete in {wall:.0f}s; report: {_report_path(p, out)}")
+    return 0
+
+
+def _stages(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int, force: bool, counted: set,
+            count, on_done, failed: list) -> None:
+    """The stages in order, each unit that is not complete executed (SAE units ``jobs`` at a time)."""
+    from .executors import execute
 
     for stage in ("extract", "sae", "aggregate", "report"):
         stage_units = [u for u in todo if u.stage == stage]
@@ -197,17 +265,45 @@ def _run(p, out: Path, params_file: Path, todo: list[Unit], kind: str, jobs: int
             continue
         execute(kind if stage == "sae" else "local", str(params_file), str(out), pending, p,
                 jobs if stage == "sae" else 1, on_done)
-    bar.close()
-    wall = time.time() - t0
-    if failed:
-        print(f"proxygap: {len(failed)} of {total} units failed after {wall:.0f}s:", file=sys.stderr)
-        for f in failed:
-            print(f"  - {f['uid']}: {f.get('message', '?')} (see {out}/runs/{f['uid']}/)", file=sys.stderr)
-        print("proxygap: fix the cause and rerun the same command: only failed and missing units run again.",
-              file=sys.stderr)
-        return 1
-    print(f"proxygap: grid '{p.name}' complete in {wall:.0f}s; report: {_report_path(p, out)}")
-    return 0
+
+
+class _ProgressWatch:
+    """Shows what the running units report from inside (``runs/<unit>/progress.json``: :mod:`.progress`): in the
+    runner's bar on a terminal (every POLL_S), else as one ``[progress]`` line every LOG_S at most (a log file
+    gets a line a minute, not a bar redrawn)."""
+
+    POLL_S, LOG_S = 2.0, 60.0
+
+    def __init__(self, out: Path, todo: list[Unit], bar, interactive: bool, t0: float):
+        import threading
+
+        self.files = {u.uid: u.run_dir(out) / progress_file.FILE for u in todo}
+        self.bar, self.interactive, self.t0 = bar, interactive, t0
+        self.last_log = time.time()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.POLL_S):
+            notes = [f"{uid}: {d}" for uid, f in self.files.items() if self._fresh(f)
+                     and (d := progress_file.describe(f))]
+            if self.interactive:
+                self.bar.set_postfix_str("; ".join(notes), refresh=True)
+            elif notes and time.time() - self.last_log >= self.LOG_S:
+                self.last_log = time.time()
+                print(f"[progress {time.time() - self.t0:6.0f}s] " + "; ".join(notes), flush=True)
+
+    def _fresh(self, f: Path) -> bool:
+        """Written by this run (a failed unit of an earlier run leaves its last progress behind)."""
+        try:
+            return f.stat().st_mtime >= self.t0
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 def _sae_cost(p, u: Unit) -> int:

@@ -18,7 +18,8 @@ end-of-text token. A byte-level BPE tokenizer is trained on the train split.
 Reference grid: the Pile (or any corpus with a text field), tokenized with the Pythia tokenizer and packed
 into rows of ``context_size`` tokens, documents joined by EOT. Read with ``datasets`` in streaming mode (nothing
 is converted or cached) from a hub dataset id (``data.pile_dataset``, needs internet) or from local files
-(``data.pile_files``: ``.jsonl``, ``.jsonl.zst``, ``.parquet``; a folder's splits from its file names). SAEs
+(``data.pile_files``: JSON lines or arrays ``.jsonl`` / ``.json``, plain or ``.gz`` / ``.bz2`` / ``.xz`` /
+``.zst``, and ``.parquet``; a folder's splits from its file names). SAEs
 train on the ``train`` split; the eval rows are the first rows of the ``validation`` split, and training rows
 equal to an eval row are dropped.
 """
@@ -192,7 +193,12 @@ def token_hash(arr: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------- the reference grid's text
-TEXT_FORMATS = {".jsonl": "json", ".jsonl.zst": "json", ".parquet": "parquet"}  # suffix -> datasets builder
+# suffix -> datasets builder: what its json builder reads (JSON lines, or a JSON array of records, each plain or
+# compressed as fsspec infers from the suffix) and parquet
+COMPRESSIONS = ("", ".gz", ".bz2", ".xz", ".zst")
+TEXT_FORMATS = {**{f"{base}{c}": "json" for base in (".jsonl", ".json") for c in COMPRESSIONS}, ".parquet": "parquet"}
+# files a folder of text may hold that are data in a form not read: refused by name rather than skipped
+_DATA_LIKE = re.compile(r"\.(jsonl?|parquet|csv|tsv|txt|arrow|zst|gz|bz2|xz|lz4|zip|tar)(\.|$)", re.IGNORECASE)
 SPLITS = ("train", "validation")
 
 
@@ -225,8 +231,13 @@ def _text_files(path: Path, key: str) -> tuple[str, ...]:
             raise ParamsError(f"key `{key}` = {str(path)!r}: unsupported file type; give {', '.join(TEXT_FORMATS)} "
                               "files (or a folder of them)")
         return (str(path),)
-    found = sorted(str(f) for f in path.rglob("*") if f.is_file() and _format(f)
-                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    visible = [f for f in sorted(path.rglob("*")) if f.is_file()
+               and not any(part.startswith(".") for part in f.relative_to(path).parts)]
+    if unread := [str(f) for f in visible if not _format(f) and _DATA_LIKE.search(f.name)]:
+        raise ParamsError(f"key `{key}` = {str(path)!r}: {unread[0]!r}{f' (and {len(unread) - 1} more)' if len(unread) > 1 else ''} "
+                          f"looks like data in a format that is not read; give {', '.join(TEXT_FORMATS)} files, or "
+                          "move it out of the folder")
+    found = [str(f) for f in visible if _format(f)]
     if not found:
         raise ParamsError(f"key `{key}` = {str(path)!r}: the folder holds no {', '.join(TEXT_FORMATS)} files "
                           "(an empty dataset)")
@@ -298,15 +309,11 @@ def _first_record(path: str) -> dict | None:
         if pf.metadata.num_rows == 0:
             return None
         return {name: None for name in pf.schema_arrow.names}  # the fields; the type is checked below
-    opener = open
-    if path.lower().endswith(".zst"):
-        import zstandard
-
-        def opener(p, mode):  # noqa: E306 - a streaming zstd reader as a text file
-            return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(p, "rb"), read_across_frames=True,
-                                                                                closefd=True),
-                                    encoding="utf-8")
-    with opener(path, "r") as f:
+    with _open_text(path) as f:
+        head = f.read(1 << 16)
+        if head.lstrip().startswith("["):  # a JSON array of records: its first element
+            return _first_array_record(path, head, f)
+    with _open_text(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -319,6 +326,45 @@ def _first_record(path: str) -> dict | None:
                                       "field")
                 return rec
     return None
+
+
+def _open_text(path: str):
+    """A local text file as text, decompressed by its suffix (gzip, bz2, xz, zstd), as ``datasets`` reads it."""
+    import bz2
+    import gzip
+    import lzma
+
+    low = path.lower()
+    if low.endswith(".zst"):
+        import zstandard
+
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
+                                                                            closefd=True), encoding="utf-8")
+    for suffix, module in ((".gz", gzip), (".bz2", bz2), (".xz", lzma)):
+        if low.endswith(suffix):
+            return module.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _first_array_record(path: str, head: str, f) -> dict | None:
+    """The first element of a file holding one JSON array (read until that element is complete)."""
+    buf, dec = head.lstrip()[1:], json.JSONDecoder()
+    while True:
+        body = buf.lstrip()
+        if body.startswith("]"):
+            return None
+        try:
+            rec, _ = dec.raw_decode(body)
+            break
+        except ValueError as e:
+            more = f.read(1 << 20)
+            if not more:
+                raise ParamsError(f"{path}: not a JSON array of records ({e}); give JSON lines or an array of "
+                                  "records with a text field") from None
+            buf += more
+    if not isinstance(rec, dict):
+        raise ParamsError(f"{path}: its array holds a JSON {type(rec).__name__}, not records with a text field")
+    return rec
 
 
 def check_text_source(src: TextSource) -> dict[str, int]:

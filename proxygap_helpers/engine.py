@@ -19,7 +19,7 @@ SAELens' own learning-rate scheduler (``get_lr_scheduler``: warm-up, constant, l
 SAELens itself, so ``SAE.load_from_disk`` reads them.
 
 On CUDA, ``sae.precision`` may ask for TF32 matmuls or bf16 autocast; activations stay on the GPU (a store
-that fits in ``sae.buffer_tokens`` is copied there once). The choice is recorded in each ``train_meta.json``.
+that fits in the buffer, ``Params.buffer_rows``, is copied there once). The choice is recorded in each ``train_meta.json``.
 """
 
 from __future__ import annotations
@@ -133,15 +133,16 @@ class Run:
             self.n_frac_active = 0
         dead = self.since_fired > self.window
         dead_ids = dead.nonzero().squeeze(1)
-        with _autocast(x.device.type, precision):
-            out = sparse_forward(x * self.scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
-                                 dead_ids, self.p.sae.aux_k_coefficient)
-        with torch.no_grad():
-            fired = torch.bincount(out.idx[out.v > 0], minlength=self.W_dec.shape[0])
-            self.since_fired.add_(1).masked_fill_(fired > 0, 0)
-            self.act_freq.add_(fired)
-            self.n_frac_active += len(x)
-        out.loss.backward()
+        with _matmul_precision(precision):  # the whole step, the backward's GEMMs included
+            with _autocast(x.device.type, precision):  # the forward (autograd runs its casts' backward in kind)
+                out = sparse_forward(x * self.scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
+                                     dead_ids, self.p.sae.aux_k_coefficient)
+            with torch.no_grad():
+                fired = torch.bincount(out.idx[out.v > 0], minlength=self.W_dec.shape[0])
+                self.since_fired.add_(1).masked_fill_(fired > 0, 0)
+                self.act_freq.add_(fired)
+                self.n_frac_active += len(x)
+            out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
@@ -171,7 +172,7 @@ class Run:
                                    seconds=time.time() - self.t0, epochs_used=self.epochs_used, extra={
                                        "trainer": "fast", "device": self.device, "precision": precision,
                                        "deterministic": self.device == "cpu", "scaling_factor": self.scale,
-                                       "buffer_tokens": self.p.sae.buffer_tokens, "set_runs": self.set_size,
+                                       "buffer_tokens": self.p.buffer_rows(self.role), "set_runs": self.set_size,
                                        "set_saes": self.unit_saes, "stream_lm_tokens": self.lm_tokens})
         training.save_sae(self.out_dir, spec, sae, [r for r in self.log if r["step"] <= self.step], meta)
         self.metas.append(meta)
@@ -205,20 +206,27 @@ def _adam_kwargs(device: str) -> dict:
 
 @contextmanager
 def _autocast(device_type: str, precision: str):
-    """``bf16``: autocast the step's matmuls to bfloat16; ``tf32``: TF32 CUDA matmuls; ``fp32``: neither."""
+    """``bf16``: autocast the forward's matmuls to bfloat16 (fp32 master weights and accumulation); else nothing."""
     if precision == "bf16":
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
             yield
         return
-    if precision == "tf32" and device_type == "cuda":
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
-        return
     yield
+
+
+@contextmanager
+def _matmul_precision(precision: str):
+    """``tf32``: TF32 CUDA matmuls (``torch.backends.cuda.matmul.allow_tf32``; CPU matmuls ignore it) for as long as
+    the context lasts: the whole step, forward and backward; other precisions leave the flag as it is."""
+    if precision != "tf32":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def train_set(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name: str, context_size: int,
@@ -234,7 +242,7 @@ def train_set(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name
     Raises ``training.TrainingError`` on a non-finite loss (naming the SAE and step; its SAEs are not saved)
     and ``activations.StoreError`` when an online source runs out of text.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     out_dir = Path(out_dir)
     todo = [run for run in training.runs_for(p, specs)
@@ -245,8 +253,9 @@ def train_set(p: Params, specs: list[SAESpec], source, out_dir: Path, model_name
     runs = [Run(p, r, out_dir, model_name, context_size, device, sizes) for r in todo]
     precision = p.sae.precision
     total = sum(r.steps for r in runs)
-    bar = tqdm(total=total, desc=f"{runs[0].role}: {len(runs)} SAE runs", disable=not progress, mininterval=1.0)
-    chunks = source.chunks(p.sae.buffer_tokens, seed=p.data.seed, device=device)
+    bar = tqdm(total=total, desc=f"train {runs[0].role}: {len(runs)} SAE runs, steps", disable=not progress,
+               mininterval=1.0)
+    chunks = source.chunks(p.buffer_rows(runs[0].role), seed=p.data.seed, device=device)
     try:
         for c, chunk in chunks:
             for run in runs:

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
+from . import progress as progress_file
 from . import provenance, slurm
 from .files import write_json_atomic
 from .grid import Unit, input_hash
@@ -96,8 +97,10 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
     start, t0 = provenance.now(), time.time()
     task = {"slurm": job} if (job := slurm.job_env()) else {}  # the Slurm task this unit runs as, if any
     write_json_atomic(rd / RUNNING, {"pid": os.getpid(), "host": os.uname().nodename, "start": start, **task})
-    env_before = {v: os.environ.get(v) for v in THREAD_VARS}
+    env_before = {v: os.environ.get(v) for v in (*THREAD_VARS, progress_file.ENV)}
     os.environ.update({v: str(threads) for v in THREAD_VARS})
+    os.environ[progress_file.ENV] = str(rd / progress_file.FILE)  # the unit's bars report there (progress.py)
+    (rd / progress_file.FILE).unlink(missing_ok=True)
     compute, notebooks = 0.0, []
     try:
         with _kernel() as km:
@@ -115,7 +118,8 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
 
             publish(p, out, [out / n for n in notebooks])
     except BaseException as exc:  # noqa: BLE001 - recorded, then the runner moves on
-        stopped = isinstance(exc, KeyboardInterrupt)  # Ctrl-C: not a failure (status shows it as interrupted)
+        # Ctrl-C: not a failure (status shows it as interrupted), whether it reached this process or the kernel
+        stopped = isinstance(exc, KeyboardInterrupt) or getattr(exc, "ename", None) == "KeyboardInterrupt"
         rec = {"unit": unit.uid, "message": "interrupted (Ctrl-C)" if stopped else _error_message(exc),
                "notebook": notebooks[-1] if notebooks else None, "interrupted": stopped,
                "traceback": "" if stopped else traceback.format_exc(limit=5), "start": start, "end": provenance.now(),
@@ -123,7 +127,7 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
         write_json_atomic(rd / ERROR, rec)
         (rd / RUNNING).unlink(missing_ok=True)
         if stopped:
-            raise
+            raise KeyboardInterrupt from None
         return {"uid": unit.uid, "ok": False, **rec}
     finally:
         for v, old in env_before.items():
@@ -136,6 +140,7 @@ def run_unit(params_path: str, out_dir: str, unit: Unit, threads: int, progress:
            "provenance": provenance.record(p.params_hash()), **task}
     write_json_atomic(rd / DONE, rec)
     (rd / RUNNING).unlink(missing_ok=True)
+    (rd / progress_file.FILE).unlink(missing_ok=True)
     return {"uid": unit.uid, "ok": True, **rec}
 
 

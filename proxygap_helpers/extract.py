@@ -58,10 +58,9 @@ def model_name(p: Params, role: str) -> str:
     return p.models[role].name
 
 
-def _tokenized(p: Params, out_dir: Path, progress: bool):
-    """Corpus, tokenizer dir (cached) and the token streams of both splits."""
+def _tokenizer(p: Params, out_dir: Path, corpus) -> tuple[Path, object]:
+    """The embedded tokenizer of this corpus and vocabulary: its (cached) folder and the loaded tokenizer."""
     d = p.data
-    corpus = data.load_corpus(d.eval_fraction, d.max_chars)
     key = short_hash({"corpus": corpus.content_hash, "vocab": d.vocab_size, "v": 1})
     tok_dir = cache_root(out_dir) / "tokenizers" / key
     if not (tok_dir / "tokenizer.json").is_file():
@@ -69,8 +68,49 @@ def _tokenized(p: Params, out_dir: Path, progress: bool):
         data.train_tokenizer(corpus.train_text, d.vocab_size, tmp)
         shutil.rmtree(tok_dir, ignore_errors=True)
         os.replace(tmp, tok_dir)
-    tok = models.load_tokenizer(str(tok_dir))
+    return tok_dir, models.load_tokenizer(str(tok_dir))
+
+
+def _tokenized(p: Params, out_dir: Path, progress: bool):
+    """Corpus, tokenizer dir (cached) and the token streams of both splits."""
+    corpus = data.load_corpus(p.data.eval_fraction, p.data.max_chars)
+    tok_dir, tok = _tokenizer(p, out_dir, corpus)
     return corpus, tok_dir, tok, data.encode(tok, corpus.train_text), data.encode(tok, corpus.eval_text)
+
+
+def split_tokens(p: Params, out_dir: Path) -> dict[str, int]:
+    """Tokens of an embedded grid's ``train`` and ``eval`` splits, ``{"train": n, "eval": n, "eval_files": n}``
+    (cached beside the tokenizer, which is trained and cached for the extract stage if it is not yet: one encode of
+    the text, ~15 s for the default's)."""
+    d = p.data
+    corpus = data.load_corpus(d.eval_fraction, d.max_chars)
+    tok_dir, tok = _tokenizer(p, out_dir, corpus)
+    path = tok_dir / f"split_tokens-{short_hash({'eval_fraction': d.eval_fraction, 'max_chars': d.max_chars})}.json"
+    if not path.is_file():
+        write_json_atomic(path, {"train": len(data.encode(tok, corpus.train_text)),
+                                 "eval": len(data.encode(tok, corpus.eval_text)), "eval_files": len(corpus.eval_files)})
+    return read_json(path)
+
+
+def store_rows(p: Params, train_tokens: int) -> int:
+    """Rows of ``context_size`` tokens each activation store holds: ``Params.store_tokens`` rounded up to whole
+    rows, at most the train split's rows (what :func:`run_extract` writes)."""
+    return min(train_tokens // p.data.context_size, -(-p.store_tokens // p.data.context_size))
+
+
+def check_eval_sequences(p: Params, out_dir: Path) -> int:
+    """An embedded grid's held-out split holds at least ``data.eval_sequences`` rows of ``context_size`` tokens;
+    raises ParamsError naming the key and how many there are. Returns that number."""
+    from .params import ParamsError
+
+    d = p.data
+    counts = split_tokens(p, out_dir)
+    n = counts["eval"] // d.context_size
+    if n < d.eval_sequences:
+        raise ParamsError(f"key `data.eval_sequences` = {d.eval_sequences}: the held-out split ({counts['eval_files']} "
+                          f"files at data.eval_fraction = {d.eval_fraction}) holds only {n} sequences of "
+                          f"{d.context_size} tokens; ask for at most {n}, or raise data.eval_fraction or data.max_chars")
+    return n
 
 
 def _model_key(p: Params, role: str, corpus, tok_dir: Path) -> str:
@@ -148,15 +188,15 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
 
     corpus, tok_dir, tok, train_ids, eval_ids = _tokenized(p, out_dir, progress)
     eval_seqs = data.to_sequences(eval_ids, d.context_size, d.eval_sequences)
-    if len(eval_seqs) < d.eval_sequences:
-        print(f"note: the eval split holds only {len(eval_seqs)} sequences of {d.context_size} tokens "
-              f"(data.eval_sequences = {d.eval_sequences})", file=sys.stderr)
+    if len(eval_seqs) < d.eval_sequences:  # (``run`` refuses this before any work: check_eval_sequences)
+        raise ValueError(f"data.eval_sequences = {d.eval_sequences}, but the held-out split holds only "
+                         f"{len(eval_seqs)} sequences of {d.context_size} tokens: ask for at most that many")
     _save_eval(out_dir, eval_seqs, {"text": {"corpus_hash": corpus.content_hash,
                                              "eval_files": len(corpus.eval_files)}})
     model_metas = _train_models(p, out_dir, corpus, tok_dir, tok, train_ids, eval_seqs, progress, processes, device)
 
     all_rows = data.to_sequences(train_ids, d.context_size)
-    n_rows = min(len(all_rows), -(-p.store_tokens // d.context_size))
+    n_rows = store_rows(p, len(train_ids))
     pick = np.sort(np.random.default_rng(d.seed).permutation(len(all_rows))[:n_rows])
     store_seqs = all_rows[pick]
     tokens_hash = data.token_hash(store_seqs)

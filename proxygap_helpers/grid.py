@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import read_json, read_json_field
-from .layout import DONE, ERROR, NOTEBOOKS, RUNNING, aggregate_dir, default_out, metrics_files, metrics_path, run_dir
+from .layout import (DONE, ERROR, NOTEBOOKS, RUNNING, aggregate_dir, default_out, metrics_files, metrics_path, run_dir,
+                     store_dir)
 from .params import Params, ParamsError, load_params, short_hash
 from .runlock import _alive
 
@@ -179,6 +180,9 @@ def is_complete(p: Params, out_dir: Path, unit: Unit) -> bool:
         return False
     if unit.stage in ("aggregate", "report"):
         return rec.get("input_hash") == input_hash(p, out_dir, unit)
+    if unit.stage == "extract" and p.embedded:  # a store found unusable by an SAE unit was removed: rebuild it
+        return all((store_dir(out_dir, r, L if p.multi_hook else None) / "meta.json").is_file()
+                   for r in p.roles for L in p.layers(r))
     return True
 
 

@@ -373,7 +373,7 @@ def activation_statistics(model, layer: int, tokens: torch.Tensor, tok_mask: tor
     ``sst_per_token`` (= sum ||x - mean||^2 / N, the variance R² divides by), ``act_norm_mean`` (mean ||x||)
     and ``act_sq_norm_mean`` (mean ||x||^2, what ``nmse`` divides by). Raises ValueError if no token is kept.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     from .dimensionality import CovarianceAccumulator, subsample_positions, twonn_dimension
     from .models import resid_post
@@ -542,7 +542,7 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
     Raises ValueError for tokens that are not ``[n_seq, ctx >= 2]``, ``batch_sequences < 1``, missing
     special ids, no kept token, or an SAE whose output shape differs from the activation's.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     toks = _as_tensor_tokens(eval_tokens)
     ids_special = list(special_ids) if exclude_special_tokens else []

@@ -25,9 +25,21 @@ import torch
 from .params import EmbeddedModel
 
 
+class DeviceError(ValueError):
+    """The params ask for a device this machine does not have."""
+
+
 def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` where torch sees a GPU, else ``cpu``; ``cuda`` on a machine without one raises
+    :class:`DeviceError` (naming the key, the torch build and what to use instead)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        build = f"torch {torch.__version__}, " + ("a CPU-only build" if torch.version.cuda is None
+                                                  else f"built for CUDA {torch.version.cuda}, but it finds no GPU")
+        raise DeviceError(f"key `device` = 'cuda': this machine has no CUDA device ({build}); use `device: auto` "
+                          "(the GPU where there is one, else the CPU) or `device: cpu`, or install a CUDA build of "
+                          "torch on a GPU machine (README, Development)")
     return device
 
 
@@ -60,7 +72,7 @@ def train_lm(m: EmbeddedModel, vocab_size: int, train_seqs: np.ndarray, seed: in
 
     Deterministic on CPU for the same inputs, seed and thread count. Returns (model, log rows).
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
     from transformers import GPTNeoXForCausalLM
 
     torch.manual_seed(seed)

@@ -175,7 +175,8 @@ class DataParams(_Strict):
     source: Literal["sympy", "pile"] = "sympy"
     pile_dataset: str = "monology/pile-uncopyrighted"  # a hub dataset id, streamed (needs internet)
     # a local copy instead: a folder (splits from its file and folder names: data.py) or {train, validation},
-    # each a file or folder of .jsonl / .jsonl.zst / .parquet (data.py reads them)
+    # each a file or folder of JSON lines or arrays (.jsonl / .json, plain or .gz / .bz2 / .xz / .zst) or .parquet
+    # (data.TEXT_FORMATS)
     pile_files: str | dict[str, str] | None = None
     text_field: str = Field(default="text", min_length=1)
     context_size: int = Field(default=128, ge=8, le=8192)
@@ -209,7 +210,10 @@ class DataParams(_Strict):
 class SAEParams(_Strict):
     architecture: Literal["topk"] = "topk"
     trainer: Literal["fast", "saelens"] = "fast"  # engine.py (shared stream, sparse step) | SAELens' SAETrainer
-    buffer_tokens: int = Field(default=2**21, ge=1)  # rows of the shared activation stream held at once (fast)
+    # the shared activation stream held at once (fast trainer), per hook: at most ``buffer_tokens`` rows and at most
+    # ``buffer_bytes`` of float32 (1 GiB: 2^21 rows at d_in 128, 2^18 at pythia-410m's 1024); Params.buffer_rows
+    buffer_tokens: int = Field(default=2**21, ge=1)
+    buffer_bytes: int = Field(default=2**30, ge=2**20)
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # fast trainer: TF32 matmuls (CUDA) or bf16 autocast
     expansion: int = Field(default=32, ge=1)
     k: list[int] = Field(min_length=1)
@@ -225,7 +229,9 @@ class SAEParams(_Strict):
     dead_tokens_window: int = Field(default=100_000, gt=0)
     normalize_activations: Literal["expected_average_only_in", "none"] = "expected_average_only_in"
     norm_estimate_batches: int = Field(default=8, ge=1)
-    decoder_init_norm: float | None = Field(default=0.1, gt=0)
+    # the decoder rows' norm at init (W_enc = W_dec^T): Gao et al.'s unit norm; SAELens' own default 0.1 left 42-95%
+    # of the embedded pairs' latents dead (README, "The published default study")
+    decoder_init_norm: float | None = Field(default=1.0, gt=0)
     log_every: int = Field(default=10, ge=1)
 
     @field_validator("k", "tokens")
@@ -245,6 +251,25 @@ class SAEParams(_Strict):
         if any(s < 0 for s in v) or len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct integers >= 0; got {v}")
         return sorted(v)
+
+    @model_validator(mode="after")
+    def _whole_batches(self) -> "SAEParams":
+        """Every budget is a whole number of batches (the engine trains ``tokens // batch_size`` steps: 1023 tokens
+        at batch 128 would train 896 and be recorded as 1023), and the precision is one the trainer applies."""
+        bad = [t for t in self.tokens if t % self.batch_size]
+        if bad:
+            t, bs = bad[0], self.batch_size
+            lo, hi = t // bs * bs, -(-t // bs) * bs
+            g = math.gcd(*self.tokens)
+            fits = max(d for d in range(1, bs + 1) if g % d == 0)
+            near = f"{lo} or {hi}" if lo else f"{hi}"
+            raise ValueError(f"key `sae.tokens`: budget {t} is not a whole number of batches (sae.batch_size = {bs}: "
+                             f"{t / bs:.2f} batches), so it would train fewer tokens than its label says; use {near}, or "
+                             f"a batch size that divides every budget (the largest one up to {bs} is {fits})")
+        if self.trainer == "saelens" and self.precision != "fp32":
+            raise ValueError(f"key `sae.precision` = {self.precision!r}: the saelens trainer (the parity baseline) trains "
+                             "in fp32 only; use `precision: fp32` with it, or `trainer: fast`")
+        return self
 
     def lr_for(self, d_sae: int) -> float:
         """Gao et al. (2024): lr = 2e-4 / sqrt(n_latents / 2**14) unless given."""
@@ -485,6 +510,12 @@ class Params(_Strict):
     def d_in(self, role: str) -> int:
         return self.models[role].d_model
 
+    def buffer_rows(self, role: str) -> int:
+        """Rows of ``role``'s shared activation buffer per hook (fast trainer): ``sae.buffer_tokens``, capped at
+        ``sae.buffer_bytes`` of float32 rows of width ``d_in``. The buffer's host memory is rows x d_in x 4 bytes
+        per hook; for a store it decides how the rows are chunked, so it is part of the SAE hash."""
+        return max(1, min(self.sae.buffer_tokens, self.sae.buffer_bytes // (4 * self.d_in(role))))
+
     def d_sae(self, role: str) -> int:
         return self.sae.expansion * self.d_in(role)
 
@@ -529,7 +560,9 @@ class Params(_Strict):
         so the checkpoint at T is the same whatever the largest budget is. With several hooks per model the
         layer is part of it (with one, the extract hash already fixes the hook)."""
         unused = {"buffer_tokens", "precision"} if self.sae.trainer == "saelens" else set()
-        sae = self.sae.model_dump(exclude={"k", "tokens", "seeds", "log_every"} | unused)
+        sae = self.sae.model_dump(exclude={"k", "tokens", "seeds", "log_every", "buffer_bytes"} | unused)
+        if "buffer_tokens" in sae:  # the rows the buffer holds (the byte cap applied): what shapes the stream
+            sae["buffer_tokens"] = self.buffer_rows(role)
         shaped = {"extract": self.extract_hash, "role": role, "k": k, "tokens": tokens, "seed": seed, "sae": sae,
                   "lr": self.sae.lr_for(self.d_sae(role))}
         if self.multi_hook:
@@ -568,7 +601,7 @@ def depth_layer(depth: float, n_layers: int) -> int:
 # Keys added after results existed: they enter the hashes (extract, SAE and unit ids) only when set to something
 # other than their default, so grids that do not use them keep their ids and results.
 _LATER_KEYS = {DataParams: ("pile_files", "text_field"), HubModel: ("path",), Params: ("depths", "pairs"),
-               ExecutorParams: ("threads",)}
+               ExecutorParams: ("threads",), SAEParams: ("buffer_bytes",)}
 
 
 def _hashed(m: BaseModel, mode: str = "python") -> dict:
@@ -578,6 +611,7 @@ def _hashed(m: BaseModel, mode: str = "python") -> dict:
             del dump[key]
     if isinstance(m, Params):  # (params_hash: the executor's later keys too; the other sections as they were)
         dump["executor"] = _hashed(m.executor, mode)
+        dump["sae"] = _hashed(m.sae, mode)
     return dump
 
 
@@ -636,12 +670,16 @@ def _describe(err: dict[str, Any]) -> str:
     value = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
+        import difflib
+
         allowed = _allowed_keys(err["loc"])
-        where = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
-        return f"unknown key `{key}` (check its spelling{where})"
+        close = difflib.get_close_matches(str(err["loc"][-1]), allowed or [], n=1, cutoff=0.5)
+        guess = f": did you mean `{'.'.join((*_key_path(err['loc'])[:-1], close[0]))}`?" if close else ""
+        where = f"allowed keys here: {', '.join(allowed)}" if allowed else "check its spelling"
+        return f"unknown key `{key}`{guess} ({where})"
     if err["type"] == "missing":
         return f"required key `{key}` is missing"
-    if not key:  # a cross-check of the whole file: its message names the keys
+    if not key or msg.startswith("key `"):  # a cross-check (of the file or a section): its message names the keys
         return msg
     shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
     return f"key `{key}` = {shown}: {msg}"
@@ -677,8 +715,39 @@ def _check_paths(p: Params) -> None:
                               "checkpoint: the folder `save_pretrained` writes, or a clone of the hub repository)")
         kind = m.config.get("model_type")
         if kind != "gpt_neox":
-            raise ParamsError(f"key `{key}` = {m.path!r}: its config.json says model_type {kind!r}; hub models must be "
-                              "GPT-NeoX (Pythia architecture, model_type 'gpt_neox')")
+            raise ParamsError(f"key `{key}` = {m.path!r}: its config.json says model_type {kind!r}; a local checkpoint "
+                              "must be a GPT-NeoX (Pythia architecture, model_type 'gpt_neox'), the one family "
+                              "supported so far")
+
+
+def _offline() -> bool:
+    """The Hugging Face hub is off (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set to a true value)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _cached_revisions(name: str) -> list[str]:
+    """The branches and tags of hub model ``name`` that the local Hugging Face cache holds (``refs/``)."""
+    from huggingface_hub import constants
+
+    refs = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "refs"
+    return sorted(str(f.relative_to(refs)) for f in refs.rglob("*") if f.is_file()) if refs.is_dir() else []
+
+
+def check_offline_cache(p: Params) -> None:
+    """Offline, every hub model (by id, not ``path``) must be in the local cache at its revision: name both and the
+    revisions that are there, instead of the generic error the hub library gives at extract time. (``run`` checks
+    it before any work; loading and ``plan`` do not need the checkpoint: shapes come from :data:`PYTHIA_SHAPES`.)"""
+    if not _offline():
+        return
+    for role in p.roles:
+        m = p.models[role]
+        if isinstance(m, HubModel) and m.path is None and m.config is None:
+            have = _cached_revisions(m.name)
+            there = f"the cache holds {', '.join(have)}" if have else "the cache holds no revision of it"
+            raise ParamsError(f"key `models.{role}.revision` = {m.revision!r}: {m.name} at revision {m.revision!r} is not "
+                              f"in the offline Hugging Face cache ({there}); download it with the hub reachable, give "
+                              "`path` (a local folder), or unset HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE")
 
 
 def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
@@ -728,12 +797,15 @@ def _check_hooks(p: Params, role: str) -> None:
 
 
 def _check_ladder(p: Params) -> None:
-    """A list of models is ordered by size (non-embedding parameters never decreasing: checkpoints of one model
-    may share a size); every model has the same number of hooks. The two-role form ``{small, large}`` names its
-    order itself and is not checked for size (as before ladders)."""
+    """Models are ordered by size (non-embedding parameters never decreasing: checkpoints of one model may share a
+    size), in the list form and the two-role form ``{small, large}`` alike; every model has the same number of
+    hooks."""
     sizes = [p.n_params(r) for r in p.roles]
     for (a, na), (b, nb) in zip(zip(p.roles, sizes), zip(p.roles[1:], sizes[1:])):
-        if nb < na and p.roles != TWO_ROLES:
+        if nb < na and p.roles == TWO_ROLES:  # every delta is large - small: swapped models flip every sign
+            raise ParamsError(f"key `models`: `large` ({nb:,} non-embedding parameters, 12 x n_layers x d_model^2) is "
+                              f"smaller than `small` ({na:,}); swap the two models (every delta is large - small)")
+        if nb < na:
             raise ParamsError(f"key `models`: models must be ordered by size, smallest first, but {b!r} ({nb:,} "
                               f"non-embedding parameters, 12 x n_layers x d_model^2) is smaller than {a!r} "
                               f"({na:,}); reorder them")
@@ -831,7 +903,8 @@ def validate_params(raw: dict[str, Any], source: str = "params") -> Params:
     try:
         p = Params.model_validate(raw)
     except ValidationError as e:
-        errs = e.errors()
+        # an unknown key first: a misspelled required key (`kk:`) also makes the real one (`k`) missing
+        errs = sorted(e.errors(), key=lambda err: (err["type"] != "extra_forbidden", len(err["loc"])))
         first = _describe(errs[0])
         more = f" ({len(errs) - 1} more problem(s) after this one)" if len(errs) > 1 else ""
         raise ParamsError(f"{source}: {first}{more}. Nothing was run or written.") from None

@@ -8,12 +8,14 @@ randomly initialised models of the same shapes (no download).
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from pathlib import Path
 
 from . import provenance
 from .files import read_json, write_json_atomic
-from .grid import units
+from .grid import is_complete, units
 from .layout import cache_root
 from .params import Params, format_tokens, short_hash
 
@@ -29,14 +31,15 @@ SAE_FIXED_S = 1.0  # per training run: SAE + trainer set-up, norm-estimate batch
 
 
 def _time_it(fn, reps: int) -> float:
-    """Best of ``reps`` timed calls after two warm-up calls (the best is the least disturbed by other load)."""
+    """Median of ``reps`` timed calls after two warm-up calls (robust to a call disturbed by other load either
+    way, where the best of a few calls understated a loaded machine's time and the mean overstated a blip)."""
     fn(), fn()
-    best = float("inf")
+    times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 SAE_GEMM_EFFICIENCY = 0.5  # SAELens train-step FLOP rate / dense matmul rate at large shapes (benchmarks: 0.35-0.9)
@@ -162,10 +165,13 @@ def _calibrate_lm(p: Params, role: str) -> dict:
     m = p.models[role]
     if m.source == "hub":
         return {"forward_tok_s": _flop_forward_rate(p, role)}
+    torch.set_num_threads(p.threads)
     model = GPTNeoXForCausalLM(neox_config(m, p.data.vocab_size, p.data.context_size))
-    x = torch.randint(0, p.data.vocab_size, (4, min(p.data.context_size, 256)))
+    # the extract's forwards: whole batches of full-length sequences (4 short ones timed mostly call overhead and
+    # put the small model's forward below the large one's)
+    x = torch.randint(0, p.data.vocab_size, (max(16, p.evaluation.batch_sequences), p.data.context_size))
     with torch.no_grad():
-        out = {"forward_tok_s": x.numel() / _time_it(lambda: model(input_ids=x), 5)}
+        out = {"forward_tok_s": x.numel() / _time_it(lambda: model(input_ids=x), CAL_REPS)}
     xb = torch.randint(0, p.data.vocab_size, (m.batch_size, p.data.context_size))
     opt = torch.optim.AdamW(model.parameters())
 
@@ -173,27 +179,75 @@ def _calibrate_lm(p: Params, role: str) -> dict:
         model(input_ids=xb, labels=xb).loss.backward()
         opt.step()
         opt.zero_grad()
-    out["train_tok_s"] = xb.numel() / _time_it(step, 5)
+    out["train_tok_s"] = xb.numel() / _time_it(step, CAL_REPS)
     return out
 
 
-def calibration(p: Params, out_dir: Path) -> dict:
-    """Measured throughputs for this grid's shapes on this machine (cached)."""
+CAL_REPS = 7  # timed calls per LM measurement (median)
+PROBE_DRIFT = 1.3  # a cached calibration is re-timed when the probe's rate now differs from then by more than this
+
+
+def probe_rate(threads: int) -> float:
+    """FLOP/s of a fixed [256, 512] @ [512, 512] float32 matmul with ``threads`` torch threads, the median of 9
+    calls (~10 ms in all): the machine's speed *now*, recorded with a calibration and compared when it is reused."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(256, 512), torch.randn(512, 512)
+        return 2 * 256 * 512 * 512 / _time_it(lambda: a @ b, 9)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _calibration_key(p: Params) -> str:
     import torch
 
     shapes = {r: {"d_in": p.d_in(r), "d_sae": p.d_sae(r), "bs": p.sae.batch_size,
                   "model": p.models[r].model_dump(), "ctx": p.data.context_size, "vocab": p.data.vocab_size}
               for r in p.roles}
-    key = short_hash({"machine": provenance.machine(), "torch": torch.__version__, "shapes": shapes,
-                      "unit_threads": p.threads, "window": p.sae.dead_tokens_window,
-                      "eval_batch": p.evaluation.batch_sequences, "jobs": p.jobs,
-                      "trainer": p.sae.trainer, "precision": p.sae.precision, "v": 3})
+    return short_hash({"machine": provenance.machine(), "torch": torch.__version__, "shapes": shapes,
+                       "unit_threads": p.threads, "window": p.sae.dead_tokens_window,
+                       "eval_batch": p.evaluation.batch_sequences, "jobs": p.jobs,
+                       "trainer": p.sae.trainer, "precision": p.sae.precision, "v": 4})
+
+
+def calibration_entry(p: Params, out_dir: Path, recheck: bool = False, recalibrate: bool = False) -> tuple[dict, str]:
+    """The cached calibration of this grid's shapes on this machine, timed now when there is none (or when
+    ``recalibrate``), and with ``recheck`` also when :func:`probe_rate` now differs from the probe recorded with it
+    by more than PROBE_DRIFT (the machine was busy then, or is now). Returns the entry (``rates`` per role,
+    ``probe_flops``, ``load_avg`` and ``measured_at`` of its timing) and a note on what was done ('' when the cache
+    was used as it was)."""
+    key = _calibration_key(p)
     path = cache_root(out_dir) / "calibration.json"
     cache = read_json(path) if path.is_file() else {}
-    if key not in cache:
-        cache[key] = {r: {**_calibrate_units(p, r), **_calibrate_lm(p, r)} for r in p.roles}
+    entry, note = cache.get(key), ""
+    if entry is not None and recalibrate:
+        note = "re-timed (--recalibrate)"
+    elif entry is not None and recheck:
+        now = probe_rate(p.threads)
+        drift = now / entry["probe_flops"]
+        if not 1 / PROBE_DRIFT <= drift <= PROBE_DRIFT:
+            note = (f"re-timed: this machine's matmul rate is now {drift:.2f}x the one of the cached calibration "
+                    f"({entry['measured_at']}, load average {entry['load_avg']:.1f})")
+    elif entry is None:
+        note = "timed now (first plan of these shapes here)"
+    if entry is None or note.startswith("re-timed"):
+        load = os.getloadavg()[0]
+        probe = probe_rate(p.threads)
+        rates = {r: {**_calibrate_units(p, r), **_calibrate_lm(p, r)} for r in p.roles}
+        entry = {"rates": rates, "probe_flops": probe, "load_avg": load, "measured_at": provenance.now()}
+        cache[key] = entry
         write_json_atomic(path, cache)
-    return cache[key]
+        if load > 0.5 * (os.cpu_count() or 1):
+            note += f"; the machine was busy (load average {load:.1f} on {os.cpu_count()} cores): estimates run long"
+    return entry, note
+
+
+def calibration(p: Params, out_dir: Path) -> dict:
+    """Measured throughputs per role for this grid's shapes on this machine (cached: :func:`calibration_entry`)."""
+    return calibration_entry(p, out_dir)[0]["rates"]
 
 
 def eval_forwards_per_sae(p: Params) -> float:
@@ -230,23 +284,39 @@ def sae_seconds(p: Params, cal: dict, specs) -> float:
     return t
 
 
-def estimate(p: Params, out_dir: Path) -> dict:
-    """Estimated seconds per stage and in total (``jobs`` SAE units at a time, longest first)."""
-    cal = calibration(p, out_dir)
+def _store_tokens(p: Params, out_dir: Path) -> int:
+    """Tokens each activation store holds: ``Params.store_tokens``, at most the train split's whole rows (embedded
+    grids; the split's size is cached beside the tokenizer: :func:`extract.split_tokens`)."""
+    from .extract import split_tokens, store_rows
+
+    return store_rows(p, split_tokens(p, out_dir)["train"]) * p.data.context_size
+
+
+def estimate(p: Params, out_dir: Path, cal: dict | None = None) -> dict:
+    """Estimated seconds per stage and in total of the units still to do (``jobs`` SAE units at a time, longest
+    first): a finished extract, SAE unit or aggregate costs nothing; aggregate and report re-run whenever a unit
+    before them does. ``pending`` lists the uids costed, ``done`` the others."""
+    cal = cal or calibration(p, out_dir)
     us = units(p, out_dir, Path("params.resolved.yaml"))
+    complete = {u.uid for u in us if is_complete(p, out_dir, u)}
+    upstream = any(u.uid not in complete for u in us if u.stage in ("extract", "sae"))
+    pending = [u for u in us if u.uid not in complete or (upstream and u.stage in ("aggregate", "report"))]
     t_extract = 0.0
-    if p.embedded:
+    if p.embedded and any(u.stage == "extract" for u in pending):
         t_extract += sum(p.models[r].train_tokens / cal[r]["train_tok_s"] for r in p.roles)
         # one LM pass per model writes the stores of all its hooks
-        t_extract += sum(p.store_tokens / cal[r]["forward_tok_s"] for r in p.roles) + 25.0  # + text, tokenizer
-    t_sae = _sae_unit_seconds(p, cal, us)
+        store = _store_tokens(p, out_dir)
+        t_extract += sum(store / cal[r]["forward_tok_s"] for r in p.roles) + 25.0  # + text, tokenizer
+    t_sae = _sae_unit_seconds(p, cal, [u for u in pending if u.stage == "sae"])
     sae_wall = _makespan(sorted(t_sae.values(), reverse=True), p.jobs)
-    n_nb = sum(len(u.executions()) for u in us)
-    other_nb = n_nb - sum(len(u.executions()) for u in us if u.stage == "sae")
+    n_nb = sum(len(u.executions()) for u in pending)
+    other_nb = n_nb - sum(len(u.executions()) for u in pending if u.stage == "sae")
     # + aggregate and report compute, per setting (pair x hook)
-    total = t_extract + sae_wall + other_nb * NOTEBOOK_OVERHEAD_S + 20.0 * len(p.settings())
+    t_after = 20.0 * len(p.settings()) if any(u.stage == "aggregate" for u in pending) else 0.0
+    total = t_extract + sae_wall + other_nb * NOTEBOOK_OVERHEAD_S + t_after
     return {"extract_s": t_extract, "sae_s": t_sae, "sae_wall_s": sae_wall, "notebooks": n_nb, "total_s": total,
-            "calibration": cal}
+            "calibration": cal, "pending": [u.uid for u in pending],
+            "done": [u.uid for u in us if u not in pending]}
 
 
 def _sae_unit_seconds(p: Params, cal: dict, us) -> dict[str, float]:
@@ -265,14 +335,34 @@ def _makespan(durations: list[float], jobs: int) -> float:
     return max(free)
 
 
-def disk_bytes(p: Params) -> dict:
+def disk_bytes(p: Params, store_tokens: int | None = None) -> dict:
+    """Bytes per role: ``store`` (the activation stores of its hooks, ``store_tokens`` rows each, default
+    ``Params.store_tokens``; 0 for a hub grid, whose activations are streamed) and ``saes`` (float32 weights)."""
     per = {}
+    rows = p.store_tokens if store_tokens is None else store_tokens
     for r in p.roles:
-        store = p.store_tokens * p.d_in(r) * (4 if p.data.store_dtype == "float32" else 2) if p.embedded else 0
+        store = rows * p.d_in(r) * (4 if p.data.store_dtype == "float32" else 2) if p.embedded else 0
         store *= len(p.layers(r))  # one store per hook
         sae = (2 * p.d_in(r) * p.d_sae(r) + p.d_sae(r) + p.d_in(r)) * 4
         per[r] = {"store": store, "saes": sae * len(p.sae_specs(role=r))}
     return per
+
+
+def unit_memory_bytes(p: Params, role: str, n_runs: int, store_tokens: int | None = None) -> dict:
+    """Host memory of one SAE unit of ``role`` training ``n_runs`` runs at once (fast trainer): the shared
+    activation buffer (``Params.buffer_rows`` float32 rows per hook, or the whole store when it is smaller) and,
+    per run, the SAE's weights, their gradients and Adam's two moments (4 float32 copies); a hub grid adds the
+    model (float32). The saelens trainer holds one run at a time and its own buffer: ``n_runs`` is then 1."""
+    d_in, d_sae = p.d_in(role), p.d_sae(role)
+    rows = p.buffer_rows(role) if store_tokens is None else min(p.buffer_rows(role), store_tokens)
+    buffer = rows * d_in * 4 * len(p.layers(role))
+    sae = 4 * (2 * d_in * d_sae + d_sae + d_in) * 4
+    runs = n_runs if p.sae.trainer == "fast" else 1
+    model = 0
+    if not p.embedded:
+        m = p.models[role]
+        model = 4 * (12 * m.n_layers * m.d_model ** 2 + 2 * 50304 * m.d_model)
+    return {"buffer": buffer, "saes": runs * sae, "model": model, "total": buffer + runs * sae + model}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -287,7 +377,18 @@ def _fmt_s(s: float) -> str:
     return f"{s / 3600:.1f} h" if s > 5400 else f"{s / 60:.1f} min" if s > 90 else f"{s:.0f} s"
 
 
-def print_plan(p: Params, out_dir: Path) -> None:
+def _needs_internet(p: Params) -> bool:
+    """A hub model without a local ``path`` (or ``config``), or the Pile without local ``pile_files``."""
+    hub_model = any(p.models[r].source == "hub" and p.models[r].path is None for r in p.roles)
+    return hub_model or (p.data.source == "pile" and not p.data.pile_files)
+
+
+def print_plan(p: Params, out_dir: Path, recalibrate: bool = False) -> None:
+    """What ``plan`` prints: the grid, its units (done or pending), disk, memory per SAE unit and the time of the
+    pending units here, from the cached calibration (re-timed when the machine's speed moved: see
+    :func:`calibration_entry`)."""
+    from .training import runs_for
+
     us = units(p, out_dir, Path("params.resolved.yaml"))
     print(f"grid '{p.name}': {p.description}")
     for r in p.roles:
@@ -299,28 +400,52 @@ def print_plan(p: Params, out_dir: Path) -> None:
     print(f"  SAEs: TopK {p.sae.expansion}x, k {p.sae.k}, tokens {[format_tokens(t) for t in p.sae.tokens]}, "
           f"seeds {p.sae.seeds}, budget mode {p.sae.budget_mode}: {len(p.sae_specs())} SAEs")
     print(f"  output: {out_dir}\n")
+    entry, note = calibration_entry(p, out_dir, recheck=True, recalibrate=recalibrate)
+    est = estimate(p, out_dir, entry["rates"])
+    pending = set(est["pending"])
     width = max(34, *(len(u.uid) for u in us))
-    print(f"{'unit':{width}s} {'notebooks':28s} {'SAEs':>5s} {'train tokens':>13s}")
+    print(f"{'unit':{width}s} {'state':8s} {'notebooks':28s} {'SAEs':>5s} {'train tokens':>13s}")
     for u in us:
         nbs = ", ".join(u.notebooks) + (f" ({len(u.executions())} runs)" if u.runs else "")
-        print(f"{u.uid:{width}s} {nbs:28s} {len(u.sae_ids):5d} {format_tokens(u.tokens):>13s}")
+        st = "pending" if u.uid in pending else "done"
+        print(f"{u.uid:{width}s} {st:8s} {nbs:28s} {len(u.sae_ids):5d} {format_tokens(u.tokens):>13s}")
     once = " (each unit streams its role's activations once" + (", for all its hooks)" if p.multi_hook else ")")
     print(f"SAE trainer: {p.sae.trainer}" + (once
                                               if p.sae.trainer == "fast" else " (each SAE reads its own stream)"))
-    disk = disk_bytes(p)
+    store = _store_tokens(p, out_dir) if p.embedded else None
+    disk = disk_bytes(p, store)
     total_disk = sum(v for d in disk.values() for v in d.values())
+    short = f"; the train split holds {format_tokens(store)} tokens" if store is not None and store < p.store_tokens \
+        else ""
     print(f"\ndisk: {_fmt_bytes(total_disk)} ("
           + ", ".join(f"{r}: store {_fmt_bytes(d['store'])}, SAEs {_fmt_bytes(d['saes'])}" for r, d in disk.items())
-          + ("" if p.embedded else "; activations streamed, not stored") + ")")
-    est = estimate(p, out_dir)
+          + ("" if p.embedded else "; activations streamed, not stored") + short + ")")
+    specs = {s.sae_id: s for s in p.sae_specs()}
+    mem = {}
+    for u in us:
+        if u.stage == "sae":
+            role = u.parameters["role"]
+            n_runs = len(runs_for(p, [specs[i] for i in u.sae_ids]))
+            m = unit_memory_bytes(p, role, n_runs, store)
+            if m["total"] > mem.get(role, {"total": -1})["total"]:
+                mem[role] = m
+    print("memory per SAE unit: " + ", ".join(
+        f"{r} up to {_fmt_bytes(m['total'])} (activation buffer {_fmt_bytes(m['buffer'])}, SAEs with Adam "
+        f"{_fmt_bytes(m['saes'])}" + (f", model {_fmt_bytes(m['model'])}" if m["model"] else "") + ")"
+        for r, m in mem.items()) + f"; {p.jobs} unit(s) at once")
     dev = provenance.machine()
-    print(f"estimated wall time on this machine ({dev['cpu']}, {dev['cpu_count']} cores, "
-          f"{p.jobs} job(s)): {_fmt_s(est['total_s'])} "
-          f"(extract {_fmt_s(est['extract_s'])}, SAEs {_fmt_s(est['sae_wall_s'])}, "
+    n_done = len(us) - len(pending)
+    what = f"the {len(pending)} pending units ({n_done} done)" if n_done else f"all {len(us)} units"
+    print(f"estimated wall time on this machine ({dev['cpu']}, {dev['cpu_count']} cores, {p.jobs} job(s)) of "
+          f"{what}: {_fmt_s(est['total_s'])} (extract {_fmt_s(est['extract_s'])}, SAEs {_fmt_s(est['sae_wall_s'])}, "
           f"{est['notebooks']} notebook starts)")
-    if not p.embedded:
-        print("note: this grid loads Pythia from the hub and streams the Pile: it needs internet, and a GPU "
-              "to finish in hours rather than weeks (README: 'Reference grid').")
+    print(f"calibration: {note or 'cached'} ({entry['measured_at']}; `plan --recalibrate` re-times it)")
+    if _needs_internet(p):
+        print("note: this grid loads its models or text from the Hugging Face hub: it needs internet (or a local "
+              "cache), and a GPU to finish in hours rather than weeks (README: 'Reference grid').")
+    elif not p.embedded:
+        print("note: this grid reads local checkpoints and text (no internet); a GPU finishes it in hours rather "
+              "than weeks (README: 'Reference grid').")
 
 
 def budget_cost(p: Params, out_dir: Path, tokens: list[int], n_seeds: int) -> dict:

@@ -129,7 +129,7 @@ def run_training(p: Params, specs: list[SAESpec], source, out_dir: Path, model_n
     In ``separate`` mode ``specs`` has one element; in ``ladder`` mode the run goes to the largest budget.
     Returns the train_meta of each saved SAE.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     specs = sorted(specs, key=lambda s: s.tokens)
     role, k, seed, layer = specs[0].role, specs[0].k, specs[0].seed, specs[0].layer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -101,8 +102,6 @@ def test_truncated_and_corrupted_stores_are_detected_and_rebuilt(smoke_copy, smo
         f.truncate(f.seek(0, 2) - 1000)
     with pytest.raises(StoreError, match="truncated"):
         verify_store(small)
-    with pytest.raises(StoreError):
-        StoreSource(small)
     size = (large / ACTS).stat().st_size
     with open(large / ACTS, "r+b") as f:  # corrupted: same size, bytes flipped in the middle
         f.seek(size // 2)
@@ -112,6 +111,17 @@ def test_truncated_and_corrupted_stores_are_detected_and_rebuilt(smoke_copy, smo
     assert (large / ACTS).stat().st_size == size
     with pytest.raises(StoreError, match="corrupted"):
         verify_store(large)
+    # an SAE unit opening it refuses it and removes it, so that the extract unit is pending and rebuilds it
+    from proxygap_helpers.grid import is_complete, units
+
+    extract = next(u for u in units(smoke_params, smoke_copy, smoke_copy / "params.resolved.yaml")
+                   if u.stage == "extract")
+    extract.run_dir(smoke_copy).mkdir(parents=True)
+    (extract.run_dir(smoke_copy) / "done.json").write_text("{}")
+    assert is_complete(smoke_params, smoke_copy, extract)
+    with pytest.raises(StoreError, match="corrupted.*removed|removed.*corrupted|rebuild"):
+        StoreSource(large)
+    assert not (large / META).exists() and not is_complete(smoke_params, smoke_copy, extract)
     # a meta.json that is not JSON, or lacks fields, is refused (not a KeyError)
     meta_text = (small / META).read_text()
     for bad in ('{"shape": [', "{}", "[1, 2]"):
@@ -128,6 +138,23 @@ def test_truncated_and_corrupted_stores_are_detected_and_rebuilt(smoke_copy, smo
         meta = verify_store(store_dir(smoke_copy, role))
         assert meta["content_hash"] == smoke_info["stores"][role]["content_hash"]
         assert info["stores"][role] == smoke_info["stores"][role]
+
+
+def test_a_store_with_non_finite_rows_is_never_trained_on(tmp_path):
+    path = _fake_store(tmp_path / "nan", 40)
+    arr = np.fromfile(path / ACTS, dtype=np.float32).reshape(40, 3)
+    arr[7] = np.nan
+    arr.tofile(path / ACTS)  # same size: only the hash (and here the values) tell
+    with pytest.raises(StoreError, match="corrupted"):
+        StoreSource(path)
+    assert not (path / META).exists() and not (path / ACTS).exists()
+    path = _fake_store(tmp_path / "nan2", 40)
+    arr[7] = np.inf
+    arr.tofile(path / ACTS)  # a meta whose hash matches the non-finite bytes (written by a broken writer)
+    meta = json.loads((path / META).read_text())
+    write_json_atomic(path / META, {**meta, "content_hash": hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()})
+    with pytest.raises(StoreError, match="non-finite"):
+        verify_store(path)
 
 
 # --------------------------------------------------------------------------- StoreSource

@@ -366,7 +366,8 @@ def test_plan_budget_cost_by_hand(monkeypatch):
     from proxygap_helpers import plan
     from proxygap_helpers.params import load_params
 
-    p = load_params(REPO / "params" / "smoke.yaml")  # 2 k, jobs 1, 1 shard, dead window 8192, eval 32 x 64
+    # 2 k, 1 shard, dead window 8192, eval 32 x 64; jobs 1 (smoke's 'auto' would follow this machine's cores)
+    p = load_params(REPO / "params" / "smoke.yaml", {"executor.jobs": 1})
     cal = {r: {"sae_tok_s": 1000.0, "sae_aux_tok_s": 500.0, "eval_forward_tok_s": 7000.0} for r in ("small", "large")}
     monkeypatch.setattr(plan, "calibration", lambda p, out: cal)
     cost = plan.budget_cost(p, Path("unused"), [131072], 2)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -184,8 +185,8 @@ def test_epoch_boundary_and_chunked_store_stream(tmp_path):
     d.mkdir()
     arr = np.arange(100 * 2, dtype=np.float32).reshape(100, 2)
     arr.tofile(d / ACTS)
-    (d / META).write_text(json.dumps({"shape": [100, 2], "dtype": "float32", "bytes": arr.nbytes,
-                                      "content_hash": "x", "context_size": 10}))
+    (d / META).write_text(json.dumps({"shape": [100, 2], "dtype": "float32", "bytes": arr.nbytes, "context_size": 10,
+                                      "content_hash": hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()}))
     src = StoreSource(d)
     chunks = src.chunks(30, seed=5)
     got = [next(chunks) for _ in range(8)]
@@ -261,6 +262,32 @@ def test_bf16_autocast_trains_and_is_recorded(tmp_path, smoke_out, smoke_params)
     assert log["steps"] == 2048 // 256
     fp32 = _params(smoke_params, **{"sae.tokens": [2048]})
     assert fp32.sae_specs()[0].sae_id != p.sae_specs()[0].sae_id, "precision keys the SAE id"
+
+
+def test_tf32_covers_the_backward_as_well_as_the_forward(tmp_path, smoke_out, smoke_params, monkeypatch):
+    """``precision: tf32`` holds for the whole step: a gradient hook (run inside ``loss.backward()``) sees the
+    flag set, as the forward does; and it is restored after the step."""
+    p = _params(smoke_params, **{"sae.tokens": [512], "sae.precision": "tf32"})
+    (spec,) = p.sae_specs(role="small")
+    run = engine.Run(p, [spec], _out(tmp_path / "o", smoke_out), "m", 64, "cpu", (1, 1))
+    run._start()
+    run.scale = 1.0  # (the norm-estimate batches are not what this checks)
+    seen = {"forward": [], "backward": []}
+    forward = engine.sparse_forward
+
+    def spy(*a, **kw):
+        seen["forward"].append(torch.backends.cuda.matmul.allow_tf32)
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(engine, "sparse_forward", spy)
+    run.W_enc.register_hook(lambda g: seen["backward"].append(torch.backends.cuda.matmul.allow_tf32))
+    before = torch.backends.cuda.matmul.allow_tf32
+    x = next(StoreSource(store_dir(smoke_out, "small")).batches(p.sae.batch_size, p.sae.batch_size, seed=0))
+    run._train_step(x, "tf32")
+    assert seen == {"forward": [True], "backward": [True]}
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    run._train_step(x, "fp32")
+    assert seen["backward"][-1] == before
 
 
 # --------------------------------------------------------------------------- parity with SAELens' trainer

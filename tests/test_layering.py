@@ -22,11 +22,18 @@ LAYERS: dict[str, tuple[str, ...]] = {  # top to bottom
     "orchestration": ("grid", "executors", "slurm", "plan", "runlock"),
     "stages": ("extract", "train", "evaluate", "aggregate", "publish"),
     "science and analysis": ("data", "models", "activations", "training", "engine", "sparse_step", "metrics",
-                             "dimensionality",
-                             "stats", "leaderboard", "claims", "budget_curves", "ladder", "plots", "report", "summary"),
+                             "dimensionality", "progress",
+                             "stats", "leaderboard", "claims", "budget_curves", "ladder", "plots", "report", "summary",
+                             "verify"),
     "config": ("params", "files", "layout", "provenance"),
 }
 RANK = {m: len(LAYERS) - i for i, mods in enumerate(LAYERS.values()) for m in mods}  # config = 1, face = 5
+# Within "science and analysis": the analysis works on tables (metrics records, the aggregate's CSVs and
+# summary.json, params), never on text, models, activations or training; what it says about them (which
+# corpus, which versions) comes from those records.
+SCIENCE = ("data", "models", "activations", "training", "engine", "sparse_step", "metrics", "dimensionality",
+           "progress")
+ANALYSIS = ("stats", "leaderboard", "claims", "budget_curves", "ladder", "plots", "report", "summary", "verify")
 
 
 def package_imports(source: str, modules: set[str]) -> set[str]:
@@ -112,6 +119,13 @@ def test_each_module_imports_only_its_layer_or_below(graph):
     upward = [f"{m} ({_layer(m)}) imports {t} ({_layer(t)})" for m in sorted(graph) for t in sorted(graph[m])
               if RANK[t] > RANK[m]]
     assert upward == []
+
+
+def test_analysis_works_on_tables(graph):
+    """No analysis module imports a science module (e.g. summary quotes the corpus from the aggregate's
+    summary.json, not from data.py)."""
+    assert sorted(SCIENCE + ANALYSIS) == sorted(LAYERS["science and analysis"])
+    assert {m: sorted(graph[m] & set(SCIENCE)) for m in ANALYSIS if graph[m] & set(SCIENCE)} == {}
 
 
 def test_config_modules_are_leaves(graph):

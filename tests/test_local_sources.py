@@ -24,8 +24,9 @@ DOCS = [{"text": f"document {i}: " + " ".join(f"w{(i * j) % 97}" for j in range(
         for i in range(40)]
 
 
-def write(path: Path, recs: list[dict]) -> Path:
-    """Records in the format the suffix says (.jsonl, .jsonl.zst, .parquet)."""
+def write(path: Path, recs: list[dict], array: bool = False) -> Path:
+    """Records in the format the suffix says (.jsonl / .json, plain or .gz, .bz2, .xz, .zst; .parquet): JSON lines,
+    or (``array``) one JSON array."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name.endswith(".parquet"):
         import pyarrow as pa
@@ -33,11 +34,17 @@ def write(path: Path, recs: list[dict]) -> Path:
 
         pq.write_table(pa.Table.from_pylist(recs), path)
         return path
-    text = "".join(json.dumps(r) + "\n" for r in recs).encode()
+    text = (json.dumps(recs, indent=1) if array else "".join(json.dumps(r) + "\n" for r in recs)).encode()
     if path.name.endswith(".zst"):
         import zstandard
 
         text = zstandard.ZstdCompressor().compress(text)
+    else:
+        import bz2
+        import gzip
+        import lzma
+
+        text = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}.get(path.suffix, bytes)(text)
     path.write_bytes(text)
     return path
 
@@ -93,6 +100,31 @@ def test_folder_splits_from_names(tmp_path):
     assert per_split.files == src.files
 
 
+def test_every_json_form_datasets_reads_is_read_and_other_data_is_refused_by_name(tmp_path):
+    """A folder of shards in every form the json builder reads (lines or an array; plain, gzip, bz2, xz, zstd)
+    gives all of their documents; a data file in a form that is not read is refused naming it (never skipped)."""
+    root = tmp_path / "shards"
+    forms = [("train/00.jsonl", False), ("train/01.json", True), ("train/02.json.gz", False),
+             ("train/03.jsonl.bz2", False), ("train/04.json.xz", True), ("train/05.jsonl.zst", False),
+             ("train/06.json", False), ("train/07.jsonl.gz", False)]
+    for i, (name, array) in enumerate(forms):
+        write(root / name, DOCS[2 * i:2 * i + 2], array=array)
+    write(root / "validation.json.gz", DOCS[30:33], array=True)
+    (root / "README.md").write_text("a card")
+    src = source(str(root))
+    assert data.check_text_source(src) == {"train": 8, "validation": 1}
+    assert list(data.text_docs(src, "train")) == [r["text"] for r in DOCS[:16]]
+    assert list(data.text_docs(src, "validation")) == [r["text"] for r in DOCS[30:33]]
+    write(root / "train" / "08.jsonl.lz4", DOCS[:1])
+    expect_refusal(str(root), "data.pile_files", "08.jsonl.lz4", "not read")
+    (root / "train" / "08.jsonl.lz4").unlink()
+    (root / "train" / "notes.txt").write_text("x")
+    expect_refusal(str(root), "notes.txt", "move it out of the folder")
+    (root / "train" / "notes.txt").unlink()
+    bad = write(root / "train" / "09.json", [1, 2], array=True)
+    expect_refusal(str(root), str(bad), "array holds a JSON int")
+
+
 class CharTokenizer:
     """Ids = character codes; EOT = 0: rows can be worked out by hand."""
 
@@ -131,7 +163,7 @@ def test_bad_local_text_is_refused(tmp_path):
     expect_refusal(str(empty_dir), "data.pile_files", "empty dataset")
     (tmp_path / "cards").mkdir()
     (tmp_path / "cards" / "train.md").write_text("x")
-    expect_refusal(str(tmp_path / "cards"), "data.pile_files", "holds no .jsonl, .jsonl.zst, .parquet files")
+    expect_refusal(str(tmp_path / "cards"), "data.pile_files", "holds no .jsonl, .jsonl.gz", ".parquet files")
     write(tmp_path / "unnamed" / "00.jsonl", DOCS[:3])
     expect_refusal(str(tmp_path / "unnamed"), "data.pile_files", "no train / validation split", "'no split': 1")
     write(tmp_path / "only_train" / "train.jsonl", DOCS[:3])

@@ -24,7 +24,8 @@ PYTHIA_RAW = yaml.safe_load((PARAMS / "phase2_pythia.yaml").read_text())
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "proxygap_helpers", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -99,6 +100,24 @@ BAD: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "budget-beyond-store-no-epochs": (_mutated(SMOKE_RAW, lambda r: (_set("data.allow_epochs", False)(r),
                                                                       _set("data.store_tokens", 1000)(r))),
                                       ("sae.tokens", "store_tokens", "allow_epochs")),
+    # a misspelled required key is named as unknown first, with the closest allowed key (not as "`sae.k` missing")
+    "misspelled-required-key": (_mutated(SMOKE_RAW, lambda r: r["sae"].__setitem__("kk", r["sae"].pop("k"))),
+                                ("unknown key `sae.kk`", "did you mean `sae.k`?")),
+    "misspelled-models": (_mutated(SMOKE_RAW, lambda r: r.__setitem__("modles", r.pop("models"))),
+                          ("unknown key `modles`", "did you mean `models`?")),
+    # the two-role form is ordered by size too: swapped, every delta would flip its sign
+    "two-roles-swapped": (_mutated(SMOKE_RAW, lambda r: r.__setitem__("models", {"small": r["models"]["large"],
+                                                                                 "large": r["models"]["small"]})),
+                          ("models", "`large`", "smaller than `small`", "swap")),
+    # budgets are whole batches: 8000 at batch 256 would train 7936 tokens labelled 8000
+    "tokens-not-whole-batches": (_mutated(SMOKE_RAW, _set("sae.tokens", [8000, 32768])),
+                                 ("sae.tokens", "8000", "7936 or 8192")),
+    "tokens-below-one-batch": (_mutated(SMOKE_RAW, lambda r: (_set("sae.batch_size", 128)(r),
+                                                              _set("sae.tokens", [100, 1000, 1023])(r))),
+                               ("sae.tokens", "100", "128")),
+    "saelens-trainer-bf16": (_mutated(SMOKE_RAW, lambda r: (_set("sae.trainer", "saelens")(r),
+                                                            _set("sae.precision", "bf16")(r))),
+                             ("sae.precision", "fp32 only")),
     "claims-unknown-rule": (_mutated(SMOKE_RAW, _set("claims", {"C9": {}})), ("claims", "C9", "C1")),
     "claims-unknown-option": (_mutated(SMOKE_RAW, _set("claims", {"C1": {"min_rate": 0.5}})),
                               ("claims.C1", "min_rate", "min_mismatch_rate")),
@@ -140,6 +159,34 @@ def test_bad_params_exit_2(case, tmp_path, capsys):
     with pytest.raises(ParamsError) as ei:
         load_params(path)
     assert must[0] in str(ei.value)
+
+
+# id -> (params text, the commands that refuse it, substrings of the message): what only this machine or its data
+# can tell, checked by the command line before any work (the library loads these params)
+MACHINE_BAD: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    # CUDA_VISIBLE_DEVICES is empty in _cli's environment: no GPU even on a machine that has one
+    "cuda-without-a-gpu": (_mutated(SMOKE_RAW, _set("device", "cuda")), ("run",), ("device", "'cuda'", "auto", "cpu")),
+    "eval-sequences-beyond-the-split": (_mutated(SMOKE_RAW, _set("data.eval_sequences", 100_000)), ("run", "plan"),
+                                        ("data.eval_sequences", "100000", "holds only", "sequences of 64 tokens")),
+    "hub-revision-not-in-the-offline-cache": (_mutated(PYTHIA_RAW, _set("models.small.revision", "step143000")),
+                                              ("run",), ("models.small.revision", "'step143000'",
+                                                         "EleutherAI/pythia-70m", "offline")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MACHINE_BAD))
+def test_refused_by_the_command_line_before_any_work(case, tmp_path):
+    """Params that load but cannot run here: ``run`` (and ``plan`` where it would cost the wrong thing) exits 2
+    with one paragraph naming the key, before writing anything into the output folder."""
+    text, commands, must = MACHINE_BAD[case]
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    load_params(path)  # valid params: it is the machine or the data that refuses them
+    out = tmp_path / "out"
+    for command in commands:
+        res = _cli(command, str(path), "--out", str(out))
+        _assert_clean_refusal(res, must)
+        assert not out.exists(), f"{command} wrote {list(out.rglob('*'))}"
 
 
 def test_unwritable_out_dir_exit_2(tmp_path):
@@ -199,7 +246,7 @@ def test_rotary_pct_accepted_exactly_when_head_dim_times_it_is_an_even_integer()
     for bad in ((64, 4, 0.3), (80, 4, 0.25), (64, 4, 0.0625), (96, 4, 0.3)):  # 4.8, 5, 1, 7.2
         with pytest.raises(ParamsError, match=r"models\.small\.rotary_pct.*even integer"):
             load_params(PARAMS / "smoke.yaml", overrides=rotary(*bad))
-    load_params(PARAMS / "smoke.yaml", overrides=rotary(96, 4, 0.25))  # 24 x 0.25 = 6
+    load_params(PARAMS / "smoke.yaml", overrides={**rotary(96, 4, 0.25), "models.large.d_model": 128})  # 24 x 0.25 = 6
 
 
 def test_phase2_pythia_derived():
@@ -218,7 +265,7 @@ def test_phase2_pythia_derived():
 
 @pytest.mark.parametrize("n_layers,layer", [(2, 0), (3, 1), (4, 1), (6, 2), (8, 3), (24, 11)])
 def test_mid_layer_ends_the_first_half_and_is_never_the_last_block(n_layers, layer):
-    p = load_params(PARAMS / "smoke.yaml", overrides={"models.small.n_layers": n_layers})
+    p = load_params(PARAMS / "smoke.yaml", overrides={"models.small.n_layers": n_layers, "models.large.n_layers": 24})
     assert p.layer("small") == layer and p.hook("small") == f"blocks.{layer}.hook_resid_post"
     assert p.layer("small") < n_layers - 1
     assert p.depth("small") == pytest.approx((layer + 1) / n_layers)

@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def test_end_to_end_provenance_and_noop_rerun(env, micro, baseline, base_out):
         assert cells[col].notna().all(), col
     assert (cells["tokens_per_latent_large"] == cells["tokens"] / p.d_sae("large")).all()
     assert not (out / ".proxygap.lock").exists()
+    assert not list((out / "runs").glob("*/progress.json")), "a finished unit leaves no in-unit progress file"
     html = out / "reports" / "report.html"  # published beside the results, never into the repo's reports/
     assert html.is_file() and p.report.title in html.read_text()
     assert str(html) in baseline["res"].stdout.strip().splitlines()[-1]
@@ -226,6 +228,39 @@ def test_killed_at_random_moments_and_resumed_gives_the_uninterrupted_numbers(en
         assert a == b, why
         assert (out / "saes" / s.sae_id / "sae_weights.safetensors").read_bytes() == \
             (base_out / "saes" / s.sae_id / "sae_weights.safetensors").read_bytes(), why
+
+
+def test_ctrl_c_is_one_line_and_the_unit_shows_as_interrupted(env, micro, base_out, tmp_path):
+    """Ctrl-C (SIGINT to the foreground process group, as a terminal sends it) while SAE units run: exit 130 with one
+    line and no traceback; ``status`` shows the running units as interrupted (not failed); the same command
+    resumes them."""
+    out = copy_out(base_out, tmp_path / "out", extract_only=True)
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "proxygap_helpers", "run", str(micro), "--out", str(out)],
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + RUN_TIMEOUT
+            while not list((out / "runs").glob("sae-*/running.json")) and proc.poll() is None:
+                assert time.time() < deadline, "no SAE unit started"
+                time.sleep(0.05)
+            time.sleep(1.0)
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            kill_tree(proc)
+    text = log.read_text()
+    assert rc == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert text.strip().splitlines()[-1] == ("proxygap: interrupted; run the same command to resume (finished units "
+                                             "and SAEs are kept)"), text
+    status = cli(env, "status", micro, "--out", out)
+    states = {line.split()[1]: line.split()[0] for line in status.stdout.splitlines()[:-1]}
+    assert "interrupted" in states.values() and "failed" not in states.values(), status.stdout
+    assert "run the same command to resume" in status.stdout
+    res = cli(env, "run", micro, "--out", out)
+    assert res.returncode == 0, explain(res)
 
 
 def test_failed_unit_is_isolated_and_retried_alone(env, micro, base_out, tmp_path):
