@@ -131,7 +131,8 @@ def _train_into_cache(m, vocab: int, train_seqs: np.ndarray, eval_seqs: np.ndarr
     t0 = time.time()
     lm, log = models.train_lm(m, vocab, train_seqs, seed=seed, desc=f"train {role} LM", progress=progress)
     tmp = cached.with_name(key + f".tmp{os.getpid()}")
-    lm.save_pretrained(tmp)
+    with models.hf_progress(progress):
+        lm.save_pretrained(tmp)
     models.load_tokenizer(str(tok_dir)).save_pretrained(tmp)
     meta = {"role": role, "name": m.name, "config": m.model_dump(), "cache_key": key,
             "train_seconds": time.time() - t0, "train_log": log, "train_tokens_available": int(train_seqs.size),

@@ -106,6 +106,22 @@ def train_lm(m: EmbeddedModel, vocab_size: int, train_seqs: np.ndarray, seed: in
     return model, log
 
 
+@contextmanager
+def hf_progress(show: bool) -> Iterator[None]:
+    """transformers' own progress bars (saving and loading shards) on or off for the block: a model saved in a worker
+    process would otherwise draw its bar on the runner's terminal."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
+            hf_logging.enable_progress_bar()
+
+
 @torch.no_grad()
 def lm_eval_loss(model, seqs: np.ndarray, batch: int = 16) -> float:
     """Mean next-token CE over every prediction of every row (ctx - 1 per row)."""

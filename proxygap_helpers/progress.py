@@ -37,21 +37,25 @@ class tqdm(_tqdm):  # noqa: N801 - a drop-in for tqdm.auto.tqdm
     def __iter__(self):
         for item in super().__iter__():
             yield item
-            self._mirror(1)
+            if self.disable:  # (a drawn bar counts in its own loop and calls update() as it refreshes)
+                self._count += 1
+                self._maybe_write()
 
     def update(self, n: float = 1):
         out = super().update(n)
-        self._mirror(n)
+        self._count = self._count + n if self.disable else self.n
+        self._maybe_write()
         return out
 
     def close(self):
         if getattr(self, "_file", None) and not getattr(self, "_closed_once", False):
             self._closed_once = True
+            if not self.disable:
+                self._count = self.n
             self._write()
         super().close()
 
-    def _mirror(self, n: float) -> None:
-        self._count += n
+    def _maybe_write(self) -> None:
         if self._file and time.monotonic() - self._written >= EVERY_S:
             self._write()
 

@@ -27,6 +27,18 @@ def test_bars_mirror_their_count_drawn_or_not(tmp_path, monkeypatch):
         assert progress.describe(f) == "train large: 2 SAE runs, steps 340/1,200"
 
 
+def test_a_drawn_bar_that_refreshes_as_it_goes_is_counted_once(tmp_path, monkeypatch):
+    """tqdm's own loop calls update() when it redraws: those steps are not counted a second time."""
+    f = tmp_path / "progress.json"
+    monkeypatch.setenv(progress.ENV, str(f))
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    seen = []
+    for _ in progress.tqdm(range(50), desc="extract large", mininterval=0, miniters=1, file=io.StringIO()):
+        seen.append(progress.describe(f))
+    assert progress.describe(f) == "extract large 50/50"
+    assert all(int(s.split()[-1].split("/")[0]) <= 50 for s in seen if s), seen
+
+
 def test_writes_are_throttled(tmp_path, monkeypatch):
     f = tmp_path / "progress.json"
     monkeypatch.setenv(progress.ENV, str(f))
