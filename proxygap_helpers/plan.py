@@ -461,7 +461,8 @@ def budget_cost(p: Params, out_dir: Path, tokens: list[int], n_seeds: int) -> di
     except Exception as err:  # noqa: BLE001 - a cost estimate must not break the report
         return {"error": f"the calibration failed ({type(err).__name__}: {err})"}
     raw = p.model_dump()
-    raw["sae"] |= {"tokens": sorted({int(t) for t in tokens}), "seeds": list(range(max(1, n_seeds)))}
+    bs = p.sae.batch_size  # a proposal is a round number (10M); it trains whole batches: costed as it would run
+    raw["sae"] |= {"tokens": sorted({-(-int(t) // bs) * bs for t in tokens}), "seeds": list(range(max(1, n_seeds)))}
     extra = Params.model_validate(raw)
     per_unit = _sae_unit_seconds(extra, cal, units(extra, out_dir, Path("params.resolved.yaml"))).values()
     note = ""

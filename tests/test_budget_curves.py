@@ -377,6 +377,12 @@ def test_plan_budget_cost_by_hand(monkeypatch):
     assert cost["total_s"] == pytest.approx(2 * per_unit) and cost["n_saes"] == 8 and cost["jobs"] == 1
     assert "activation store" in cost["store_note"]
     assert "min for 8 SAEs" in bc.cost_text(cost)
+    # a round proposal that is not whole batches of the grid (the default's 10M at batch 512): costed at the whole
+    # batches it would train, 10,000,384 tokens (the whole-batch check once refused it and failed the report unit)
+    default = load_params(REPO / "params" / "default.yaml", {"executor.jobs": 1})
+    at_10m = plan.budget_cost(default, Path("unused"), [10_000_000], 3)
+    assert "error" not in at_10m and at_10m["n_saes"] == 2 * 3 * 3
+    assert at_10m["total_s"] == pytest.approx(plan.budget_cost(default, Path("unused"), [10_000_384], 3)["total_s"])
     monkeypatch.setattr(plan, "calibration", lambda p, out: 1 / 0)
     assert "ZeroDivisionError" in plan.budget_cost(p, Path("unused"), [131072], 2)["error"]
 
