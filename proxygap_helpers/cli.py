@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                             help="re-time this machine's calibration instead of using the cached one")
         if name == "verify":
             sp.add_argument("--against", default=None, help="published report folder (default reports/<grid name>)")
+            sp.add_argument("--mode", choices=("auto", "exact", "noise"), default="auto",
+                            help="exact: bit for bit (same CPU, torch, threads); noise: within seed noise; auto: "
+                                 "exact when the provenance of run and reference says they computed alike")
     return ap
 
 
@@ -122,7 +125,7 @@ def _main(argv: list[str] | None = None) -> int:
         print_plan(p, out, recalibrate=args.recalibrate)
         return 0
     if args.command == "verify":
-        return _verify(p, out, args.against)
+        return _verify(p, out, args.against, args.mode)
     resolved = resolved_params(out)
     todo = units(p, out, resolved)
     if args.command == "status":
@@ -149,7 +152,7 @@ def _locked(args, p, out: Path, resolved: Path, todo: list[Unit]) -> int:
         return _run(p, out, resolved, todo, kind, args.jobs or p.jobs, args.force)
 
 
-def _verify(p, out: Path, against: str | None) -> int:
+def _verify(p, out: Path, against: str | None, mode: str = "auto") -> int:
     """The run's published tables (``report_dir``) against ``against`` (default ``reports/<grid>``)."""
     from .layout import REPO
     from .verify import compare_dirs, print_results
@@ -159,10 +162,10 @@ def _verify(p, out: Path, against: str | None) -> int:
         return _fail(f"the run's report folder is the reference itself ({ref}): run the grid into another --out "
                      "(make verify uses results/verify/<grid>) and verify that")
     try:
-        results = compare_dirs(mine, ref)
+        results, info = compare_dirs(mine, ref, mode)
     except FileNotFoundError as e:
         return _fail(f"--against: {e}; give a published report folder such as reports/{p.name}")
-    return 0 if print_results(results, mine, ref) else 1
+    return 0 if print_results(results, info, mine, ref) else 1
 
 
 def _status(p, out: Path, todo: list[Unit]) -> int:
