@@ -42,17 +42,19 @@ class StoreError(RuntimeError):
 
 
 def write_store(model, layer: int, seqs: np.ndarray, out_dir: Path, meta: dict, dtype: str = "float32",
-                batch_sequences: int = 32, progress: bool = True) -> dict:
-    """Run ``model`` over rows of ``seqs`` and write ``blocks.{layer}.hook_resid_post`` for every position
-    (:func:`write_stores` with one hook)."""
-    return write_stores(model, {layer: (out_dir, meta)}, seqs, dtype, batch_sequences, progress)[layer]
+                batch_sequences: int = 32, progress: bool = True, skip: int = 0) -> dict:
+    """Run ``model`` over rows of ``seqs`` and write ``blocks.{layer}.hook_resid_post`` for every position from
+    ``skip`` on (:func:`write_stores` with one hook)."""
+    return write_stores(model, {layer: (out_dir, meta)}, seqs, dtype, batch_sequences, progress, skip)[layer]
 
 
 def write_stores(model, stores: dict[int, tuple[Path, dict]], seqs: np.ndarray, dtype: str = "float32",
-                 batch_sequences: int = 32, progress: bool = True) -> dict[int, dict]:
+                 batch_sequences: int = 32, progress: bool = True, skip: int = 0) -> dict[int, dict]:
     """One pass of ``model`` over rows of ``seqs`` writing one store per hook: ``stores`` maps a layer to its
     store folder and the meta to record; every batch runs the model once, up to the deepest layer, and each
-    ``blocks.{layer}.hook_resid_post`` goes to its store. Returns {layer: the full meta written}.
+    ``blocks.{layer}.hook_resid_post`` goes to its store, positions ``skip`` .. ctx-1 of every row (the first
+    ``skip``, a family's massive-norm positions, are never trained on: ``data.skip_positions``). Returns
+    {layer: the full meta written}; ``skip_positions`` is in it when not 0.
 
     Written chunk by chunk into memmaps (peak memory independent of the store size), hashed as it goes;
     each ``meta.json`` is written last, so a killed write leaves stores that :func:`verify_store` rejects.
@@ -60,31 +62,32 @@ def write_stores(model, stores: dict[int, tuple[Path, dict]], seqs: np.ndarray, 
     from .progress import tqdm
 
     n_seq, ctx = seqs.shape
+    keep = ctx - skip  # rows per sequence
     d = model.config.hidden_size
     arrs, hashes = {}, {}
     for layer, (out_dir, _) in stores.items():
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / META).unlink(missing_ok=True)
-        arrs[layer] = np.memmap(out_dir / ACTS, dtype=dtype, mode="w+", shape=(n_seq * ctx, d))
+        arrs[layer] = np.memmap(out_dir / ACTS, dtype=dtype, mode="w+", shape=(n_seq * keep, d))
         hashes[layer] = hashlib.blake2b(digest_size=16)
     device = next(model.parameters()).device
     role = next(iter(stores.values()))[1].get("role", "")
     for i in tqdm(range(0, n_seq, batch_sequences), desc=f"extract {role}", disable=not progress, mininterval=1.0):
         x = torch.from_numpy(seqs[i:i + batch_sequences].astype(np.int64)).to(device)
         for layer, act in resid_posts(model, x, list(stores)).items():
-            a = act.reshape(-1, d).to("cpu", getattr(torch, dtype)).numpy()
+            a = act[:, skip:].reshape(-1, d).to("cpu", getattr(torch, dtype)).numpy()
             if not np.isfinite(a).all():
                 raise StoreError(f"non-finite activations at sequences {i}..{i + len(x) - 1}, layer {layer}: the "
                                  "model is broken")
-            arrs[layer][i * ctx:i * ctx + len(a)] = a
+            arrs[layer][i * keep:i * keep + len(a)] = a
             hashes[layer].update(np.ascontiguousarray(a))  # the buffer itself: no copy (same bytes as a.tobytes())
     written = {}
     for layer, (out_dir, meta) in stores.items():
         arrs[layer].flush()
-        full = {**meta, "shape": [n_seq * ctx, d], "dtype": dtype, "context_size": ctx, "n_sequences": n_seq,
+        full = {**meta, "shape": [n_seq * keep, d], "dtype": dtype, "context_size": ctx, "n_sequences": n_seq,
                 "layer": layer, "content_hash": hashes[layer].hexdigest(),
-                "bytes": n_seq * ctx * d * np.dtype(dtype).itemsize}
+                "bytes": n_seq * keep * d * np.dtype(dtype).itemsize, **({"skip_positions": skip} if skip else {})}
         write_json_atomic(Path(out_dir) / META, full)
         written[layer] = full
     arrs.clear()
@@ -229,7 +232,8 @@ class StoreSet:
 class OnlineSource:
     """Activations straight from the model, batch by batch (for grids whose stores would not fit on disk).
 
-    Sequences come from ``seq_iter_fn(seed)`` (e.g. the Pile, streamed); activations go through a
+    Sequences come from ``seq_iter_fn(seed)`` (e.g. the Pile, streamed); the positions from ``skip`` on of each
+    (``data.skip_positions``) go through a
     shuffle buffer of ``buffer_tokens`` rows, seeded, half refilled at a time (like SAELens' mixing buffer).
 
     ``layer`` is one block index (chunks are tensors) or a list of them: then one forward per batch, up to the
@@ -238,8 +242,8 @@ class OnlineSource:
     """
 
     def __init__(self, model, layer: int | list[int], seq_iter_fn, batch_sequences: int = 32,
-                 buffer_tokens: int = 2**18):
-        self.model, self.layer, self.seq_iter_fn = model, layer, seq_iter_fn
+                 buffer_tokens: int = 2**18, skip: int = 0):
+        self.model, self.layer, self.seq_iter_fn, self.skip = model, layer, seq_iter_fn, skip
         self.layers = sorted(layer) if isinstance(layer, list) else [layer]
         self.batch_sequences, self.buffer_tokens = batch_sequences, buffer_tokens
         self.d_in = model.config.hidden_size
@@ -249,7 +253,7 @@ class OnlineSource:
 
     def for_layer(self, layer: int) -> "OnlineSource":
         """A source of one of the hooks (its own LM pass: for the trainer that reads one SAE at a time)."""
-        return OnlineSource(self.model, layer, self.seq_iter_fn, self.batch_sequences, self.buffer_tokens)
+        return OnlineSource(self.model, layer, self.seq_iter_fn, self.batch_sequences, self.buffer_tokens, self.skip)
 
     def _acts(self, seed: int) -> Iterator[dict[int, torch.Tensor]]:
         device = next(self.model.parameters()).device
@@ -260,7 +264,8 @@ class OnlineSource:
                 x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
                 self.lm_forwards += 1
                 self.lm_tokens += x.numel()
-                yield {L: a.reshape(-1, self.d_in).float() for L, a in resid_posts(self.model, x, self.layers).items()}
+                yield {L: a[:, self.skip:].reshape(-1, self.d_in).float()
+                       for L, a in resid_posts(self.model, x, self.layers).items()}
                 rows = []
 
     def chunks(self, buffer_tokens: int, seed: int = 0, device: str | None = None

@@ -410,12 +410,28 @@ def row_hash(row: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.int32).tobytes(), digest_size=12).hexdigest()
 
 
+def bos_to_prepend(tokenizer) -> int | None:
+    """The BOS id a family's tokenizer puts first in every text it encodes (Llama's, Gemma's), or None where it puts
+    none (GPT-2's, Pythia's, Qwen2's, the embedded tokenizer): what :func:`pack_rows` then starts each row with, so
+    that every row reads as the model saw text in training."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_special = tokenizer("a")["input_ids"]
+    return bos if with_special[:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos] \
+        else None
+
+
 def pack_rows(docs: Iterable[str], tokenizer, context_size: int, exclude: frozenset[str] = frozenset(),
               batch_docs: int = 64) -> Iterator[np.ndarray]:
     """Token rows ``[context_size]`` (int32) of documents joined by EOT (each document's ids, then EOT), packed
-    without padding; a row whose :func:`row_hash` is in ``exclude`` is skipped. Documents are tokenized
+    without padding; a row whose :func:`row_hash` is in ``exclude`` is skipped. Where the tokenizer prepends a BOS
+    (:func:`bos_to_prepend`), each row is that BOS and ``context_size - 1`` packed tokens. Documents are tokenized
     ``batch_docs`` at a time (the fast tokenizer's batch path)."""
     eot = tokenizer.eos_token_id
+    bos = bos_to_prepend(tokenizer)
+    head = [] if bos is None else [bos]
+    width = context_size - len(head)
     buf: list[int] = []
     docs = iter(docs)
     while True:
@@ -426,9 +442,9 @@ def pack_rows(docs: Iterable[str], tokenizer, context_size: int, exclude: frozen
             buf.extend(ids)
             buf.append(eot)
         start = 0
-        while len(buf) - start >= context_size:
-            row = np.asarray(buf[start:start + context_size], dtype=np.int32)
-            start += context_size
+        while len(buf) - start >= width:
+            row = np.asarray(head + buf[start:start + width], dtype=np.int32)
+            start += width
             if not exclude or row_hash(row) not in exclude:
                 yield row
         del buf[:start]

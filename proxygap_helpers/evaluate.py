@@ -21,6 +21,16 @@ from .params import Params
 from .training import load_sae
 
 
+def special_ids(config) -> tuple[int, ...]:
+    """A hub model's special token ids (BOS, EOS, padding; a family may give a list for one of them): what
+    ``evaluation.exclude_special_tokens`` leaves out."""
+    ids = []
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(config, key, None)
+        ids += [i for i in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(i, int)]
+    return tuple(dict.fromkeys(ids))
+
+
 def is_evaluated(p: Params, out_dir: Path, sae_id: str) -> bool:
     """A metrics.json of this evaluation (``Params.eval_hash``) exists: one written under other ``evaluation.*``
     settings of the same SAE is stale, and is replaced."""
@@ -47,7 +57,7 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
     tokens = load_eval_tokens(out_dir)
     tokens_hash = token_hash(tokens)  # the same eval rows for every model and SAE: recorded with each
     model = load_model(p, out_dir, role, device)
-    special = (0, 1) if p.embedded else (model.config.eos_token_id,)
+    special = (0, 1) if p.embedded else special_ids(model.config)
     ev = p.evaluation
     done = []  # (spec, train_meta, metrics, per-sequence CE of the SAE, per-sequence sums of its hook)
     for layer in sorted({s.layer for s in todo}):
@@ -59,7 +69,7 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
                                 random_error_draws=ev.random_error_draws,
                                 random_error_sequences=ev.random_error_sequences, twonn_points=ev.twonn_points,
                                 seed=ev.seed, exclude_special_tokens=ev.exclude_special_tokens, special_ids=special,
-                                progress=progress)
+                                skip_positions=p.skip_positions(role), progress=progress)
         done += [(spec, meta, m, ce_sae, per_seq) for spec, (_, meta), m, ce_sae in
                  zip(here, loaded, results, per_seq["ce_sae"])]
     total = time.time() - t0
@@ -71,7 +81,8 @@ def evaluate_unit(p: Params, role: str, out_dir: Path, sae_ids=None, device: str
         rec = {"sae_id": spec.sae_id, "model_role": role, "model_name": model_name(p, role),
                "hook": p.hook(role, spec.layer), "k": spec.k, "tokens": spec.tokens, "seed": spec.seed,
                "d_in": p.d_in(role), "d_sae": p.d_sae(role),
-               **m, "ce_rec_definition": ev.ce_rec,
+               **m, "ce_rec_definition": ev.ce_rec, "skip_positions": p.skip_positions(role),
+               "model_type": p.models[role].model_type,
                "tokens_per_latent": spec.tokens / p.d_sae(role), "trainer": train_meta.get("trainer", "saelens"),
                "train_seconds": train_meta["train_seconds"], "budget_mode": train_meta["budget_mode"],
                "epochs_used": train_meta["epochs_used"], "eval_hash": p.eval_hash,

@@ -27,7 +27,7 @@ from . import data, models
 from .activations import StoreError, remove_store, store_dir, verify_store, write_stores
 from .files import read_json, write_json_atomic
 from .layout import EVAL_META, EVAL_TOKENS, cache_root, model_dir
-from .params import Params, short_hash
+from .params import Params, hashed, short_hash
 
 MODEL_META = "proxygap_model.json"
 
@@ -46,7 +46,8 @@ def model_revision(p: Params, role: str) -> str:
 
 
 def load_model(p: Params, out_dir: Path, role: str, device: str = "cpu"):
-    """A role's ``GPTNeoXForCausalLM`` (source and revision as the params say): what every stage runs."""
+    """A role's HF causal LM (source and revision as the params say; any supported family): what every stage
+    runs."""
     return models.load_hf(model_source(p, out_dir, role), model_revision(p, role), device)
 
 
@@ -92,10 +93,13 @@ def split_tokens(p: Params, out_dir: Path) -> dict[str, int]:
     return read_json(path)
 
 
-def store_rows(p: Params, train_tokens: int) -> int:
-    """Rows of ``context_size`` tokens each activation store holds: ``Params.store_tokens`` rounded up to whole
-    rows, at most the train split's rows (what :func:`run_extract` writes)."""
-    return min(train_tokens // p.data.context_size, -(-p.store_tokens // p.data.context_size))
+def store_rows(p: Params, train_tokens: int, role: str) -> int:
+    """Rows of ``context_size`` tokens ``role``'s activation stores are written from: enough for
+    ``Params.store_tokens`` activations after its skipped first positions (``Params.skip_positions``), at most the
+    train split's rows (what :func:`run_extract` writes). Every role's rows are a prefix of one seeded order, so
+    models that skip nothing read the same rows whatever the other models of the grid skip."""
+    per_row = p.data.context_size - p.skip_positions(role)
+    return min(train_tokens // p.data.context_size, -(-p.store_tokens // per_row))
 
 
 def check_eval_sequences(p: Params, out_dir: Path) -> int:
@@ -118,7 +122,7 @@ def _model_key(p: Params, role: str, corpus, tok_dir: Path) -> str:
     existing caches stay valid; with ``depths`` every layer is the default 'mid', so a depth sweep reuses the same
     trained model), the text, the tokenizer, torch and the thread count (CPU results depend on it)."""
     d = p.data
-    return short_hash({"corpus": corpus.content_hash, "tok": tok_dir.name, "model": p.models[role].model_dump(),
+    return short_hash({"corpus": corpus.content_hash, "tok": tok_dir.name, "model": hashed(p.models[role]),
                        "ctx": d.context_size, "seed": d.seed, "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "v": 1})
 
@@ -197,14 +201,12 @@ def run_extract(p: Params, out_dir: Path, device: str = "cpu", progress: bool = 
     model_metas = _train_models(p, out_dir, corpus, tok_dir, tok, train_ids, eval_seqs, progress, processes, device)
 
     all_rows = data.to_sequences(train_ids, d.context_size)
-    n_rows = store_rows(p, len(train_ids))
-    pick = np.sort(np.random.default_rng(d.seed).permutation(len(all_rows))[:n_rows])
-    store_seqs = all_rows[pick]
-    tokens_hash = data.token_hash(store_seqs)
+    order = np.random.default_rng(d.seed).permutation(len(all_rows))
     stores = {}
     for role in p.roles:
-        stores |= _role_stores(p, out_dir, role, store_seqs, tokens_hash, model_metas[role]["cache_key"], device,
-                               progress)
+        store_seqs = all_rows[np.sort(order[:store_rows(p, len(train_ids), role)])]
+        stores |= _role_stores(p, out_dir, role, store_seqs, data.token_hash(store_seqs),
+                               model_metas[role]["cache_key"], device, progress)
     return {"corpus_hash": corpus.content_hash, "train_files": len(corpus.train_files),
             "eval_files": len(corpus.eval_files), "train_tokens": int(len(train_ids)),
             "eval_tokens_hash": data.token_hash(eval_seqs), "eval_sequences": int(len(eval_seqs)),
@@ -223,14 +225,19 @@ def _role_stores(p: Params, out_dir: Path, role: str, seqs: np.ndarray, tokens_h
     """Every hook's store of one role: intact ones are kept, the others written by one LM pass (all of them in
     one forward per batch). Keyed by role, or ``<role> L<layer>`` with several hooks per model."""
     kept, todo = {}, {}
+    skip = p.skip_positions(role)
     for layer in p.layers(role):
         sdir = store_path(p, out_dir, role, layer)
         want = {"tokens_hash": tokens_hash, "hook": p.hook(role, layer), "model_key": model_key,
                 "dtype": p.data.store_dtype}
         try:
             kept[layer] = verify_store(sdir, want)
+            if kept[layer].get("skip_positions", 0) != skip:
+                raise StoreError(f"{sdir}: written skipping the first {kept[layer].get('skip_positions', 0)} "
+                                 f"positions, data.skip_positions is {skip} for {role} now")
             continue
         except StoreError as e:
+            kept.pop(layer, None)
             if (sdir / "meta.json").exists() or (sdir / "acts.bin").exists():
                 print(f"rebuilding activation store: {e}", file=sys.stderr)
             remove_store(sdir)
@@ -238,8 +245,24 @@ def _role_stores(p: Params, out_dir: Path, role: str, seqs: np.ndarray, tokens_h
                               "model_name": model_name(p, role)})
     if todo:
         lm = load_model(p, out_dir, role, device)
-        kept |= write_stores(lm, todo, seqs, dtype=p.data.store_dtype, progress=progress)
+        kept |= write_stores(lm, todo, seqs, dtype=p.data.store_dtype, progress=progress, skip=skip)
     return {f"{role} L{layer}" if p.multi_hook else role: kept[layer] for layer in p.layers(role)}
+
+
+def check_tokenizers(p: Params, out_dir: Path) -> dict:
+    """Hub grids: every model reads the same token ids (the eval rows are tokenized once), so all their tokenizers
+    have the same vocabulary and end-of-text id; raises ParamsError naming the two models' keys otherwise. Returns
+    the tokenizers by role (loaded from the local folders or the Hugging Face cache)."""
+    from .params import ParamsError
+
+    first = p.roles[0]
+    toks = {r: load_tokenizer(p, out_dir, r) for r in p.roles}
+    for r in p.roles[1:]:
+        if toks[r].get_vocab() != toks[first].get_vocab() or toks[r].eos_token_id != toks[first].eos_token_id:
+            raise ParamsError(f"key `models.{r}`: the tokenizer of {p.models[r].name} differs from the one of "
+                              f"{p.models[first].name} (`models.{first}`): all models must read the same token ids "
+                              "(the eval rows are tokenized once); pair models of one family and tokenizer")
+    return toks
 
 
 def _extract_hub(p: Params, out_dir: Path, t0: float) -> dict:
@@ -249,12 +272,7 @@ def _extract_hub(p: Params, out_dir: Path, t0: float) -> dict:
     src = data.text_source(d)
     data.check_text_source(src)
     first = p.roles[0]
-    toks = {r: load_tokenizer(p, out_dir, r) for r in p.roles}
-    for r in p.roles[1:]:
-        if toks[r].get_vocab() != toks[first].get_vocab() or toks[r].eos_token_id != toks[first].eos_token_id:
-            raise ValueError(f"the tokenizers of {p.models[first].name} and {p.models[r].name} differ: all "
-                             "models must read the same token ids (the eval rows are tokenized once); use models of "
-                             "one family")
+    toks = check_tokenizers(p, out_dir)
     rows = data.text_rows(src, toks[first], d.context_size, "validation")
     eval_rows = list(islice(rows, d.eval_sequences))
     if len(eval_rows) < d.eval_sequences:
@@ -262,7 +280,8 @@ def _extract_hub(p: Params, out_dir: Path, t0: float) -> dict:
                          f"data.eval_sequences = {d.eval_sequences}: lower it or give more validation text")
     eval_seqs = np.stack(eval_rows)
     tokenizer = f"{model_source(p, out_dir, first)}@{model_revision(p, first)}"
-    meta = _save_eval(out_dir, eval_seqs, {"text": src.describe(), "split": "validation", "tokenizer": tokenizer})
+    meta = _save_eval(out_dir, eval_seqs, {"text": src.describe(), "split": "validation", "tokenizer": tokenizer,
+                                           "bos_prepended": data.bos_to_prepend(toks[first])})
     checkpoints = {r: {"name": p.models[r].name, "source": model_source(p, out_dir, r),
                        "revision": model_revision(p, r), "n_layers": p.models[r].n_layers,
                        "d_model": p.models[r].d_model,
@@ -309,7 +328,7 @@ def online_source(p: Params, out_dir: Path, role: str, device: str, layers: list
     lm = load_model(p, out_dir, role, device)
     tok = load_tokenizer(p, out_dir, role)
     return OnlineSource(lm, p.layer(role) if layers is None else list(layers),
-                        lambda seed: training_rows(p, out_dir, tok))
+                        lambda seed: training_rows(p, out_dir, tok), skip=p.skip_positions(role))
 
 
 def activation_source(p: Params, out_dir: Path, role: str, layers: list[int], device: str):

@@ -1,8 +1,8 @@
 """Metrics of SAEs spliced into one model: behaviour (CE, KL), geometry (SWD, GWD), the random-error
 baseline, reconstruction proxies and the model's own activation statistics (D3, SST).
 
-Everything is computed on the HF fast path (``GPTNeoXForCausalLM`` with a forward hook on
-``gpt_neox.layers[L]``, whose output is ``blocks.L.hook_resid_post``); the tests check it against
+Everything is computed on the HF fast path (the family's ``*ForCausalLM`` with a forward hook on decoder layer
+L, found by ``models.layer_list``, whose output is ``blocks.L.hook_resid_post``); the tests check it against
 TransformerLens and against SAELens' own evaluator (``sae_lens.evals.run_evals``).
 
 Notation. ``tokens`` is ``[n_seq, ctx]``; ``x`` is the hook activation ``[n_seq, ctx, d]``;
@@ -185,18 +185,36 @@ def fisher_quadratic(logits: torch.Tensor, tangent: torch.Tensor) -> torch.Tenso
     return 0.5 * (p * (u - m).pow(2)).sum(-1)
 
 
-def prediction_mask(tokens: torch.Tensor, special_ids: Iterable[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token mask ``[B, ctx]``, prediction mask ``[B, ctx-1]``) excluding special ids.
+def prediction_mask(tokens: torch.Tensor, special_ids: Iterable[int] = (), skip_positions: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token mask ``[B, ctx]``, prediction mask ``[B, ctx-1]``) excluding special ids and the first
+    ``skip_positions`` positions of every row.
 
-    A token position is kept iff its id is not special; a prediction t -> t+1 is kept iff both its input
-    token ``tokens[t]`` and its target ``tokens[t+1]`` are not special. No special ids: all True.
+    A token position is kept iff its id is not special and it is not among the first ``skip_positions``; a
+    prediction t -> t+1 is kept iff both its input position t and its target position t+1 are kept. No special ids
+    and no skipped positions: all True.
     """
     ids = list(special_ids)
     if not ids:
         tok = torch.ones_like(tokens, dtype=torch.bool)
     else:
         tok = ~torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
+    if skip_positions:
+        tok[:, :skip_positions] = False
     return tok, tok[:, :-1] & tok[:, 1:]
+
+
+def _after(skip: int, fn):
+    """``fn`` applied to the positions from ``skip`` on, the first ``skip`` left as they are (what the SAE, or an
+    ablation in its place, replaces when the first positions are skipped)."""
+    if not skip:
+        return fn
+
+    def spliced(out):
+        new = fn(out).clone()
+        new[:, :skip] = out[:, :skip]
+        return new
+    return spliced
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -433,10 +451,10 @@ class _RandomErrorAccumulator:
 class _SAEAccumulator:
     """Every per-SAE sum of :func:`evaluate_saes` (float64), fed one eval batch at a time."""
 
-    def __init__(self, sae, scaler, mean: torch.Tensor, draws: int):
+    def __init__(self, sae, scaler, mean: torch.Tensor, draws: int, skip: int = 0):
         from .dimensionality import CovarianceAccumulator
 
-        self.sae, self.scaler = sae, scaler
+        self.sae, self.scaler, self.skip = sae, scaler, skip
         self.recon = ReconstructionAccumulator(center=mean)
         self.cov = CovarianceAccumulator(center=mean)
         self.random = _RandomErrorAccumulator(draws)
@@ -449,6 +467,7 @@ class _SAEAccumulator:
             f, x_hat = sae_reconstruct(self.sae, x, self.scaler)
             if x_hat.shape != x.shape:
                 raise ValueError(f"SAE output shape {tuple(x_hat.shape)} != activation shape {tuple(x.shape)}")
+            x_hat = _after(self.skip, lambda out: x_hat)(x)  # skipped positions keep x: no error there
             logits_sae = _forward_logits(model, ids, layer, lambda out: x_hat)
             self.last_ce_sae = (next_token_ce(logits_sae, ids).double() * pred_mask).sum(1).cpu()  # per sequence
             self.sums["ce_sae"] += self.last_ce_sae.sum().item()
@@ -498,8 +517,8 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
                   twonn_points: int = 2048, seed: int = 0, exclude_special_tokens: bool = False,
                   special_ids: Iterable[int] = (), progress: bool = True,
                   activation_scalers: Sequence | None = None,
-                  sequence_sums: dict | None = None) -> list[dict[str, float]]:
-    """All metrics of several SAEs at ``blocks.{layer}.hook_resid_post`` of one HF GPT-NeoX, on ``eval_tokens``.
+                  sequence_sums: dict | None = None, skip_positions: int = 0) -> list[dict[str, float]]:
+    """All metrics of several SAEs at ``blocks.{layer}.hook_resid_post`` of one HF causal LM, on ``eval_tokens``.
 
     The per-model work is done once and shared by every SAE: one pass to the layer for the activation
     mean and the D3 / SST statistics (:func:`activation_statistics`), then per eval batch one clean
@@ -510,12 +529,15 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
     random_error_sequences / n_seq``.
 
     Args:
-        model: ``GPTNeoXForCausalLM`` (any dtype; float32 expected). Put in eval mode for the call; its
-            parameters' ``requires_grad`` are switched off during the backward pass and restored.
-        layer: hook layer; each SAE reads and replaces the output of ``model.gpt_neox.layers[layer]``.
+        model: an HF causal LM of a supported family (``GPTNeoXForCausalLM``, ``LlamaForCausalLM``, ...; any dtype,
+            float32 expected). Put in eval mode for the call; its parameters' ``requires_grad`` are switched off
+            during the backward pass and restored.
+        layer: hook layer; each SAE reads and replaces the output of decoder layer ``layer``
+            (``models.layer_list``).
         saes: SAEs with ``encode(x) -> f`` and ``decode(f) -> x_hat`` (SAELens ``SAE`` / ``TrainingSAE``);
             all are held in memory for the whole call.
-        eval_tokens: int ids ``[n_seq, ctx]`` (numpy or torch). No BOS is prepended.
+        eval_tokens: int ids ``[n_seq, ctx]`` (numpy or torch), as they are (a BOS, where the family has one, is
+            already each row's first token: ``data.pack_rows``).
         batch_sequences: sequences per forward pass. Results do not depend on it (float64 sums).
         swd: compute the Fisher ``swd`` (a JVP per batch and SAE, SDPA math backend); ``nan`` otherwise.
         gwd: compute ``gwd`` (one backward per batch, shared); ``nan`` otherwise.
@@ -532,6 +554,9 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
         special_ids: the ids that count as special (required when ``exclude_special_tokens``).
         progress: show a tqdm bar.
         activation_scalers: one SAELens ``ActivationScaler``-like (``scale``/``unscale``) per SAE, or None.
+        skip_positions: the first positions of every row are left out of every mean (token and prediction masks,
+            :func:`prediction_mask`) and are not replaced: the SAE, the zero and the mean ablation splice from
+            position ``skip_positions`` on (the massive-norm BOS / attention-sink position of Llama-style models).
         sequence_sums: a dict to fill, if given, with per eval sequence float64 arrays ``[n_seq]``: the summed
             next-token CE over the sequence's kept predictions, clean (``"ce_clean"``) and zero-ablated
             (``"ce_zero"``), their count (``"predictions"``), and ``"ce_sae"``, one such array per SAE. Summed
@@ -551,7 +576,7 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
     if batch_sequences < 1:
         raise ValueError(f"batch_sequences must be >= 1, got {batch_sequences}")
     scalers = list(activation_scalers) if activation_scalers is not None else [None] * len(saes)
-    tok_mask_all, pred_mask_all = prediction_mask(toks, ids_special)
+    tok_mask_all, pred_mask_all = prediction_mask(toks, ids_special, skip_positions)
     in_subset = np.zeros(len(toks), dtype=bool)
     in_subset[random_error_rows(len(toks), random_error_sequences if random_error_draws > 0 else 0)] = True
     was_training = model.training
@@ -560,7 +585,7 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
     try:
         mean, model_stats = activation_statistics(model, layer, toks, tok_mask_all, batch_sequences, twonn_points,
                                                   seed, progress)
-        states = [_SAEAccumulator(s, sc, mean, random_error_draws) for s, sc in zip(saes, scalers)]
+        states = [_SAEAccumulator(s, sc, mean, random_error_draws, skip_positions) for s, sc in zip(saes, scalers)]
         ce = {"ce_clean": 0.0, "ce_zero": 0.0, "ce_mean_ablation": 0.0}
         per_seq = {"ce_clean": [], "ce_zero": [], "predictions": [], "ce_sae": [[] for _ in states]}
         n_pred, n_tok = 0, 0
@@ -574,7 +599,8 @@ def evaluate_saes(model, layer: int, saes: Sequence, eval_tokens, batch_sequence
                 for key, fill in (("ce_clean", None), ("ce_zero", lambda out: torch.zeros_like(out)),
                                   ("ce_mean_ablation",
                                    lambda out: mean.to(device=out.device, dtype=out.dtype).expand_as(out))):
-                    logits = logits_clean if fill is None else _forward_logits(model, ids, layer, fill)
+                    logits = logits_clean if fill is None else _forward_logits(model, ids, layer,
+                                                                               _after(skip_positions, fill))
                     seq = (next_token_ce(logits, ids).double() * pm).sum(1)
                     ce[key] += seq.sum().item()
                     if key in per_seq:

@@ -1,12 +1,16 @@
-"""Language models: the embedded tiny GPT-NeoX pair, and the one loader for hub names and local dirs.
+"""Language models: the embedded tiny models (GPT-NeoX, Llama or GPT-2 family), the one loader for hub names and
+local dirs, and the one adapter every stage reads and splices a decoder layer's output through.
 
 All model loading lives here (TransformerLens 3.9 deprecates ``HookedTransformer`` in favour of
 ``TransformerBridge``: that switch should touch this file only).
 
 Two views of one checkpoint:
 
-* ``load_hf`` -> ``GPTNeoXForCausalLM``: the fast path (fused attention) used for extraction and
-  evaluation, with a forward hook on ``gpt_neox.layers[L]`` whose output[0] is ``blocks.L.hook_resid_post``.
+* ``load_hf`` -> an HF ``*ForCausalLM`` of any supported family (:data:`params.FAMILIES`): the fast path (fused
+  attention) used for extraction and evaluation. :func:`layer_list` finds its decoder layers generically (EleutherAI
+  sparsify's ``get_layer_list``: the one ``nn.ModuleList`` of ``num_hidden_layers`` modules under ``base_model``:
+  ``gpt_neox.layers``, GPT-2's ``transformer.h``, Llama / Qwen2 / Gemma2's ``model.layers``); the output of layer L
+  (a tensor, or the first element of a tuple in older releases) is ``blocks.L.hook_resid_post`` in every family.
 * ``load_hooked`` -> ``HookedTransformer``: TransformerLens' view with its hook names, used by the
   SAELens evaluator and as the cross-check in tests.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,7 +27,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .params import EmbeddedModel
+from .params import FAMILIES, EmbeddedModel
+
+
+class ModelFamilyError(ValueError):
+    """A checkpoint whose decoder layers cannot be found generically, or whose family is not supported."""
 
 
 class DeviceError(ValueError):
@@ -43,7 +52,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-# --------------------------------------------------------------------------- embedded pair: training
+# --------------------------------------------------------------------------- embedded models: training
 def neox_config(m: EmbeddedModel, vocab_size: int, context_size: int):
     """A Pythia-architecture config: parallel residual, partial rotary, untied embeddings, GELU MLP 4x."""
     from transformers import GPTNeoXConfig
@@ -57,6 +66,53 @@ def neox_config(m: EmbeddedModel, vocab_size: int, context_size: int):
     )
 
 
+def swiglu_width(d_model: int) -> int:
+    """A Llama MLP's hidden width for ``d_model``: 8/3 d rounded up to a multiple of 16, so that its three matrices
+    hold about the parameters of a 4x GELU MLP's two (the recipe of the Llama paper)."""
+    return 16 * math.ceil(8 * d_model / 3 / 16)
+
+
+def llama_config(m: EmbeddedModel, vocab_size: int, context_size: int):
+    """A Llama-architecture config: pre-RMSNorm, full rotary, SwiGLU MLP (:func:`swiglu_width`), untied embeddings,
+    as many key/value heads as query heads, no biases."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_heads, intermediate_size=swiglu_width(m.d_model), hidden_act="silu",
+        max_position_embeddings=context_size, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        bos_token_id=0, eos_token_id=0, pad_token_id=1, architectures=["LlamaForCausalLM"],
+    )
+
+
+def gpt2_config(m: EmbeddedModel, vocab_size: int, context_size: int):
+    """A GPT-2-architecture config: learned absolute positions, pre-LayerNorm, GELU MLP 4x, tied embeddings, no
+    dropout (as the other embedded families: the training recipe is the same for all)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size, n_embd=m.d_model, n_layer=m.n_layers, n_head=m.n_heads, n_inner=4 * m.d_model,
+        n_positions=context_size, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1, architectures=["GPT2LMHeadModel"],
+    )
+
+
+EMBEDDED_CONFIGS = {"neox": neox_config, "llama": llama_config, "gpt2": gpt2_config}
+
+
+def embedded_config(m: EmbeddedModel, vocab_size: int, context_size: int):
+    """The HF config of an embedded model of family ``m.family`` (``neox``, ``llama`` or ``gpt2``)."""
+    return EMBEDDED_CONFIGS[m.family](m, vocab_size, context_size)
+
+
+def new_model(config):
+    """A randomly initialised HF causal LM of ``config``'s family (seed torch first for a deterministic init)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
+
+
 def lr_at(step: int, total: int, lr: float, warmup_frac: float = 0.05, floor: float = 0.1) -> float:
     """Linear warm-up then cosine decay to ``floor * lr``."""
     warm = max(1, int(warmup_frac * total))
@@ -68,16 +124,16 @@ def lr_at(step: int, total: int, lr: float, warmup_frac: float = 0.05, floor: fl
 
 def train_lm(m: EmbeddedModel, vocab_size: int, train_seqs: np.ndarray, seed: int,
              desc: str = "LM", progress: bool = True):
-    """Train a tiny GPT-NeoX on rows of ``train_seqs`` (sampled by a seeded generator) for ``m.train_tokens``.
+    """Train a tiny model of family ``m.family`` on rows of ``train_seqs`` (sampled by a seeded generator) for
+    ``m.train_tokens``, by the same recipe in every family (AdamW, warm-up and cosine decay, clipping at 1).
 
     Deterministic on CPU for the same inputs, seed and thread count. Returns (model, log rows).
     """
     from .progress import tqdm
-    from transformers import GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
     ctx = train_seqs.shape[1]
-    model = GPTNeoXForCausalLM(neox_config(m, vocab_size, ctx))
+    model = new_model(embedded_config(m, vocab_size, ctx))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=m.lr, betas=(0.9, 0.95), weight_decay=0.01)
     steps = max(1, m.train_tokens // (m.batch_size * ctx))
@@ -159,10 +215,13 @@ def _files_dir(source: str, revision: str) -> str:
 
 
 def load_hf(source: str, revision: str = "main", device: str = "cpu", dtype=torch.float32):
-    """``GPTNeoXForCausalLM`` from a local HF-format dir or a hub id at ``revision``."""
+    """The HF causal LM of a local HF-format dir or a hub id at ``revision`` (any family of
+    :data:`params.FAMILIES`; :func:`layer_list` raises :class:`ModelFamilyError` for one whose layers it cannot
+    find)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_revision(source, revision))
+    layer_list(model)  # refuse a checkpoint whose decoder layers cannot be found, before any work on it
     return model.to(device).eval()
 
 
@@ -174,36 +233,70 @@ def load_tokenizer(source: str, revision: str = "main"):
 
 
 def load_hooked(source: str, revision: str = "main", device: str = "cpu", dtype=torch.float32, hf_model=None):
-    """``HookedTransformer`` for a local HF-format dir or a hub id at ``revision``, through one code path.
+    """``HookedTransformer`` for a local HF-format dir or a hub id at ``revision``, through one code path, for the
+    families TransformerLens converts from a config (GPT-NeoX, GPT-2, Llama, Qwen2; its Gemma 2 loads only Google's
+    own checkpoints by name: it raises NotImplementedError for others).
 
     ``HookedTransformer.from_pretrained`` does not take a local directory, so the config and state dict
     are built from the HF model with TransformerLens' own converters; no weight processing (no LN
     folding, no centering), so hook activations equal the HF hidden states. ``hf_model`` (already loaded from
     the same source and revision) saves loading the weights twice.
     """
+    import json
+    import tempfile
+
     from transformer_lens import HookedTransformer, loading_from_pretrained as lfp
 
     hf = hf_model if hf_model is not None else load_hf(source, revision, "cpu", dtype)
-    cfg = lfp.get_pretrained_model_config(source, hf_cfg=hf.config.to_dict(), fold_ln=False, device=device,
-                                          dtype=dtype, default_prepend_bos=False, **_revision(source, revision))
+    # TransformerLens picks the architecture from the *name* when it contains 'llama' or 'gemma' (then only its own
+    # official checkpoints load) and from config.json otherwise: it reads the config from a folder of a neutral name
+    # (GPT-2's converter also wants n_ctx, which transformers 5 no longer keeps)
+    hf_cfg = hf.config.to_dict()
+    if hf_cfg.get("model_type") == "gpt2":
+        hf_cfg.setdefault("n_ctx", hf_cfg.get("n_positions"))
+    with tempfile.TemporaryDirectory() as tmp:
+        neutral = Path(tmp) / "checkpoint"
+        neutral.mkdir()
+        (neutral / "config.json").write_text(json.dumps(hf_cfg))
+        cfg = lfp.get_pretrained_model_config(str(neutral), hf_cfg=hf_cfg, fold_ln=False, device=device, dtype=dtype,
+                                              default_prepend_bos=False)
+        sd = lfp.get_pretrained_state_dict(str(neutral), cfg, hf)
     model = HookedTransformer(cfg, load_tokenizer(_files_dir(source, revision), revision), move_to_device=False)
-    sd = lfp.get_pretrained_state_dict(source, cfg, hf)
     model.load_and_process_state_dict(sd, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                       fold_value_biases=False)
     return model.to(device).eval()
 
 
-# --------------------------------------------------------------------------- the fast hook
+# --------------------------------------------------------------------------- the adapter: layers and the hook
 class _Stop(Exception):
     pass
 
 
-def _layers(model):
-    return model.gpt_neox.layers
+_LAYERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its decoder layers (found once)
+
+
+def layer_list(model) -> torch.nn.ModuleList:
+    """The decoder layers of an HF causal LM: the one ``nn.ModuleList`` of ``config.num_hidden_layers`` modules under
+    ``model.base_model`` (EleutherAI sparsify's ``get_layer_list``). Raises :class:`ModelFamilyError` naming the
+    model_type when there is none or more than one (the layers cannot be told apart from other module lists)."""
+    if model in _LAYERS:
+        return _LAYERS[model]
+    n = getattr(model.config, "num_hidden_layers", None)
+    kind = getattr(model.config, "model_type", "?")
+    found = [name for name, mod in model.base_model.named_modules()
+             if isinstance(mod, torch.nn.ModuleList) and len(mod) == n]
+    if len(found) != 1:
+        what = f"{len(found)} module lists ({', '.join(found)})" if found else "none"
+        raise ModelFamilyError(f"model_type {kind!r}: its decoder layers are not one nn.ModuleList of "
+                               f"num_hidden_layers = {n} modules under base_model (found {what}); supported families: "
+                               f"{', '.join(FAMILIES)}")
+    _LAYERS[model] = model.base_model.get_submodule(found[0])
+    return _LAYERS[model]
 
 
 def resid_post(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """``blocks.{layer}.hook_resid_post`` via the HF model, stopping after that layer. [batch, ctx, d]."""
+    """``blocks.{layer}.hook_resid_post`` (the output of decoder layer ``layer``) via the HF model, stopping after
+    that layer. [batch, ctx, d]."""
     return resid_posts(model, input_ids, [layer])[layer]
 
 
@@ -223,9 +316,9 @@ def resid_posts(model, input_ids: torch.Tensor, layers) -> dict[int, torch.Tenso
                 raise _Stop
         return hook
 
-    handles = [_layers(model)[L].register_forward_hook(grab(L)) for L in layers]
+    handles = [layer_list(model)[L].register_forward_hook(grab(L)) for L in layers]
     try:
-        model.gpt_neox(input_ids=input_ids, use_cache=False)
+        model.base_model(input_ids=input_ids, use_cache=False)
     except _Stop:
         pass
     finally:
@@ -243,7 +336,7 @@ def patched(model, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> It
             return (fn(output[0]), *output[1:])
         return fn(output)
 
-    h = _layers(model)[layer].register_forward_hook(hook)
+    h = layer_list(model)[layer].register_forward_hook(hook)
     try:
         yield
     finally:

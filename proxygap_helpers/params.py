@@ -13,19 +13,51 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+                      model_serializer, model_validator)
 
 TWO_ROLES = ("small", "large")  # the two-model form of ``models`` (every params file before model ladders)
 ROLE_NAME = r"^[A-Za-z0-9_]+$"  # a role names folders and starts SAE and unit ids: no '-', no '/'
 
-# Architecture facts of the Pythia family (from the model cards), so that a hub grid can be validated
-# and planned without network access.  name -> (n_layers, d_model, n_heads)
+@dataclass(frozen=True)
+class Family:
+    """A supported model family (an HF ``model_type``): its name in reports, the embedded family trained here
+    (``EmbeddedModel.family``) if any, and whether its models put a residual of enormous norm at the first position
+    of every sequence (the BOS / attention-sink position of Llama- and Gemma-style models, Sun et al. 2024
+    "Massive activations"), which ``data.skip_positions: auto`` then drops."""
+
+    model_type: str
+    label: str
+    embedded: str | None
+    massive_first: bool
+
+
+# The families proxygap reads and splices through one adapter (models.layer_list), each tested offline on tiny
+# random checkpoints built from transformers' own configs (tests/test_families.py).
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("gpt_neox", "GPT-NeoX (Pythia)", "neox", False),
+    Family("gpt2", "GPT-2", "gpt2", False),
+    Family("llama", "Llama (SmolLM2)", "llama", True),
+    Family("qwen2", "Qwen2", None, True),
+    Family("gemma2", "Gemma 2", None, True),
+)}
+EMBEDDED_FAMILY_TYPE = {f.embedded: t for t, f in FAMILIES.items() if f.embedded}  # 'neox' -> 'gpt_neox'
+
+# Architecture facts of the hub checkpoints the reference grids name (from their config.json), so that a hub grid
+# can be validated and planned without network access.  name -> (n_layers, d_model, n_heads, vocab, model_type)
+HUB_SHAPES: dict[str, tuple[int, int, int, int, str]] = {
+    "gpt2": (12, 768, 12, 50257, "gpt2"),
+    "gpt2-medium": (24, 1024, 16, 50257, "gpt2"),
+    "SmolLM2-135M": (30, 576, 9, 49152, "llama"),
+    "SmolLM2-360M": (32, 960, 15, 49152, "llama"),
+}
+# The Pythia family (from the model cards).  name -> (n_layers, d_model, n_heads)
 PYTHIA_SHAPES: dict[str, tuple[int, int, int]] = {
     "pythia-14m": (6, 128, 4),
     "pythia-31m": (6, 256, 8),
@@ -74,9 +106,12 @@ Layer = Annotated[int | Literal["mid"] | list[int], BeforeValidator(_layer_list)
 
 
 class EmbeddedModel(_Strict):
-    """A tiny GPT-NeoX (Pythia architecture) trained here on the embedded text."""
+    """A tiny model trained here on the embedded text: ``family`` ``neox`` (GPT-NeoX, Pythia's architecture: the
+    default), ``llama`` (pre-RMSNorm, full rotary, SwiGLU) or ``gpt2`` (learned positions, LayerNorm, tied
+    embeddings), each by the same recipe (``models.train_lm``)."""
 
     source: Literal["embedded"]
+    family: Literal["neox", "llama", "gpt2"] = "neox"
     d_model: int = Field(ge=8, le=4096)
     n_layers: int = Field(ge=1, le=48)
     n_heads: int = Field(ge=1, le=64)
@@ -90,35 +125,65 @@ class EmbeddedModel(_Strict):
     def _heads_divide(self) -> "EmbeddedModel":
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.family != "neox" and "rotary_pct" in self.model_fields_set:
+            raise ValueError(f"`rotary_pct` is a GPT-NeoX key (partial rotary); family {self.family!r} "
+                             f"{'rotates every dimension' if self.family == 'llama' else 'has learned positions'}: "
+                             "remove it")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """``rotary_pct`` only in a GPT-NeoX model's dump (the resolved params of a Llama or GPT-2 model then load
+        again, and its hashes do not carry a key that does nothing)."""
+        out = handler(self)
+        if self.family != "neox":
+            out.pop("rotary_pct", None)
+        return out
 
     @property
     def name(self) -> str:
-        return f"tiny-neox-d{self.d_model}-l{self.n_layers}"
+        return f"tiny-{self.family}-d{self.d_model}-l{self.n_layers}"
+
+    @property
+    def model_type(self) -> str:
+        """The HF model_type of its family (``gpt_neox``, ``llama``, ``gpt2``)."""
+        return EMBEDDED_FAMILY_TYPE[self.family]
 
 
 class HubModel(_Strict):
-    """A pretrained Pythia checkpoint: by hub id (``name`` at ``revision``, e.g. Pythia's ``stepN``
-    checkpoints), or from a local HF-format folder (``path``: what ``save_pretrained`` writes, or a clone of the
-    hub repository), in which case ``name`` is only its label.
+    """A pretrained checkpoint of a supported family (:data:`FAMILIES`: GPT-NeoX/Pythia, GPT-2, Llama/SmolLM2, Qwen2,
+    Gemma 2): by hub id (``name`` at ``revision``, e.g. Pythia's ``stepN`` checkpoints), or from a local HF-format
+    folder (``path``: what ``save_pretrained`` writes, or a clone of the hub repository), in which case ``name`` is
+    only its label. Its family is its ``config.json``'s ``model_type`` (an embedded model's ``family`` key does not
+    apply).
 
-    Shapes (layers, width, heads) come from the checkpoint's ``config.json`` where it is on disk (the folder,
-    or the Hugging Face cache for ``name`` at ``revision``), else from :data:`PYTHIA_SHAPES` (so a grid can be
-    validated and planned before anything is downloaded).
+    Shapes (layers, width, heads, vocabulary, model_type) come from the checkpoint's ``config.json`` where it is on
+    disk (the folder, or the Hugging Face cache for ``name`` at ``revision``), else from :data:`HUB_SHAPES` /
+    :data:`PYTHIA_SHAPES` (so a grid can be validated and planned before anything is downloaded).
     """
 
     source: Literal["hub"]
     path: str | None = None  # (before name and revision: their checks read it)
+    family: str | None = None  # refused: named only so that the refusal can say why (see _no_family)
     name: str
     revision: str = "main"
     layer: Layer = "mid"
 
+    @field_validator("family")
+    @classmethod
+    def _no_family(cls, v: str | None) -> None:
+        if v is not None:
+            raise ValueError(f"`family` ({v!r}) is a key of embedded models; a hub model's family is its "
+                             f"config.json's model_type (supported: {', '.join(FAMILIES)}): remove it")
+        return v
+
     @field_validator("name")
     @classmethod
     def _known(cls, v: str, info) -> str:
-        if info.data.get("path") is None and _pythia_base(v) not in PYTHIA_SHAPES:
-            raise ValueError(f"unknown model {v!r}; known Pythia models: {', '.join(PYTHIA_SHAPES)} (or give `path`, "
-                             "a local HF-format folder, whose config.json then gives the shapes)")
+        if info.data.get("path") is None and _known_shapes(v) is None:
+            raise ValueError(f"unknown model {v!r}; known hub models: {', '.join(HUB_SHAPES)} and Pythia's "
+                             f"{', '.join(PYTHIA_SHAPES)} (or give `path`, a local HF-format folder, whose config.json "
+                             "then gives the shapes)")
         return v
 
     @field_validator("revision")
@@ -149,26 +214,50 @@ class HubModel(_Strict):
         except ValueError as e:
             raise ParamsError(f"{file} is not valid JSON ({e}): the checkpoint of {self.name!r} is damaged") from None
 
-    def _shape(self, i: int, key: str) -> int:
+    def _shape(self, i: int, keys: tuple[str, ...]):
+        """Field ``i`` of the shape: from config.json (the first of ``keys`` it has: GPT-2 names them n_layer, n_embd,
+        n_head), else from the table of known hub models."""
         cfg = self.config
-        return int(cfg[key]) if cfg is not None else PYTHIA_SHAPES[_pythia_base(self.name)][i]
+        if cfg is not None:
+            for key in keys:
+                if key in cfg:
+                    return cfg[key]
+        return _known_shapes(self.name)[i]
 
     @property
     def n_layers(self) -> int:
-        return self._shape(0, "num_hidden_layers")
+        return int(self._shape(0, ("num_hidden_layers", "n_layer")))
 
     @property
     def d_model(self) -> int:
-        return self._shape(1, "hidden_size")
+        return int(self._shape(1, ("hidden_size", "n_embd", "d_model")))
 
     @property
     def n_heads(self) -> int:
-        return self._shape(2, "num_attention_heads")
+        return int(self._shape(2, ("num_attention_heads", "n_head")))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._shape(3, ("vocab_size",)))
+
+    @property
+    def model_type(self) -> str:
+        return str(self._shape(4, ("model_type",)))
 
 
 def _pythia_base(name: str) -> str:
     """'EleutherAI/pythia-70m-deduped' -> 'pythia-70m' (the key of PYTHIA_SHAPES)."""
     return name.split("/")[-1].removesuffix("-deduped")
+
+
+def _known_shapes(name: str) -> tuple[int, int, int, int, str] | None:
+    """(n_layers, d_model, n_heads, vocab, model_type) of a known hub id (by its name after the organisation)."""
+    base = name.split("/")[-1]
+    if base in HUB_SHAPES:
+        return HUB_SHAPES[base]
+    if _pythia_base(name) in PYTHIA_SHAPES:
+        return (*PYTHIA_SHAPES[_pythia_base(name)], 50304, "gpt_neox")
+    return None
 
 
 class DataParams(_Strict):
@@ -186,6 +275,10 @@ class DataParams(_Strict):
     max_chars: int | None = Field(default=None, ge=10_000)
     store_tokens: int | None = Field(default=None, gt=0)
     store_dtype: Literal["float32", "float16"] = "float32"
+    # leading positions of every row dropped from SAE training and from every metric's means (the SAE does not
+    # replace them; Params.skip_positions): 'auto' drops the first where the model's family puts a residual of
+    # enormous norm there (Family.massive_first: Llama, Qwen2, Gemma 2), none elsewhere
+    skip_positions: int | Literal["auto"] = "auto"
     allow_epochs: bool = True
     seed: int = 0
 
@@ -356,7 +449,7 @@ class Params(_Strict):
     data: DataParams = DataParams()
     models: dict[str, Annotated[EmbeddedModel | HubModel, Field(discriminator="source")]]
     depths: list[float] | None = None
-    pairs: Literal["consecutive", "with_smallest"] = "consecutive"
+    pairs: Literal["consecutive", "with_smallest", "within_family"] = "consecutive"
     sae: SAEParams
     evaluation: EvalParams = EvalParams()
     stats: StatsParams = StatsParams()
@@ -413,7 +506,7 @@ class Params(_Strict):
             raise ValueError("key `data.source`: embedded models are trained on the embedded text (the pinned SymPy "
                              "sources): data.source must be 'sympy'")
         if "hub" in sources and self.data.source != "pile":
-            raise ValueError("key `data.source`: hub (Pythia) models are evaluated on the Pile: data.source must "
+            raise ValueError("key `data.source`: hub models are evaluated on the Pile: data.source must "
                              "be 'pile'")
         if self.data.pile_files is not None and self.data.source != "pile":
             raise ValueError("key `data.pile_files`: a local copy of the Pile is read only with data.source 'pile' "
@@ -486,9 +579,23 @@ class Params(_Strict):
         """TransformerLens' name of the hook: ``blocks.<layer>.hook_resid_post`` (the only hook by default)."""
         return f"blocks.{self.layer(role) if layer is None else layer}.hook_resid_post"
 
+    def family(self, role: str) -> str:
+        """The HF model_type of a role's model (``gpt_neox``, ``gpt2``, ``llama``, ...; :data:`FAMILIES`)."""
+        return self.models[role].model_type
+
+    def family_groups(self) -> dict[str, list[str]]:
+        """Roles by family, in params order (one group unless ``pairs: within_family`` mixes families)."""
+        out: dict[str, list[str]] = {}
+        for r in self.roles:
+            out.setdefault(self.family(r), []).append(r)
+        return out
+
     def pair_list(self) -> list[tuple[str, str]]:
         """(smaller, larger) roles compared: consecutive sizes, then (``pairs: with_smallest``) the smallest
-        against every model two or more steps above it."""
+        against every model two or more steps above it; with ``pairs: within_family``, consecutive sizes within
+        each family (a pair never mixes families)."""
+        if self.pairs == "within_family":
+            return [pair for group in self.family_groups().values() for pair in zip(group[:-1], group[1:])]
         r = self.roles
         out = list(zip(r[:-1], r[1:]))
         if self.pairs == "with_smallest":
@@ -537,6 +644,12 @@ class Params(_Strict):
     def embedded(self) -> bool:
         return self.models[self.roles[0]].source == "embedded"
 
+    def skip_positions(self, role: str) -> int:
+        """Leading positions of each row that ``role``'s SAEs never see and no metric counts (``data.skip_positions``;
+        ``auto``: 1 for a family with a massive-norm first position, :attr:`Family.massive_first`, else 0)."""
+        n = self.data.skip_positions
+        return (1 if FAMILIES[self.models[role].model_type].massive_first else 0) if n == "auto" else n
+
     @property
     def store_tokens(self) -> int:
         """Tokens of activations kept on disk per role and hook (default: the largest budget plus the batches
@@ -547,7 +660,7 @@ class Params(_Strict):
     def extract_hash(self) -> str:
         """Everything that shapes the models, the text and the activation stores (and, through them, every SAE and
         metric: the thread count too, since CPU numerics depend on it)."""
-        shaped = {"data": _hashed(self.data), "models": {r: _hashed(m) for r, m in self.models.items()},
+        shaped = {"data": hashed(self.data), "models": {r: hashed(m) for r, m in self.models.items()},
                   "store_tokens": self.store_tokens}
         if self.depths is not None:
             shaped["depths"] = self.depths
@@ -588,7 +701,7 @@ class Params(_Strict):
         return short_hash({"evaluation": self.evaluation.model_dump(), "extract": self.extract_hash})
 
     def params_hash(self) -> str:
-        return short_hash(_hashed(self, mode="json"))
+        return short_hash(hashed(self, mode="json"))
 
 
 def depth_layer(depth: float, n_layers: int) -> int:
@@ -600,18 +713,22 @@ def depth_layer(depth: float, n_layers: int) -> int:
 
 # Keys added after results existed: they enter the hashes (extract, SAE and unit ids) only when set to something
 # other than their default, so grids that do not use them keep their ids and results.
-_LATER_KEYS = {DataParams: ("pile_files", "text_field"), HubModel: ("path",), Params: ("depths", "pairs"),
+_LATER_KEYS = {DataParams: ("pile_files", "text_field", "skip_positions"), HubModel: ("path", "family"), EmbeddedModel: ("family",),
+               Params: ("depths", "pairs"),
                ExecutorParams: ("threads",), SAEParams: ("buffer_bytes",)}
 
 
-def _hashed(m: BaseModel, mode: str = "python") -> dict:
+def hashed(m: BaseModel, mode: str = "python") -> dict:
+    """``m``'s dump as the hashes see it: a key added after results existed is left out while it has its default
+    (:data:`_LATER_KEYS`), so that grids which do not use it keep their ids, caches and results."""
     dump = m.model_dump(mode=mode)
     for key in _LATER_KEYS.get(type(m), ()):
         if dump[key] == type(m).model_fields[key].default:
             del dump[key]
     if isinstance(m, Params):  # (params_hash: the executor's later keys too; the other sections as they were)
-        dump["executor"] = _hashed(m.executor, mode)
-        dump["sae"] = _hashed(m.sae, mode)
+        dump["executor"] = hashed(m.executor, mode)
+        dump["sae"] = hashed(m.sae, mode)
+        dump["models"] = {r: hashed(model, mode) for r, model in m.models.items()}
     return dump
 
 
@@ -713,11 +830,22 @@ def _check_paths(p: Params) -> None:
         if not (Path(m.path) / "config.json").is_file():
             raise ParamsError(f"key `{key}` = {m.path!r}: not a folder with a config.json (give a local HF-format "
                               "checkpoint: the folder `save_pretrained` writes, or a clone of the hub repository)")
-        kind = m.config.get("model_type")
-        if kind != "gpt_neox":
-            raise ParamsError(f"key `{key}` = {m.path!r}: its config.json says model_type {kind!r}; a local checkpoint "
-                              "must be a GPT-NeoX (Pythia architecture, model_type 'gpt_neox'), the one family "
-                              "supported so far")
+        if not any(any(Path(m.path).glob(pattern)) for pattern in WEIGHT_FILES):
+            raise ParamsError(f"key `{key}` = {m.path!r}: the folder has a config.json but no weights "
+                              f"({' or '.join(WEIGHT_FILES)}); give the whole checkpoint folder")
+    for role in p.roles:
+        m = p.models[role]
+        if isinstance(m, HubModel) and (m.path is not None or m.config is not None):
+            _check_family(f"models.{role}.{'path' if m.path else 'name'}", m.path or m.name, m.model_type)
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _check_family(key: str, value: str, kind: str | None) -> None:
+    if kind not in FAMILIES:
+        raise ParamsError(f"key `{key}` = {value!r}: its config.json says model_type {kind!r}, which proxygap does not "
+                          f"read; supported model_types: {', '.join(FAMILIES)} (README, 'Across model families')")
 
 
 def _offline() -> bool:
@@ -799,16 +927,28 @@ def _check_hooks(p: Params, role: str) -> None:
 def _check_ladder(p: Params) -> None:
     """Models are ordered by size (non-embedding parameters never decreasing: checkpoints of one model may share a
     size), in the list form and the two-role form ``{small, large}`` alike; every model has the same number of
-    hooks."""
-    sizes = [p.n_params(r) for r in p.roles]
-    for (a, na), (b, nb) in zip(zip(p.roles, sizes), zip(p.roles[1:], sizes[1:])):
-        if nb < na and p.roles == TWO_ROLES:  # every delta is large - small: swapped models flip every sign
-            raise ParamsError(f"key `models`: `large` ({nb:,} non-embedding parameters, 12 x n_layers x d_model^2) is "
-                              f"smaller than `small` ({na:,}); swap the two models (every delta is large - small)")
-        if nb < na:
-            raise ParamsError(f"key `models`: models must be ordered by size, smallest first, but {b!r} ({nb:,} "
-                              f"non-embedding parameters, 12 x n_layers x d_model^2) is smaller than {a!r} "
-                              f"({na:,}); reorder them")
+    hooks. With ``pairs: within_family`` the order holds within each family, and each family has two or more
+    models; otherwise all models are of one family (a pair never mixes families)."""
+    groups = p.family_groups()
+    if p.pairs != "within_family" and len(groups) > 1:
+        raise ParamsError(f"key `pairs` = {p.pairs!r}: the models are of {len(groups)} families "
+                          f"({'; '.join(t + ': ' + ', '.join(rs) for t, rs in groups.items())}) and a pair compares two "
+                          "models of one family: set `pairs: within_family`")
+    if p.pairs == "within_family" and (alone := [t for t, rs in groups.items() if len(rs) < 2]):
+        raise ParamsError(f"key `models`: with `pairs: within_family` every family needs two or more models; "
+                          f"{', '.join(alone)} has one ({', '.join(groups[alone[0]])})")
+    for roles in groups.values():
+        sizes = [p.n_params(r) for r in roles]
+        for (a, na), (b, nb) in zip(zip(roles, sizes), zip(roles[1:], sizes[1:])):
+            if nb < na and p.roles == TWO_ROLES:  # every delta is large - small: swapped models flip every sign
+                raise ParamsError(f"key `models`: `large` ({nb:,} non-embedding parameters, 12 x n_layers x "
+                                  f"d_model^2) is smaller than `small` ({na:,}); swap the two models (every delta is "
+                                  "large - small)")
+            if nb < na:
+                raise ParamsError(f"key `models`: models must be ordered by size, smallest first"
+                                  f"{' within each family' if len(groups) > 1 else ''}, but {b!r} ({nb:,} "
+                                  f"non-embedding parameters, 12 x n_layers x d_model^2) is smaller than {a!r} "
+                                  f"({na:,}); reorder them")
     counts = {r: len(p.layers(r)) for r in p.roles}
     if len(set(counts.values())) != 1:
         raise ParamsError(f"key `models.<role>.layer`: every model needs the same number of hooks (they pair up by "
@@ -817,9 +957,14 @@ def _check_ladder(p: Params) -> None:
 
 def _check_model_dependent(p: Params) -> None:
     _check_paths(p)
+    n, ctx = p.data.skip_positions, p.data.context_size
+    if n != "auto" and not 0 <= n <= ctx - 2:
+        raise ParamsError(f"key `data.skip_positions` = {n}: give 'auto' or an integer in [0, {ctx - 2}] (a row of "
+                          f"data.context_size = {ctx} tokens must keep two positions: one prediction)")
     for role in p.roles:
         m = p.models[role]
-        if isinstance(m, EmbeddedModel) and _rotary_dims(m.d_model // m.n_heads, m.rotary_pct) is None:
+        if isinstance(m, EmbeddedModel) and m.family == "neox" and _rotary_dims(m.d_model // m.n_heads,
+                                                                                 m.rotary_pct) is None:
             head_dim = m.d_model // m.n_heads
             ok = [f"{n / head_dim:g}" for n in range(2, head_dim + 1, 2)]
             raise ParamsError(f"key `models.{role}.rotary_pct` = {m.rotary_pct}: head_dim x rotary_pct must be an "

@@ -94,9 +94,7 @@ def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
             plain = SAE_GEMM_EFFICIENCY * _gemm_rate(64, d_in, d_sae) / (12 * d_in * d_sae)
         return {"sae_tok_s": plain, "sae_aux_tok_s": plain / 1.5, "eval_forward_tok_s": _flop_forward_rate(p, role),
                 "threads": threads}
-    from transformers import GPTNeoXForCausalLM
-
-    from .models import neox_config
+    from .models import embedded_config, new_model
 
     if p.sae.trainer == "fast":
         from .engine import calibration_step
@@ -116,7 +114,7 @@ def _calibrate_unit(p: Params, role: str, barrier=None) -> dict:
         def aux_step():
             tr.n_forward_passes_since_fired.fill_(tr.cfg.dead_feature_window + 1)  # every latent dead
             tr.step(x)
-    model = GPTNeoXForCausalLM(neox_config(m, p.data.vocab_size, p.data.context_size)).eval()
+    model = new_model(embedded_config(m, p.data.vocab_size, p.data.context_size)).eval()
     xe = torch.randint(0, p.data.vocab_size, (p.evaluation.batch_sequences, p.data.context_size))
 
     def forward():
@@ -147,9 +145,9 @@ def _calibrate_units(p: Params, role: str) -> dict:
 
 def _flop_forward_rate(p: Params, role: str) -> float:
     """Forward tokens/s from FLOPs (2 x parameters per token: blocks, embedding and unembedding) and the
-    matmul rate; Pythia's vocabulary is 50304, an embedded model's is ``data.vocab_size``."""
+    matmul rate; a hub model's vocabulary is its config's (Pythia's 50304), an embedded model's ``data.vocab_size``."""
     m = p.models[role]
-    vocab = 50304 if m.source == "hub" else p.data.vocab_size
+    vocab = m.vocab_size if m.source == "hub" else p.data.vocab_size
     flops = 2 * (12 * m.n_layers * m.d_model ** 2 + 2 * vocab * m.d_model)
     return _gemm_rate(512, m.d_model, 4 * m.d_model) / flops
 
@@ -158,15 +156,14 @@ def _calibrate_lm(p: Params, role: str) -> dict:
     """LM forward (tokens/s) and, for embedded models, train-step throughput, timed on a randomly initialised
     model of the same config; hub (Pythia) shapes are estimated from FLOPs (2 x parameters per token)."""
     import torch
-    from transformers import GPTNeoXForCausalLM
 
-    from .models import neox_config
+    from .models import embedded_config, new_model
 
     m = p.models[role]
     if m.source == "hub":
         return {"forward_tok_s": _flop_forward_rate(p, role)}
     torch.set_num_threads(p.threads)
-    model = GPTNeoXForCausalLM(neox_config(m, p.data.vocab_size, p.data.context_size))
+    model = new_model(embedded_config(m, p.data.vocab_size, p.data.context_size))
     # the extract's forwards: whole batches of full-length sequences (4 short ones timed mostly call overhead and
     # put the small model's forward below the large one's)
     x = torch.randint(0, p.data.vocab_size, (max(16, p.evaluation.batch_sequences), p.data.context_size))
@@ -289,7 +286,8 @@ def _store_tokens(p: Params, out_dir: Path) -> int:
     grids; the split's size is cached beside the tokenizer: :func:`extract.split_tokens`)."""
     from .extract import split_tokens, store_rows
 
-    return store_rows(p, split_tokens(p, out_dir)["train"]) * p.data.context_size
+    train = split_tokens(p, out_dir)["train"]
+    return max(store_rows(p, train, r) * (p.data.context_size - p.skip_positions(r)) for r in p.roles)
 
 
 def estimate(p: Params, out_dir: Path, cal: dict | None = None) -> dict:
@@ -361,7 +359,7 @@ def unit_memory_bytes(p: Params, role: str, n_runs: int, store_tokens: int | Non
     model = 0
     if not p.embedded:
         m = p.models[role]
-        model = 4 * (12 * m.n_layers * m.d_model ** 2 + 2 * 50304 * m.d_model)
+        model = 4 * (12 * m.n_layers * m.d_model ** 2 + 2 * m.vocab_size * m.d_model)
     return {"buffer": buffer, "saes": runs * sae, "model": model, "total": buffer + runs * sae + model}
 
 
@@ -375,6 +373,12 @@ def _fmt_bytes(n: float) -> str:
 
 def _fmt_s(s: float) -> str:
     return f"{s / 3600:.1f} h" if s > 5400 else f"{s / 60:.1f} min" if s > 90 else f"{s:.0f} s"
+
+
+def _makespan_note(p: Params) -> str:
+    """How a grid's units spread over GPUs (one unit per GPU, e.g. a Slurm array)."""
+    n = len(p.roles) * p.executor.shards
+    return f"{n} SAE units, one GPU each as a Slurm array"
 
 
 def _needs_internet(p: Params) -> bool:
@@ -440,12 +444,58 @@ def print_plan(p: Params, out_dir: Path, recalibrate: bool = False) -> None:
           f"{what}: {_fmt_s(est['total_s'])} (extract {_fmt_s(est['extract_s'])}, SAEs {_fmt_s(est['sae_wall_s'])}, "
           f"{est['notebooks']} notebook starts)")
     print(f"calibration: {note or 'cached'} ({entry['measured_at']}; `plan --recalibrate` re-times it)")
+    if (gpu := gpu_hours(p)) is not None:
+        print(f"on a GPU ({gpu['device']}, rates measured by benchmarks/gpu_check.py, scaled to these shapes): about "
+              f"{gpu['total_fp32_hours']:.1f} GPU-hours in fp32 ({gpu['total_bf16_hours']:.1f} with sae.precision "
+              "bf16): " + ", ".join(f"{r} {gpu[f'{r}_fp32_hours']:.1f} h" for r in p.roles)
+              + f"; {_makespan_note(p)}")
     if _needs_internet(p):
         print("note: this grid loads its models or text from the Hugging Face hub: it needs internet (or a local "
               "cache), and a GPU to finish in hours rather than weeks (README: 'Reference grid').")
     elif not p.embedded:
         print("note: this grid reads local checkpoints and text (no internet); a GPU finishes it in hours rather "
               "than weeks (README: 'Reference grid').")
+
+
+GPU_CHECK = "reports/gpu_check.json"  # benchmarks/gpu_check.py's measured GPU rates (Pythia-shaped models)
+
+
+def gpu_hours(p: Params, measured: dict | None = None) -> dict | None:
+    """Projected GPU-hours of a hub grid's SAE units (the fast trainer: one LM pass per unit) from the rates measured
+    on a GPU (``measured``: :data:`GPU_CHECK`'s record; None when there is none, or for an embedded grid).
+
+    Per role: its SAE tokens (every budget of every k and seed; a ladder run's longest budget) at the measured SAE
+    train rate of the nearest measured shape, scaled by ``d_in x d_sae`` (the encoder GEMM's work per token), plus
+    each unit's one LM pass (its longest run and the norm-estimate batches) at the measured forward-to-the-hook rate
+    scaled by the FLOPs to the hook (``12 (L + 1) d^2`` per token). Returns ``{device, <role>_<precision>_hours,
+    total_<precision>_hours}`` for ``fp32`` and ``bf16``. At the measured shapes it gives gpu_check's own
+    ``reference_grid_gpu_hours``."""
+    import math
+
+    from .layout import REPO
+    from .training import runs_for
+
+    path = REPO / GPU_CHECK
+    if measured is None and (p.embedded or not path.is_file()):
+        return None
+    rec = measured or read_json(path)
+    hooks = {r: int(v["hook"].split(".")[1]) for r, v in rec["pipeline"]["stores"].items()}
+    out: dict = {"device": rec["device"]}
+    for role in p.roles:
+        d_in, d_sae = p.d_in(role), p.d_sae(role)
+        ref_role, ref = min(zip(("small", "large"), rec["throughput"]),
+                            key=lambda rt: abs(math.log(rt[1]["d_in"] * rt[1]["d_sae"] / (d_in * d_sae))))
+        sae_scale = ref["d_in"] * ref["d_sae"] / (d_in * d_sae)
+        lm_scale = (hooks[ref_role] + 1) * ref["d_in"] ** 2 / ((max(p.layers(role)) + 1) * d_in ** 2)
+        specs = p.sae_specs(role=role)
+        sae_tokens = sum(max(s.tokens for s in run) for run in runs_for(p, specs))
+        lm_tokens = p.executor.shards * (max(p.sae.tokens) + p.sae.norm_estimate_batches * p.sae.batch_size)
+        lm_h = lm_tokens / (ref["lm_forward_to_hook_tokens_per_s"] * lm_scale) / 3600
+        for prec in ("fp32", "bf16"):
+            out[f"{role}_{prec}_hours"] = sae_tokens / (ref[f"ours_{prec}_tokens_per_s"] * sae_scale) / 3600 + lm_h
+    for prec in ("fp32", "bf16"):
+        out[f"total_{prec}_hours"] = sum(out[f"{r}_{prec}_hours"] for r in p.roles)
+    return out
 
 
 def budget_cost(p: Params, out_dir: Path, tokens: list[int], n_seeds: int) -> dict:

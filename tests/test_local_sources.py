@@ -126,12 +126,18 @@ def test_every_json_form_datasets_reads_is_read_and_other_data_is_refused_by_nam
 
 
 class CharTokenizer:
-    """Ids = character codes; EOT = 0: rows can be worked out by hand."""
+    """Ids = character codes; EOT = 0: rows can be worked out by hand. ``bos``: a BOS id it puts first in every
+    text when asked for special tokens (as Llama's and Gemma's tokenizers do)."""
 
     eos_token_id = 0
 
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+    def __init__(self, bos: int | None = None):
+        self.bos_token_id = bos
+
+    def __call__(self, texts, add_special_tokens=True):
+        head = [self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []
+        encode = lambda t: head + [ord(c) for c in t]  # noqa: E731
+        return {"input_ids": encode(texts) if isinstance(texts, str) else [encode(t) for t in texts]}
 
 
 @pytest.mark.parametrize("batch_docs", [1, 2, 64])
@@ -145,6 +151,20 @@ def test_pack_rows_by_hand(batch_docs):
     kept = [r.tolist() for r in data.pack_rows(docs, CharTokenizer(), 4, exclude=drop, batch_docs=batch_docs)]
     assert kept == [rows[0], rows[2]]
     assert data.row_hash(np.array(rows[1], dtype=np.int64)) in drop, "the hash is of the int32 row, any input dtype"
+
+
+def test_rows_start_with_the_bos_where_the_tokenizer_puts_one():
+    """A tokenizer that puts a BOS first (Llama, Gemma): each row is that BOS and ctx - 1 packed tokens; one that
+    has a BOS but does not put it first (GPT-2, Pythia) gets none."""
+    docs = ["ab", "cde", "fghij", "k"]  # a b 0 c d e 0 f g h i j 0 k 0
+    assert data.bos_to_prepend(CharTokenizer(bos=1)) == 1 and data.bos_to_prepend(CharTokenizer()) is None
+    rows = [r.tolist() for r in data.pack_rows(docs, CharTokenizer(bos=1), 4)]
+    assert rows == [[1, 97, 98, 0], [1, 99, 100, 101], [1, 0, 102, 103], [1, 104, 105, 106], [1, 0, 107, 0]]
+
+    class Unused(CharTokenizer):  # has a BOS token, but its encodings do not start with it
+        def __call__(self, texts, add_special_tokens=True):
+            return super().__call__(texts, add_special_tokens=False)
+    assert data.bos_to_prepend(Unused(bos=1)) is None
 
 
 # --------------------------------------------------------------------------- what is refused, and how
@@ -222,16 +242,20 @@ def test_params_keys_for_local_text(tmp_path):
     assert p.data.pile_files == str(tmp_path / "pile")
 
 
-def neox_folder(path: Path, model_type: str = "gpt_neox") -> Path:
+def neox_folder(path: Path, model_type: str = "gpt_neox", weights: bool = True) -> Path:
+    """A checkpoint folder as the params check sees it: config.json and (``weights``) a weights file by name."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 4,
                                                   "hidden_size": 48, "num_attention_heads": 6}))
+    if weights:
+        (path / "model.safetensors").write_bytes(b"")
     return path
 
 
 def test_params_keys_for_local_checkpoints(tmp_path):
     """``path``: shapes (layers, width, heads; hence the mid layer, d_in, d_sae) from the folder's config.json, any
-    name; refused when the folder has no config.json, is not GPT-NeoX, or a hub revision is asked for too."""
+    name; refused when the folder has no config.json or no weights, its model_type is not a supported family, it is
+    given a `family` (an embedded model's key) or a hub revision is asked for too."""
     folder = neox_folder(tmp_path / "ckpt")
     raw = json.loads(json.dumps(PYTHIA_RAW))
     raw["models"]["small"] = {"source": "hub", "name": "my-own-pythia", "path": "ckpt", "layer": "mid"}
@@ -243,7 +267,11 @@ def test_params_keys_for_local_checkpoints(tmp_path):
     assert (p.layer("small"), p.d_in("small"), p.d_sae("small"), p.models["small"].n_heads) == (1, 48, 32 * 48, 6)
     for mutate, must in (
             (lambda m: m.update(path="nowhere"), r"models\.small\.path.*config\.json"),
-            (lambda m: m.update(path=str(neox_folder(tmp_path / "llama", "llama"))), r"model_type 'llama'.*gpt_neox"),
+            (lambda m: m.update(path=str(neox_folder(tmp_path / "mamba", "mamba"))),
+             r"models\.small\.path.*model_type 'mamba'.*supported model_types: gpt_neox, gpt2, llama, qwen2, gemma2"),
+            (lambda m: m.update(path=str(neox_folder(tmp_path / "empty", weights=False))),
+             r"models\.small\.path.*no weights"),
+            (lambda m: m.update(family="llama"), r"`family`.*key of embedded models"),
             (lambda m: m.update(revision="step1000"), r"models\.small.*revision.*local"),
             (lambda m: m.update(layer=4), r"models\.small\.layer.*\[0, 3\]")):
         bad = json.loads(json.dumps(raw))
@@ -309,6 +337,11 @@ def test_extract_refuses_text_or_tokenizers_that_cannot_serve(tmp_path):
     raw["data"]["eval_sequences"] = 4
     raw["models"]["large"]["path"] = folders["c"]
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValueError, match="tokenizers of tiny-small and tiny-large differ"):
+    with pytest.raises(ValueError, match=r"models\.large.*tokenizer of tiny-large differs from the one of tiny-small"):
         run_extract(load_params(path), tmp_path / "differ", progress=False)
     assert not (tmp_path / "short" / EVAL_TOKENS).exists() and not (tmp_path / "differ" / EVAL_TOKENS).exists()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "proxygap_helpers", "run", str(path), "--out", str(tmp_path / "cli")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "`models.large`" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "cli").exists(), "refused before any work"

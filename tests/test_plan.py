@@ -146,7 +146,7 @@ def test_store_is_sized_by_the_text_there_is(tmp_path, cache_dir):
     out = tmp_path / "out"
     train = split_tokens(p, out)["train"]
     assert 0 < train < p.store_tokens
-    assert store_rows(p, train) == train // 64 and plan._store_tokens(p, out) == train // 64 * 64
+    assert store_rows(p, train, "large") == train // 64 and plan._store_tokens(p, out) == train // 64 * 64
     disk = plan.disk_bytes(p, plan._store_tokens(p, out))
     assert disk["large"]["store"] == train // 64 * 64 * 64 * 4 < plan.disk_bytes(p)["large"]["store"]
     est = plan.estimate(p, out, CAL)
