@@ -30,7 +30,8 @@ threads = 0  # torch threads: 0 means executor.threads of the params (what the n
 # %% tags=["imports", "remove"]
 from IPython.display import Markdown
 
-from proxygap_helpers import aggregate, grid, ladder, plots, report
+from proxygap_helpers import aggregate, families, grid, ladder, plots, report
+from proxygap_helpers.params import FAMILIES
 
 # %% tags=["remove"]
 p, out, device = grid.setup(params_path, out_dir, threads)
@@ -39,13 +40,32 @@ plots.set_theme()
 several = len(p.settings()) > 1
 claims = agg["claims"] if several else agg["claims"].iloc[0:0]
 summary_rows = claims[claims["setting"] == ladder.SUMMARY_LABEL] if several else claims
-settings = ladder.settings_table(p)  # one row per setting: its pair, hook and size ratio
+settings = ladder.settings_table(p)  # one row per setting: its pair, hook, size ratio and family
+across = families.several(settings)  # pairs of the same sizes in several families (params/families.yaml)
+labels = {t: f.label for t, f in FAMILIES.items()}
 
 # %%
 Markdown(ladder.header_markdown(p))
 
 # %%
 ladder.settings_frame(settings)
+
+# %% [markdown]
+# ## Across model families
+# With pairs built in several families (`pairs: within_family`), the first question is whether the default study's
+# pattern holds in every family: the signs of the mean ΔCE_rec and ΔR² per (k, budget) cell, held against the
+# GPT-NeoX pair's (the default study's own models), then each claim per family and the gaps themselves
+# (`aggregate/family_signs.csv`, `aggregate/family_gaps.csv`).
+
+# %%
+Markdown(families.answer(agg["family_signs"], labels) if across else "One family: nothing to compare across families.")
+
+# %%
+report.style_status_matrix(families.claims_by_family(claims, settings, labels)) if across \
+    else "One family: see the claims below."
+
+# %%
+plots.family_figure(agg["family_gaps"], labels) if across else "One family: see the gaps below."
 
 # %% [markdown]
 # ## How the gaps change with the size ratio

@@ -5,8 +5,9 @@ and ``.md``, ``sign_flip.csv``, ``heldout_predictions.csv``, ``proxy_leaderboard
 budget-curve tables of ``budget_curves`` (``budget_fits.csv``, ``tstar.csv``, ``budget_curves.csv``,
 ``next_budget.csv``) and ``summary.json`` (what went in, and for an embedded grid the pinned text its models were
 trained on, ``corpus``, which the report quotes); per setting (pair of models x hook) when the grid has
-several, plus ``settings.csv``, ``ladder.csv`` and ``size_trend.csv`` (``ladder.py``). Missing cells are simply
-absent: the claims say "pending".
+several, plus ``settings.csv``, ``ladder.csv`` and ``size_trend.csv`` (``ladder.py``), and with several families
+``family_gaps.csv`` and ``family_signs.csv`` (``families.py``). Missing cells are simply absent: the claims say
+"pending".
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import budget_curves, claims, data, ladder, leaderboard, stats
+from . import budget_curves, claims, data, families, ladder, leaderboard, stats
 from .files import read_json, write_json_atomic, write_text_atomic
 from .layout import aggregate_dir, metrics_files, sequence_ce_path
 from .params import Params
@@ -23,6 +24,7 @@ from .params import Params
 TABLES = ("sae_metrics", "pairs", "phase2_table", "sign_flip", "heldout_predictions", "proxy_leaderboard", "claims")
 CURVE_TABLES = ("budget_fits", "tstar", "budget_curves", "next_budget")  # budget_curves.analyse
 LADDER_TABLES = ("settings", "ladder", "size_trend")  # grids with several settings (ladder.py)
+FAMILY_TABLES = ("family_gaps", "family_signs")  # grids with several families (families.py)
 
 
 class AggregateError(RuntimeError):
@@ -71,6 +73,9 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
         info = ladder.settings_table(p)
         table = ladder.ladder_table(out["phase2_table"], info)
         out |= {"settings": info, "ladder": table, "size_trend": ladder.size_trend(table)}
+        if families.several(info):
+            gaps = families.family_gaps(out["phase2_table"], info)
+            out |= {"family_gaps": gaps, "family_signs": families.sign_agreement(gaps)}
     out = {"sae_metrics": kept, "dropped_duplicates": dropped, **out}
     for name, df in out.items():
         _csv(df, agg / f"{name}.csv")
@@ -131,7 +136,7 @@ def load_aggregate(out_dir: Path, p: Params | None = None, setting: str | None =
     two-model report reads one setting (``ladder.setting_view``; ``setting`` None: the grid's only one)."""
     agg = aggregate_dir(out_dir)
     res = {}
-    for name in (*TABLES, *CURVE_TABLES, "dropped_duplicates", "unpaired", *LADDER_TABLES):
+    for name in (*TABLES, *CURVE_TABLES, "dropped_duplicates", "unpaired", *LADDER_TABLES, *FAMILY_TABLES):
         path = agg / f"{name}.csv"
         try:
             res[name] = pd.read_csv(path)

@@ -26,13 +26,13 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .params import Params, Setting
+from .params import FAMILIES, Params, Setting
 from .plots import format_tokens  # rounded (123k), as the figures and the report write budgets
 
 SETTING_COLUMNS = ["setting", "pair", "hook"]
 SIDES = ("small", "large")  # the two sides of a setting: the smaller and the larger model of its pair
 SETTINGS_COLUMNS = [*SETTING_COLUMNS, "small_role", "large_role", "small_model", "large_model", "small_hook",
-                    "large_hook", "small_depth", "large_depth", "small_params", "large_params", "size_ratio"]
+                    "large_hook", "small_depth", "large_depth", "small_params", "large_params", "size_ratio", "family"]
 LADDER_COLUMNS = [*SETTING_COLUMNS, "size_ratio", "small_depth", "large_depth", "k", "tokens", "n",
                   "d_ce_rec_mean", "d_ce_rec_lo", "d_ce_rec_hi", "d_r2_mean", "d_r2_lo", "d_r2_hi", "mismatch_rate"]
 TREND_COLUMNS = ["hook", "k", "tokens", "n_pairs", "size_ratio_min", "size_ratio_max", "d_ce_rec_slope",
@@ -94,7 +94,8 @@ def setting_view(agg: dict[str, pd.DataFrame], p: Params, label: str | None = No
         if name == "sae_metrics":
             out[name] = side_rows(df, p, settings[label]) if {"model_role", "hook"} <= set(df.columns) else df
         elif len(settings) > 1 and "setting" in df.columns:
-            out[name] = df[df["setting"] == label].drop(columns=SETTING_COLUMNS).reset_index(drop=True)
+            out[name] = df[df["setting"] == label].drop(columns=[c for c in SETTING_COLUMNS if c in df.columns]
+                                                         ).reset_index(drop=True)
         else:
             out[name] = df
     return out
@@ -113,8 +114,8 @@ def per_setting(frame_fn, df: pd.DataFrame) -> pd.DataFrame:
 
 
 def settings_table(p: Params) -> pd.DataFrame:
-    """One row per setting: its roles, model names, hooks, relative depths, non-embedding parameters and the
-    size ratio large / small."""
+    """One row per setting: its roles, model names, hooks, relative depths, non-embedding parameters, the
+    size ratio large / small and the family (the HF model_type both models share)."""
     rows = []
     for s in p.settings():
         n_s, n_l = p.n_params(s.small), p.n_params(s.large)
@@ -122,7 +123,7 @@ def settings_table(p: Params) -> pd.DataFrame:
                      "small_model": p.models[s.small].name, "large_model": p.models[s.large].name,
                      "small_hook": p.hook(s.small, s.layer_small), "large_hook": p.hook(s.large, s.layer_large),
                      "small_depth": p.depth(s.small, s.layer_small), "large_depth": p.depth(s.large, s.layer_large),
-                     "small_params": n_s, "large_params": n_l, "size_ratio": n_l / n_s})
+                     "small_params": n_s, "large_params": n_l, "size_ratio": n_l / n_s, "family": p.family(s.small)})
     return pd.DataFrame(rows, columns=SETTINGS_COLUMNS)
 
 
@@ -252,6 +253,8 @@ def settings_frame(settings: pd.DataFrame) -> pd.DataFrame:
         "large model (hook, depth)": [f"{m} ({h.split('.hook')[0]}, {d:.2f})" for m, h, d in
                                       zip(settings["large_model"], settings["large_hook"], settings["large_depth"])],
         "size ratio": settings["size_ratio"].map(_fmt_ratio),
+        **({"family": settings["family"].map(lambda t: FAMILIES[t].label if t in FAMILIES else t)}
+           if "family" in settings.columns and settings["family"].nunique() > 1 else {}),
     }).set_index("setting")
 
 

@@ -100,6 +100,10 @@ CAPTIONS = {
         "marker per hook. Points are each pair's cell mean over seeds, bars its 95% Student-t interval. A line "
         "that falls to the right: the bigger the step in size, the more the larger model's SAEs lose at that "
         "budget."),
+    "families": (
+        "The paired gaps (large − small) of each family's pair against the SAE training budget, one column per k: "
+        "the same sizes, text, tokenizer, training recipe and SAE grid in every family, only the architecture "
+        "differs. Lines: each cell's mean over seeds; bands: its 95% Student-t interval."),
     "reference": (
         "Our phase-2 table beside the study's published one (Pythia-70M vs 410M): mean gaps with 95% "
         "intervals per k against the SAE training budget; hollow markers: n = 1 (directional)."),
@@ -749,3 +753,38 @@ def ladder_figure(ladder: pd.DataFrame | None, caption: bool = True) -> Figure:
                            label=f"hook {h}") for h in hooks]
     fig.legend(handles=handles, loc="outside right center", fontsize="small")
     return _finish(fig, "ladder", "Across the ladder: the paired gaps against the size ratio", caption)
+
+
+def family_figure(gaps: pd.DataFrame | None, labels: dict[str, str] | None = None, caption: bool = True) -> Figure:
+    """ΔCE_rec (top row) and ΔR² (bottom row) against the SAE budget (log scale), one column per k, one line per
+    family with its cells' 95% intervals as a band (``families.family_gaps`` rows). Returns the figure."""
+    gaps = _frame(gaps)
+    if not len(gaps):
+        fig, axes = _new_figure(1, 1, (5.0, 3.5))
+        _pending(axes[0, 0], "pending: no complete pairs yet")
+        return _finish(fig, "families", "ΔCE_rec and ΔR² per family", caption)
+    ks = sorted(gaps["k"].unique())
+    fams = list(dict.fromkeys(gaps["family"]))
+    colors = dict(zip(fams, sns.color_palette("colorblind", len(fams))))
+    budgets = sorted(gaps["tokens"].unique())
+    fig, axes = _new_figure(2, len(ks), (3.6, 2.9), legend=1.8)
+    for j, k in enumerate(ks):
+        for i, (metric, label) in enumerate((("d_ce_rec", "ΔCE_rec (large − small)"), ("d_r2", "ΔR² (large − small)"))):
+            ax = axes[i, j]
+            ax.axhline(0, color="grey", lw=0.8)
+            for fam, g in gaps[gaps["k"] == k].groupby("family", sort=False):
+                g = g.sort_values("tokens")
+                ax.fill_between(g["tokens"], g[f"{metric}_lo"], g[f"{metric}_hi"], color=colors[fam], alpha=0.18,
+                                lw=0)
+                ax.plot(g["tokens"], g[f"{metric}_mean"], color=colors[fam], marker="o", ms=4, lw=1.6)
+            ax.set_xscale("log")
+            ax.set_xticks(budgets, [format_tokens(int(t)) for t in budgets])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.margins(x=0.1)
+            ax.set(ylabel=label if j == 0 else "")
+            if i == 0:
+                ax.set_title(f"k = {int(k)}")
+    axes[1, len(ks) // 2].set_xlabel("SAE training tokens (log scale)")
+    handles = [Line2D([], [], color=colors[f], lw=2, marker="o", label=(labels or {}).get(f, f)) for f in fams]
+    fig.legend(handles=handles, loc="outside right center", fontsize="small", title="family")
+    return _finish(fig, "families", "Across model families: the paired gaps against the budget", caption)

@@ -23,8 +23,8 @@ LAYERS: dict[str, tuple[str, ...]] = {  # top to bottom
     "stages": ("extract", "train", "evaluate", "aggregate", "publish"),
     "science and analysis": ("data", "models", "activations", "training", "engine", "sparse_step", "metrics",
                              "dimensionality", "progress",
-                             "stats", "leaderboard", "claims", "budget_curves", "ladder", "plots", "report", "summary",
-                             "verify"),
+                             "stats", "leaderboard", "claims", "budget_curves", "ladder", "families", "plots", "report",
+                             "summary", "verify"),
     "config": ("params", "files", "layout", "provenance"),
 }
 RANK = {m: len(LAYERS) - i for i, mods in enumerate(LAYERS.values()) for m in mods}  # config = 1, face = 5
@@ -33,7 +33,8 @@ RANK = {m: len(LAYERS) - i for i, mods in enumerate(LAYERS.values()) for m in mo
 # corpus, which versions) comes from those records.
 SCIENCE = ("data", "models", "activations", "training", "engine", "sparse_step", "metrics", "dimensionality",
            "progress")
-ANALYSIS = ("stats", "leaderboard", "claims", "budget_curves", "ladder", "plots", "report", "summary", "verify")
+ANALYSIS = ("stats", "leaderboard", "claims", "budget_curves", "ladder", "families", "plots", "report", "summary",
+            "verify")
 
 
 def package_imports(source: str, modules: set[str]) -> set[str]:
