@@ -729,7 +729,13 @@ def hashed(m: BaseModel, mode: str = "python") -> dict:
         dump["executor"] = hashed(m.executor, mode)
         dump["sae"] = hashed(m.sae, mode)
         dump["models"] = {r: hashed(model, mode) for r, model in m.models.items()}
+        for key in _LATER_IN_DATA:  # (the data section's older later keys were in the params hash from the start)
+            if dump["data"][key] == DataParams.model_fields[key].default:
+                del dump["data"][key]
     return dump
+
+
+_LATER_IN_DATA = ("skip_positions",)  # data keys added after the params hash covered the data section as it was
 
 
 class SAESpec:
