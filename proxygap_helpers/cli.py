@@ -76,14 +76,15 @@ def _check_text(p, params_path: str) -> None:
 def _check_machine(p, out: Path, params_path: str, command: str) -> None:
     """What the params ask of this machine and its data, before any work: an embedded grid's held-out split holds the
     eval sequences asked for (so that ``plan`` costs, and ``run`` evaluates, what is asked); for ``run``, the device
-    exists, (offline) every hub checkpoint is in the local cache at its revision, and all models of a hub grid
+    exists (and runs the kernels asked for), (offline) every hub checkpoint is in the local cache at its revision, and all models of a hub grid
     share one tokenizer."""
-    from .models import DeviceError, resolve_device
+    from .models import DeviceError, check_kernel, resolve_device
     from .params import check_offline_cache
 
     try:
         if command == "run":
             resolve_device(p.device)
+            check_kernel(p.sae.kernel, p.device)
             check_offline_cache(p)
             if not p.embedded:
                 from .extract import check_tokenizers

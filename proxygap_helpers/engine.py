@@ -18,7 +18,8 @@ SAELens' own learning-rate scheduler (``get_lr_scheduler``: warm-up, constant, l
 ``budget_mode``). Checkpoints at each budget are folded (activation scaling) and saved in SAELens format by
 SAELens itself, so ``SAE.load_from_disk`` reads them.
 
-On CUDA, ``sae.precision`` may ask for TF32 matmuls or bf16 autocast; activations stay on the GPU (a store
+On CUDA, ``sae.precision`` may ask for TF32 matmuls or bf16 autocast, and ``sae.kernel: triton`` runs the step
+as Triton kernels (:mod:`proxygap_helpers.triton_step`); activations stay on the GPU (a store
 that fits in the buffer, ``Params.buffer_rows``, is copied there once). The choice is recorded in each ``train_meta.json``.
 """
 
@@ -136,7 +137,8 @@ class Run:
         with _matmul_precision(precision):  # the whole step, the backward's GEMMs included
             with _autocast(x.device.type, precision):  # the forward (autograd runs its casts' backward in kind)
                 out = sparse_forward(x * self.scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
-                                     dead_ids, self.p.sae.aux_k_coefficient)
+                                     dead_ids, self.p.sae.aux_k_coefficient, kernel=self.p.sae.kernel,
+                                     precision=precision)
             with torch.no_grad():
                 fired = torch.bincount(out.idx[out.v > 0], minlength=self.W_dec.shape[0])
                 self.since_fired.add_(1).masked_fill_(fired > 0, 0)
@@ -171,6 +173,7 @@ class Run:
         meta = training.train_meta(self.p, spec, steps=self.step, tokens_seen=self.step * self.bs,
                                    seconds=time.time() - self.t0, epochs_used=self.epochs_used, extra={
                                        "trainer": "fast", "device": self.device, "precision": precision,
+                                       "kernel": self.p.sae.kernel,
                                        "deterministic": self.device == "cpu", "scaling_factor": self.scale,
                                        "buffer_tokens": self.p.buffer_rows(self.role), "set_runs": self.set_size,
                                        "set_saes": self.unit_saes, "stream_lm_tokens": self.lm_tokens})

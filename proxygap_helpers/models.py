@@ -52,6 +52,23 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_kernel(kernel: str, device: str) -> None:
+    """``sae.kernel: triton`` needs Triton and a GPU to run it on: CUDA, or Triton's CPU interpreter
+    (``TRITON_INTERPRET=1``, slow, for tests). Raises :class:`DeviceError` otherwise; ``torch`` runs anywhere."""
+    if kernel != "triton":
+        return
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        raise DeviceError("key `sae.kernel` = 'triton': the package `triton` is not installed (it comes with torch's "
+                          "CUDA builds on Linux; `pip install triton`), or use `kernel: torch`")
+    if resolve_device(device) != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise DeviceError("key `sae.kernel` = 'triton': the Triton kernels run on a CUDA GPU and this run is on the "
+                          "CPU; use `kernel: torch` (the default), or set TRITON_INTERPRET=1 to run them under "
+                          "Triton's interpreter (slow: for tests)")
+
+
 # --------------------------------------------------------------------------- embedded models: training
 def neox_config(m: EmbeddedModel, vocab_size: int, context_size: int):
     """A Pythia-architecture config: parallel residual, partial rotary, untied embeddings, GELU MLP 4x."""

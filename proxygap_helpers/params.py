@@ -308,6 +308,10 @@ class SAEParams(_Strict):
     buffer_tokens: int = Field(default=2**21, ge=1)
     buffer_bytes: int = Field(default=2**30, ge=2**20)
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # fast trainer: TF32 matmuls (CUDA) or bf16 autocast
+    # the fast trainer's step: torch ops (sparse_step.py) or Triton kernels (triton_step.py; CUDA, or the CPU under
+    # TRITON_INTERPRET=1, Triton's interpreter, for tests). torch stays the default until the kernels' GPU parity and
+    # speed are measured (README, "Triton kernels")
+    kernel: Literal["torch", "triton"] = "torch"
     expansion: int = Field(default=32, ge=1)
     k: list[int] = Field(min_length=1)
     tokens: list[int] = Field(min_length=1)
@@ -362,6 +366,9 @@ class SAEParams(_Strict):
         if self.trainer == "saelens" and self.precision != "fp32":
             raise ValueError(f"key `sae.precision` = {self.precision!r}: the saelens trainer (the parity baseline) trains "
                              "in fp32 only; use `precision: fp32` with it, or `trainer: fast`")
+        if self.trainer == "saelens" and self.kernel != "torch":
+            raise ValueError(f"key `sae.kernel` = {self.kernel!r}: the saelens trainer runs SAELens' own step; the "
+                             "kernels are the fast trainer's (`trainer: fast`)")
         return self
 
     def lr_for(self, d_sae: int) -> float:
@@ -673,7 +680,8 @@ class Params(_Strict):
         so the checkpoint at T is the same whatever the largest budget is. With several hooks per model the
         layer is part of it (with one, the extract hash already fixes the hook)."""
         unused = {"buffer_tokens", "precision"} if self.sae.trainer == "saelens" else set()
-        sae = self.sae.model_dump(exclude={"k", "tokens", "seeds", "log_every", "buffer_bytes"} | unused)
+        sae = {key: value for key, value in hashed(self.sae).items()
+               if key not in {"k", "tokens", "seeds", "log_every", "buffer_bytes"} | unused}
         if "buffer_tokens" in sae:  # the rows the buffer holds (the byte cap applied): what shapes the stream
             sae["buffer_tokens"] = self.buffer_rows(role)
         shaped = {"extract": self.extract_hash, "role": role, "k": k, "tokens": tokens, "seed": seed, "sae": sae,
@@ -715,7 +723,7 @@ def depth_layer(depth: float, n_layers: int) -> int:
 # other than their default, so grids that do not use them keep their ids and results.
 _LATER_KEYS = {DataParams: ("pile_files", "text_field", "skip_positions"), HubModel: ("path", "family"), EmbeddedModel: ("family",),
                Params: ("depths", "pairs"),
-               ExecutorParams: ("threads",), SAEParams: ("buffer_bytes",)}
+               ExecutorParams: ("threads",), SAEParams: ("buffer_bytes", "kernel")}
 
 
 def hashed(m: BaseModel, mode: str = "python") -> dict:

@@ -207,7 +207,8 @@ def _calibration_key(p: Params) -> str:
     return short_hash({"machine": provenance.machine(), "torch": torch.__version__, "shapes": shapes,
                        "unit_threads": p.threads, "window": p.sae.dead_tokens_window,
                        "eval_batch": p.evaluation.batch_sequences, "jobs": p.jobs,
-                       "trainer": p.sae.trainer, "precision": p.sae.precision, "v": 4})
+                       "trainer": p.sae.trainer, "precision": p.sae.precision, "v": 4,
+                       **({"kernel": p.sae.kernel} if p.sae.kernel != "torch" else {})})
 
 
 def calibration_entry(p: Params, out_dir: Path, recheck: bool = False, recalibrate: bool = False) -> tuple[dict, str]:

@@ -196,13 +196,16 @@ def aux_k(d_in: int, n_dead: int) -> tuple[int, float]:
 
 def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
                    b_dec: torch.Tensor, k: int, dead_ids: torch.Tensor | None = None,
-                   aux_coefficient: float = 0.0, dense_aux: bool | None = None) -> StepOutput:
+                   aux_coefficient: float = 0.0, dense_aux: bool | None = None, kernel: str = "torch",
+                   precision: str = "fp32") -> StepOutput:
     """Loss of one TopK SAE on scaled activations ``x_s [B, d_in]`` (module docstring for the formulas).
 
     ``W_enc`` is ``[d_sae, d_in]`` (rows per latent), ``W_dec`` ``[d_sae, d_in]``; ``dead_ids`` are the dead
     latents' indices (None or empty: no AuxK term). ``dense_aux``: the AuxK term as dense GEMMs over the dead
     latents instead of gathers of its ``k_aux`` latents per row (the same sums; default: on CUDA, where the
     gathers cost 5x the whole step without AuxK, ``reports/gpu_check.md``; on a CPU the gathers are cheaper).
+    ``kernel``: ``torch`` (:class:`SparseTopK`) or ``triton`` (:class:`triton_step.TritonTopK`, which applies
+    ``precision`` to its GEMM itself; ``dense_aux`` is the torch path's).
     """
     with torch.no_grad():
         dec_norm = W_dec.norm(dim=-1)
@@ -211,8 +214,13 @@ def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     if dead_ids is None:
         dead_ids = torch.empty(0, dtype=torch.long, device=x_s.device)
     c = x_s - b_dec
-    dense_aux = x_s.is_cuda if dense_aux is None else dense_aux
-    recon, aux_recon, v, idx = SparseTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux, dense_aux)
+    if kernel == "triton":
+        from .triton_step import TritonTopK
+
+        recon, aux_recon, v, idx = TritonTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux, precision)
+    else:
+        dense_aux = x_s.is_cuda if dense_aux is None else dense_aux
+        recon, aux_recon, v, idx = SparseTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux, dense_aux)
     x_hat = recon + b_dec
     mse = (x_hat - x_s).pow(2).sum(-1).mean()
     if k_aux:

@@ -24,7 +24,7 @@ PYTHIA_RAW = yaml.safe_load((PARAMS / "phase2_pythia.yaml").read_text())
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "proxygap_helpers", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -118,6 +118,9 @@ BAD: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "saelens-trainer-bf16": (_mutated(SMOKE_RAW, lambda r: (_set("sae.trainer", "saelens")(r),
                                                             _set("sae.precision", "bf16")(r))),
                              ("sae.precision", "fp32 only")),
+    "saelens-trainer-triton-kernel": (_mutated(SMOKE_RAW, lambda r: (_set("sae.trainer", "saelens")(r),
+                                                                     _set("sae.kernel", "triton")(r))),
+                                      ("sae.kernel", "'triton'", "trainer: fast")),
     "claims-unknown-rule": (_mutated(SMOKE_RAW, _set("claims", {"C9": {}})), ("claims", "C9", "C1")),
     "claims-unknown-option": (_mutated(SMOKE_RAW, _set("claims", {"C1": {"min_rate": 0.5}})),
                               ("claims.C1", "min_rate", "min_mismatch_rate")),
@@ -166,6 +169,9 @@ def test_bad_params_exit_2(case, tmp_path, capsys):
 MACHINE_BAD: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     # CUDA_VISIBLE_DEVICES is empty in _cli's environment: no GPU even on a machine that has one
     "cuda-without-a-gpu": (_mutated(SMOKE_RAW, _set("device", "cuda")), ("run",), ("device", "'cuda'", "auto", "cpu")),
+    # TRITON_INTERPRET is dropped from _cli's environment: the kernels need a GPU, or the interpreter asked for
+    "triton-kernel-on-the-cpu": (_mutated(SMOKE_RAW, _set("sae.kernel", "triton")), ("run",),
+                                 ("sae.kernel", "'triton'", "CUDA", "kernel: torch", "TRITON_INTERPRET=1")),
     "eval-sequences-beyond-the-split": (_mutated(SMOKE_RAW, _set("data.eval_sequences", 100_000)), ("run", "plan"),
                                         ("data.eval_sequences", "100000", "holds only", "sequences of 64 tokens")),
     "hub-revision-not-in-the-offline-cache": (_mutated(PYTHIA_RAW, _set("models.small.revision", "step143000")),
