@@ -3,7 +3,8 @@
 Writes ``sae_metrics.csv``, ``dropped_duplicates.csv``, ``unpaired.csv``, ``pairs.csv``, ``phase2_table.csv``
 and ``.md``, ``sign_flip.csv``, ``heldout_predictions.csv``, ``proxy_leaderboard.csv``, ``claims.csv``, the
 budget-curve tables of ``budget_curves`` (``budget_fits.csv``, ``tstar.csv``, ``budget_curves.csv``,
-``next_budget.csv``) and ``summary.json`` (what went in, and for an embedded grid the pinned text its models were
+``next_budget.csv``), ``decomposition.csv`` (what each cell's gap is made of: ``decomposition.py``) and
+``summary.json`` (what went in, and for an embedded grid the pinned text its models were
 trained on, ``corpus``, which the report quotes); per setting (pair of models x hook) when the grid has
 several, plus ``settings.csv``, ``ladder.csv`` and ``size_trend.csv`` (``ladder.py``), and with several families
 ``family_gaps.csv`` and ``family_signs.csv`` (``families.py``). Missing cells are simply absent: the claims say
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import budget_curves, claims, data, families, ladder, leaderboard, stats
+from . import budget_curves, claims, data, decomposition, families, ladder, leaderboard, stats
 from .files import read_json, write_json_atomic, write_text_atomic
 from .layout import aggregate_dir, metrics_files, sequence_ce_path
 from .params import Params
@@ -97,6 +98,7 @@ def _setting_tables(p: Params, out_dir: Path, kept: pd.DataFrame) -> dict[str, p
     pairs = stats.pair(kept) if len(kept) else pd.DataFrame()
     table = stats.phase2_table(pairs, level=p.stats.ci, bootstrap=p.stats.bootstrap, seed=p.stats.seed) \
         if len(pairs) else pd.DataFrame(columns=stats.TABLE_COLUMNS)
+    noise = None
     if len(pairs):  # the eval set's share of the uncertainty, beside the seeds' (issue: eval noise < seed noise)
         noise = stats.eval_noise(pairs, sequence_table(out_dir, kept["sae_id"], p.eval_hash), p.evaluation.ce_rec,
                                  n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed)
@@ -110,8 +112,10 @@ def _setting_tables(p: Params, out_dir: Path, kept: pd.DataFrame) -> dict[str, p
                                          grid=(p.sae.k, p.sae.tokens))
     out = {"unpaired": stats.unpaired(kept) if len(kept) else pd.DataFrame(), "pairs": pairs, "phase2_table": table,
            "sign_flip": flips, "heldout_predictions": preds, "proxy_leaderboard": board, "claims": claim_table}
-    return out | budget_curves.analyse(pairs, n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed,
-                                       level=p.stats.ci)
+    n_boot = max(p.stats.bootstrap, 200)
+    curves = budget_curves.curves_for(pairs, n_boot, p.stats.seed, p.stats.ci) if len(pairs) else []
+    return out | budget_curves.analyse(pairs, n_boot=n_boot, seed=p.stats.seed, level=p.stats.ci, curves=curves) \
+        | {"decomposition": decomposition.decompose(curves, noise, p.stats.ci)}
 
 
 def sequence_table(out_dir: Path, sae_ids, eval_hash: str | None = None) -> pd.DataFrame:

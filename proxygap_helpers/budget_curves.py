@@ -703,10 +703,12 @@ def _fallback(curves: Sequence[Curves]) -> pd.DataFrame:
 
 
 def analyse(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-            n_sims: int = 16) -> dict[str, pd.DataFrame]:
+            n_sims: int = 16, curves: list[Curves] | None = None) -> dict[str, pd.DataFrame]:
     """The four tables from ``pairs.csv``: ``budget_fits`` (``FIT_COLUMNS``), ``tstar`` (``TSTAR_COLUMNS``),
-    ``budget_curves`` (``CURVE_COLUMNS``) and ``next_budget`` (``NEXT_COLUMNS``). Deterministic for a seed."""
-    curves = curves_for(pairs, n_boot, seed, level) if len(pairs) else []
+    ``budget_curves`` (``CURVE_COLUMNS``) and ``next_budget`` (``NEXT_COLUMNS``). Deterministic for a seed.
+    ``curves``: ``curves_for(pairs, n_boot, seed, level)`` when the caller has it already."""
+    if curves is None:
+        curves = curves_for(pairs, n_boot, seed, level) if len(pairs) else []
     return {"budget_fits": pd.DataFrame([r for c in curves for r in fit_rows(c, level)], columns=FIT_COLUMNS),
             "tstar": pd.DataFrame([tstar_row(c, level) for c in curves], columns=TSTAR_COLUMNS),
             "budget_curves": pd.DataFrame([r for c in curves for r in curve_rows(c, level)], columns=CURVE_COLUMNS),

@@ -1,0 +1,108 @@
+"""The decomposition of the proxy gap on a synthetic grid with known curves, known noise and every verdict.
+
+Each k is a scenario. Both roles follow ``y(T) = y_inf - a T^-0.5`` exactly in their seed means (three seeds at
+offsets -s, 0, +s, so the mean is the curve and the seed SD is known) on four budgets, so the fits recover the
+curves, and every term has a known true value: Δy∞, Δ(T) - Δy∞, and 0 for the lack of fit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from proxygap_helpers import budget_curves, decomposition
+from proxygap_helpers.decomposition import CANNOT, METRIC, NO_MISMATCH, OPTIMISATION, VERDICTS, WITHIN_NOISE
+
+TOKENS = [10_000, 30_000, 100_000, 300_000]
+# k -> {metric: ((y_inf, a) small, (y_inf, a) large, seed offset s)}
+SCENARIOS = {
+    1: {"ce_rec": ((0.95, 2.0), (0.97, 2.0), 1e-4), "r2": ((0.80, 5.0), (0.85, 5.0), 1e-4)},   # large better on both
+    2: {"ce_rec": ((0.95, 2.0), (0.97, 6.0), 1e-4), "r2": ((0.80, 5.0), (0.85, 5.0), 1e-4)},   # CE_rec crosses later
+    3: {"ce_rec": ((0.97, 2.0), (0.95, 2.0), 1e-4), "r2": ((0.80, 5.0), (0.85, 5.0), 1e-4)},   # opposite forever
+    4: {"ce_rec": ((0.95, 2.0), (0.949, 2.0), 2e-2), "r2": ((0.80, 5.0), (0.801, 5.0), 2e-2)},  # tiny, noisy
+}
+TRUE_VERDICTS = {1: {NO_MISMATCH}, 2: {OPTIMISATION, NO_MISMATCH}, 3: {METRIC}, 4: {WITHIN_NOISE}, 5: {CANNOT}}
+
+
+def _curve(y_inf: float, a: float, t: float) -> float:
+    return y_inf - a * t ** -0.5
+
+
+def _pairs() -> pd.DataFrame:
+    rows = []
+    offsets = np.array([-1.0, 0.0, 1.0])
+    for k, metrics in SCENARIOS.items():
+        for t in TOKENS:
+            for i, off in enumerate(offsets):
+                row = {"k": k, "tokens": t, "seed": i}
+                for m, (small, large, s) in metrics.items():
+                    row[f"{m}_small"] = _curve(*small, t) - off * s
+                    row[f"{m}_large"] = _curve(*large, t) + off * s
+                rows.append(row)
+    # k = 5: CE_rec opposite as in k = 3, and the large model's R² falls between two budgets (refused: not monotone)
+    for t, drop in zip(TOKENS, (0.0, 0.0, -0.03, 0.0)):
+        for i, off in enumerate(offsets):
+            rows.append({"k": 5, "tokens": t, "seed": i,
+                         "ce_rec_small": _curve(0.97, 2.0, t) - off * 1e-4, "ce_rec_large": _curve(0.95, 2.0, t) + off * 1e-4,
+                         "r2_small": _curve(0.80, 5.0, t) - off * 1e-4,
+                         "r2_large": _curve(0.85, 5.0, t) + drop + off * 1e-4})
+    df = pd.DataFrame(rows)
+    for m in ("ce_rec", "r2"):
+        df[f"d_{m}"] = df[f"{m}_large"] - df[f"{m}_small"]
+    return df
+
+
+@pytest.fixture(scope="module")
+def table() -> pd.DataFrame:
+    curves = budget_curves.curves_for(_pairs(), n_boot=400, seed=0)
+    noise = pd.DataFrame({"k": [1], "tokens": [TOKENS[0]], "d_ce_rec_eval_se": [3e-5]})
+    return decomposition.decompose(curves, noise)
+
+
+def test_every_verdict_is_hit_and_each_scenario_gets_its_own(table):
+    assert set(table["verdict"]) == set(VERDICTS)
+    for k, expected in TRUE_VERDICTS.items():
+        got = set(table.loc[table["k"] == k, "verdict"])
+        assert got == expected, (k, got)
+    # k = 2: CE_rec's gap is negative at the two lowest budgets (optimisation-mediated), positive above
+    k2 = table[(table["k"] == 2) & (table["metric"] == "ce_rec")].set_index("tokens")
+    assert list(k2["verdict"]) == [OPTIMISATION, OPTIMISATION, NO_MISMATCH, NO_MISMATCH]
+    assert (table.groupby(["k", "tokens"])["verdict"].nunique() == 1).all(), "one verdict per cell"
+
+
+def test_terms_add_up_and_recover_the_true_curves_within_their_intervals(table):
+    fitted = table[table["fit_status"] == "fit"]
+    assert len(fitted) == len(table) - len(TOKENS), "only k = 5's R² fit is refused"
+    total = fitted["asymptotic"] + fitted["optimisation"] + fitted["lack_of_fit"]
+    assert np.allclose(total, fitted["observed"], rtol=0, atol=1e-12)
+    for k in (1, 2, 3):
+        for m, (small, large, _) in SCENARIOS[k].items():
+            rows = table[(table["k"] == k) & (table["metric"] == m)]
+            true_asym = large[0] - small[0]
+            for _, r in rows.iterrows():
+                true_gap = _curve(*large, r["tokens"]) - _curve(*small, r["tokens"])
+                assert r["observed"] == pytest.approx(true_gap, abs=1e-12)
+                assert r["asymptotic"] == pytest.approx(true_asym, abs=1e-6)
+                assert r["asymptotic_lo"] <= true_asym <= r["asymptotic_hi"]
+                assert r["optimisation_lo"] <= true_gap - true_asym <= r["optimisation_hi"]
+                assert abs(r["lack_of_fit"]) < 1e-6
+                shares = r[["share_asymptotic", "share_optimisation", "share_lack_of_fit"]]
+                assert shares.sum() == pytest.approx(1.0)
+
+
+def test_noise_columns(table):
+    """The seed SE is the known one (offsets -s, 0, +s on both roles: gap SD 2s); eval_se only where measured
+    (CE_rec); noise_se combines them."""
+    one = table[(table["k"] == 1) & (table["tokens"] == TOKENS[0])].set_index("metric")
+    assert one.loc["r2", "seed_se"] == pytest.approx(2e-4 / np.sqrt(3))
+    assert one.loc["ce_rec", "eval_se"] == 3e-5 and np.isnan(one.loc["r2", "eval_se"])
+    assert one.loc["ce_rec", "noise_se"] == pytest.approx(np.hypot(2e-4 / np.sqrt(3), 3e-5))
+    assert table.loc[table["k"] == 2, "eval_se"].isna().all()
+
+
+def test_refused_fit_leaves_the_fitted_terms_empty(table):
+    k5 = table[table["k"] == 5].set_index(["metric", "tokens"])
+    assert k5.loc["r2", "fit_status"].str.contains("large").all()
+    assert k5.loc["r2", "asymptotic"].isna().all() and k5.loc["ce_rec", "asymptotic"].notna().all()
+    assert "R²" in k5["reason"].iloc[0]
