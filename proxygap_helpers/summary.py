@@ -28,10 +28,13 @@ TRAINER_TEXT = {"fast": "proxygap's engine: every SAE of a unit from one shared 
                 "saelens": "SAELens' own SAETrainer, one SAE at a time"}
 
 
-def _provenance(out_dir: Path) -> dict:
-    """Git commit(s), versions, machine and compute time over the units' done.json."""
+def _provenance(p: Params, out_dir: Path) -> dict:
+    """Git commit(s), versions, machine and compute time over the units' done.json and this grid's metrics (its
+    SAE ids under its evaluation: an output folder may hold other grids' SAEs, or another evaluation's)."""
     recs = [read_json(f) for f in done_files(out_dir)]
-    metrics = [read_json(f) for f in metrics_files(out_dir)]
+    wanted = {s.sae_id for s in p.sae_specs()}
+    metrics = [m for m in map(read_json, metrics_files(out_dir))
+               if m.get("sae_id") in wanted and m.get("eval_hash") == p.eval_hash]
     prov = [r["provenance"] for r in recs if "provenance" in r] + [m["provenance"] for m in metrics]
     commits = sorted({f"{p.get('git_commit', '?')[:10]}{' (dirty)' if p.get('git_dirty') else ''}" for p in prov})
     return {"commits": commits, "versions": prov[0]["versions"] if prov else {},
@@ -57,7 +60,7 @@ def run_summary(p: Params, out_dir: Path, agg: dict[str, pd.DataFrame], setting:
     ``agg`` is one setting's view (``ladder.setting_view``); ``setting`` its label (None: the grid's only one). In a
     grid with several settings the header's title names the setting, whose two models are the report's
     small and large sides."""
-    prov = _provenance(out_dir)
+    prov = _provenance(p, out_dir)
     clean = _clean_loss(agg.get("sae_metrics"))
     s = _setting(p, setting)
     sides = {"small": (s.small, s.layer_small), "large": (s.large, s.layer_large)}

@@ -273,3 +273,20 @@ def test_progress_of_a_fresh_run_and_of_a_report_only_rerun(tmp_path, monkeypatc
         assert f"{start}/{len(us)} units already complete" in lines[0]
         progress = [line.split()[0].lstrip("[") for line in lines[1:] if line.startswith("[")]
         assert progress == [f"{n}/{len(us)}" for n in range(start + 1, len(us) + 1)], lines
+
+
+def test_the_report_header_counts_this_grids_saes_only(tmp_path):
+    """The header's "N SAEs evaluated" and compute time count the grid's own SAEs under its evaluation, not every
+    metrics.json of the output folder (another grid's SAE, or this SAE evaluated with other settings)."""
+    from proxygap_helpers.summary import run_summary
+
+    p = load_params(SMOKE)
+    out = tmp_path / "out"
+    mine, other = p.sae_specs()[:2]
+    prov = {"provenance": {"params_hash": "x", "versions": {}, "machine": {}}}
+    files.write_json_atomic(out / "runs" / mine.sae_id / "metrics.json", _fake_metrics(mine, 0.9, 0.6) | prov)
+    files.write_json_atomic(out / "runs" / "foreign-sae" / "metrics.json",
+                            _fake_metrics(mine, 0.9, 0.6) | prov | {"sae_id": "foreign-sae"})
+    files.write_json_atomic(out / "runs" / other.sae_id / "metrics.json",
+                            _fake_metrics(other, 0.9, 0.6) | prov | {"eval_hash": "another-evaluation"})
+    assert "1 SAEs evaluated, 0.0 min of SAE training" in run_summary(p, out, {})["header"]
