@@ -11,13 +11,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .aggregate import CURVE_TABLES, LADDER_TABLES, load_aggregate
+from .aggregate import CURVE_TABLES, FAMILY_TABLES, LADDER_TABLES, load_aggregate
 from .layout import aggregate_dir, report_dir
 from .params import Params
 
 PUBLISHED = ("phase2_table.csv", "phase2_table.md", "pairs.csv", "sae_metrics.csv", "proxy_leaderboard.csv",
              "claims.csv", "sign_flip.csv", "heldout_predictions.csv", *(f"{t}.csv" for t in CURVE_TABLES),
-             *(f"{t}.csv" for t in LADDER_TABLES))
+             *(f"{t}.csv" for t in (*LADDER_TABLES, *FAMILY_TABLES)))
 
 
 def publish(p: Params, out_dir: Path, executed: list[Path]) -> Path:
