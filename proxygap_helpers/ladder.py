@@ -221,8 +221,9 @@ def header_markdown(p: Params) -> str:
     models = "\n".join(f"| {r} | `{p.models[r].name}` | {p.models[r].n_layers} x {p.models[r].d_model} | "
                        f"{p.n_params(r):,} | {', '.join(f'`blocks.{L}` ({p.depth(r, L):.2f})' for L in p.layers(r))} |"
                        for r in p.roles)
-    pairs = ("consecutive sizes" if p.pairs == "consecutive"
-             else "consecutive sizes, and the smallest model against each larger one")
+    pairs = {"consecutive": "consecutive sizes",
+             "with_smallest": "consecutive sizes, and the smallest model against each larger one",
+             "within_family": "consecutive sizes within each model family"}[p.pairs]
     hooks = (f"hooks matched at the relative depths {', '.join(f'{d:g}' for d in p.depths)}" if p.depths is not None
              else "hooks matched by position (the i-th shallowest of one model with the i-th of the other)"
              if p.multi_hook else "one hook per model")
