@@ -17,7 +17,7 @@ from proxygap_helpers.activations import verify_store
 from proxygap_helpers.evaluate import evaluate_unit
 from proxygap_helpers.grid import units
 from proxygap_helpers.layout import store_dir
-from proxygap_helpers.params import ParamsError, load_params, validate_params
+from proxygap_helpers.params import FAMILIES, ParamsError, load_params, validate_params
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "params" / "smoke.yaml"
@@ -190,3 +190,28 @@ def test_the_report_opens_with_the_families(tiny, tmp_path, monkeypatch):
     assert families.answer(tiny["agg"]["family_signs"], {"llama": "Llama (SmolLM2)", "gpt_neox": "GPT-NeoX (Pythia)"}
                            ).split("**")[1] in html
     assert "Llama (SmolLM2)" in html and np.isfinite(tiny["agg"]["family_gaps"]["d_ce_rec_mean"]).all()
+
+
+# --------------------------------------------------------------------------- the published study
+def test_the_published_families_report():
+    """reports/families is params/families.yaml's grid: its settings with their families, every cell of every
+    setting with all seeds, and the family tables and the report's answer as the code derives them from its
+    phase-2 table."""
+    pub = REPO / "reports" / "families"
+    p = load_params(REPO / "params" / "families.yaml")
+    settings = pd.read_csv(pub / "settings.csv", keep_default_na=False)  # (one hook per model: hook is "")
+    pd.testing.assert_frame_equal(settings, ladder.settings_table(p), check_dtype=False)
+    table = pd.read_csv(pub / "phase2_table.csv")
+    assert len(table) == len(p.settings()) * len(p.sae.k) * len(p.sae.tokens) and (table["n"] == 3).all()
+    gaps = families.family_gaps(table, settings)
+    pd.testing.assert_frame_equal(pd.read_csv(pub / "family_gaps.csv"), gaps, check_dtype=False)
+    signs = families.sign_agreement(gaps)
+    pd.testing.assert_frame_equal(pd.read_csv(pub / "family_signs.csv"), signs, check_dtype=False)
+    metrics = pd.read_csv(pub / "sae_metrics.csv")
+    assert len(metrics) == len(p.sae_specs()) and set(metrics["model_type"]) == {"gpt_neox", "llama", "gpt2"}
+    assert set(metrics.loc[metrics["model_type"] == "llama", "skip_positions"]) == {1}
+    html = (pub / "report.html").read_text()
+    labels = {t: f.label for t, f in FAMILIES.items()}
+    assert families.answer(signs, labels).split("**")[1] in html
+    assert html.index("Across model families") < html.index("Setting neox_s-neox_l")
+    assert "pairs of consecutive sizes within each model family" in html
