@@ -722,7 +722,7 @@ def ladder_figure(ladder: pd.DataFrame | None, caption: bool = True) -> Figure:
         return _finish(fig, "ladder", "ΔCE_rec and ΔR² against the size ratio", caption)
     ks = sorted(ladder["k"].unique())
     budgets = sorted(ladder["tokens"].unique())
-    ladder["hook"] = ladder["hook"].fillna("")
+    ladder["hook"] = ladder["hook"].astype(object).fillna("")  # (one hook per model: read back from CSV as NaN)
     hooks = list(dict.fromkeys(ladder["hook"]))
     ratios = sorted(ladder["size_ratio"].unique())
     colors = dict(zip(budgets, matplotlib.colormaps["viridis"](np.linspace(0.1, 0.85, len(budgets)))))
