@@ -321,7 +321,10 @@ class _StoredActivations:
 
 def _peer_setup(ctx: dict, p, role: str, tokens: int, k: int, seed: int):
     """EleutherAI sparsify's own Trainer (optional ``bench`` extra) on the store's activations: a callable
-    returning its wall seconds, or None when sparsify is not installed."""
+    returning its wall seconds, or None when sparsify is not installed. sparsify decodes with its Triton kernel
+    whenever ``triton`` imports, which on a machine without a GPU fails ("0 active drivers"); the CPU bench asks
+    for its eager decoder (its own switch), as it used before triton was in the lock."""
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # read when sparsify is imported
     try:
         import sparsify  # noqa: F401
     except ImportError as e:
