@@ -96,23 +96,23 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
 def _setting_tables(p: Params, out_dir: Path, kept: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The two-model analysis of one setting: ``kept`` holds its SAEs, ``model_role`` 'small' / 'large'."""
     pairs = stats.pair(kept) if len(kept) else pd.DataFrame()
+    n_boot = max(p.stats.bootstrap, 200)
     table = stats.phase2_table(pairs, level=p.stats.ci, bootstrap=p.stats.bootstrap, seed=p.stats.seed) \
         if len(pairs) else pd.DataFrame(columns=stats.TABLE_COLUMNS)
     noise = None
     if len(pairs):  # the eval set's share of the uncertainty, beside the seeds' (issue: eval noise < seed noise)
         noise = stats.eval_noise(pairs, sequence_table(out_dir, kept["sae_id"], p.eval_hash), p.evaluation.ce_rec,
-                                 n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed)
+                                 n_boot=n_boot, seed=p.stats.seed)
         table = table.merge(noise.drop(columns="n"), on=stats.CELL_KEY, how="left")
-    flips = stats.sign_flip(pairs, n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed) if len(pairs) \
+    flips = stats.sign_flip(pairs, n_boot=n_boot, seed=p.stats.seed) if len(pairs) \
         else pd.DataFrame()
     preds = leaderboard.heldout_predictions(pairs) if len(pairs) else pd.DataFrame()
-    board = leaderboard.proxy_leaderboard(pairs, n_boot=max(p.stats.bootstrap, 200), seed=p.stats.seed) \
+    board = leaderboard.proxy_leaderboard(pairs, n_boot=n_boot, seed=p.stats.seed) \
         if len(pairs) else pd.DataFrame()
     claim_table = claims.evaluate_claims(table, pairs, board if len(board) else None, p.claims,
                                          grid=(p.sae.k, p.sae.tokens))
     out = {"unpaired": stats.unpaired(kept) if len(kept) else pd.DataFrame(), "pairs": pairs, "phase2_table": table,
            "sign_flip": flips, "heldout_predictions": preds, "proxy_leaderboard": board, "claims": claim_table}
-    n_boot = max(p.stats.bootstrap, 200)
     curves = budget_curves.curves_for(pairs, n_boot, p.stats.seed, p.stats.ci) if len(pairs) else []
     return out | budget_curves.analyse(pairs, n_boot=n_boot, seed=p.stats.seed, level=p.stats.ci, curves=curves) \
         | {"decomposition": decomposition.decompose(curves, noise, p.stats.ci)}

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .budget_curves import Curves, predict
+from .budget_curves import Curves, _pct, predict
 
 NO_MISMATCH, WITHIN_NOISE, CANNOT, OPTIMISATION, METRIC = (
     "no mismatch", "within noise", "cannot be said", "optimisation-mediated", "metric mismatch")
@@ -47,14 +47,6 @@ DECOMPOSITION_COLUMNS = ["k", "tokens", "metric", "n", "observed", "observed_lo"
                          "asymptotic", "asymptotic_lo", "asymptotic_hi", "optimisation", "optimisation_lo",
                          "optimisation_hi", "lack_of_fit", "seed_se", "eval_se", "noise_se", "share_asymptotic",
                          "share_optimisation", "share_lack_of_fit", "fit_status", "verdict", "reason"]
-
-
-def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if not finite.size:
-        return np.nan, np.nan
-    lo, hi = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
-    return float(lo), float(hi)
 
 
 def _terms(c: Curves, j: int, level: float) -> dict:
@@ -76,8 +68,8 @@ def _terms(c: Curves, j: int, level: float) -> dict:
     if c.has_boot:
         a_b = large.boot["y_inf"] - small.boot["y_inf"]
         f_b = predict(large.boot, x)[:, 0] - predict(small.boot, x)[:, 0]
-        row["asymptotic_lo"], row["asymptotic_hi"] = _interval(a_b, level)
-        row["optimisation_lo"], row["optimisation_hi"] = _interval(f_b - a_b, level)
+        row["asymptotic_lo"], row["asymptotic_hi"] = _pct(a_b, level)
+        row["optimisation_lo"], row["optimisation_hi"] = _pct(f_b - a_b, level)
     total = sum(abs(row[t]) for t in TERMS)
     for t in TERMS:
         row[f"share_{t}"] = abs(row[t]) / total if total > 0 else np.nan

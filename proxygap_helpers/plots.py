@@ -157,6 +157,14 @@ def _pending(ax: Axes, text: str = "pending: no data yet") -> None:
             fontsize="large", style="italic", wrap=True)
 
 
+def _pending_figure(name: str, title: str, caption: bool, text: str = "pending: no complete pairs yet",
+                    size: tuple[float, float] = (5.0, 3.5)) -> Figure:
+    """A one-panel figure that only says what is pending (a figure with nothing to draw yet)."""
+    fig, axes = _new_figure(1, 1, size)
+    _pending(axes[0, 0], text)
+    return _finish(fig, name, title, caption)
+
+
 def enable_notebook_display() -> bool:
     """Make IPython show a ``Figure`` (that is the value of a cell or passed to ``display``) as a PNG.
 
@@ -674,9 +682,7 @@ def reference_figure(ours_table: pd.DataFrame | None, reference_table: pd.DataFr
     ks = sorted({int(k) for t in tables.values() if "k" in t for k in t["k"].dropna()})
     title = "This run beside the study's phase-2 table"
     if not ks:
-        fig, axes = _new_figure(1, 1, (6.0, 3.2))
-        _pending(axes[0, 0], "pending: no table to compare")
-        return _finish(fig, "reference", title, caption)
+        return _pending_figure("reference", title, caption, "pending: no table to compare", (6.0, 3.2))
     budgets = sorted({float(b) for t in tables.values() if "tokens" in t for b in t["tokens"].dropna()})
     fig, axes = _new_figure(2, len(ks), (4.4, 3.0), legend=2.0, sharex=True, sharey="row")
     for j, k in enumerate(ks):
@@ -717,9 +723,7 @@ def ladder_figure(ladder: pd.DataFrame | None, caption: bool = True) -> Figure:
     rows). Returns the figure."""
     ladder = _frame(ladder)
     if not len(ladder):
-        fig, axes = _new_figure(1, 1, (5.0, 3.5))
-        _pending(axes[0, 0], "pending: no complete pairs yet")
-        return _finish(fig, "ladder", "ΔCE_rec and ΔR² against the size ratio", caption)
+        return _pending_figure("ladder", "ΔCE_rec and ΔR² against the size ratio", caption)
     ks = sorted(ladder["k"].unique())
     budgets = sorted(ladder["tokens"].unique())
     ladder["hook"] = ladder["hook"].astype(object).fillna("")  # (one hook per model: read back from CSV as NaN)
@@ -760,9 +764,7 @@ def family_figure(gaps: pd.DataFrame | None, labels: dict[str, str] | None = Non
     family with its cells' 95% intervals as a band (``families.family_gaps`` rows). Returns the figure."""
     gaps = _frame(gaps)
     if not len(gaps):
-        fig, axes = _new_figure(1, 1, (5.0, 3.5))
-        _pending(axes[0, 0], "pending: no complete pairs yet")
-        return _finish(fig, "families", "ΔCE_rec and ΔR² per family", caption)
+        return _pending_figure("families", "ΔCE_rec and ΔR² per family", caption)
     ks = sorted(gaps["k"].unique())
     fams = list(dict.fromkeys(gaps["family"]))
     colors = dict(zip(fams, sns.color_palette("colorblind", len(fams))))

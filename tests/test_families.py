@@ -18,6 +18,7 @@ import torch
 from proxygap_helpers import metrics as M
 from proxygap_helpers.models import ModelFamilyError, layer_list, load_hf, load_hooked, patched, resid_post, resid_posts
 from proxygap_helpers.params import FAMILIES
+from test_metrics import _save_tokenizer
 
 VOCAB, CTX, D, N_LAYERS = 96, 8, 32, 3
 # family -> (its decoder layers' path, as the family's own code names it; TransformerLens converts it from a config)
@@ -47,17 +48,6 @@ def _config(kind: str):
                         query_pre_attn_scalar=8, sliding_window=4, **gqa)  # softcaps and a window that bites
 
 
-def _save_tokenizer(out_dir) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, "<|padding|>": 1, **{f"t{i}": i for i in range(2, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>", pad_token="<|padding|>").save_pretrained(out_dir)
-
-
 @pytest.fixture(scope="module", params=sorted(FAMILY_PATHS))
 def family(request, tmp_path_factory):
     """One family's tiny checkpoint: its HF folder and the model loaded from it (float32), and a float64 copy."""
@@ -67,7 +57,7 @@ def family(request, tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp(f"ckpt_{kind}")  # (named after the family: the TransformerLens loader must
     AutoModelForCausalLM.from_config(_config(kind)).save_pretrained(folder)  # not guess the family by name)
-    _save_tokenizer(folder)
+    _save_tokenizer(folder, VOCAB)
     hf = load_hf(str(folder))
     return {"kind": kind, "dir": str(folder), "hf": hf, "hf64": load_hf(str(folder), dtype=torch.float64)}
 
@@ -150,21 +140,24 @@ def test_the_forward_stops_after_the_deepest_hooked_layer(family):
             h.remove()
 
 
-def _hand_splice_ce(hf, kind: str, ids: torch.Tensor, layer: int, fn) -> float:
-    """Mean next-token CE with layer ``layer``'s output replaced by ``fn(output)``, through a hook on the family's
-    own layer path (not the adapter)."""
+def _hand_ce_from(hf, kind: str, ids: torch.Tensor, layer: int, fn, skip: int = 0) -> float:
+    """Mean CE over the predictions from position ``skip`` on, with layer ``layer``'s output replaced by ``fn`` from
+    position ``skip`` on (the first positions kept as they are), through a hook on the family's own layer path (not
+    the adapter)."""
     target = hf.get_submodule(FAMILY_PATHS[kind][0])[layer]
 
     def hook(_m, _i, out):
-        return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+        x = out[0] if isinstance(out, tuple) else out
+        new = torch.cat([x[:, :skip], fn(x)[:, skip:]], dim=1)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
     h = target.register_forward_hook(hook)
     try:
         with torch.no_grad():
             logits = hf(input_ids=ids).logits
     finally:
         h.remove()
-    lp = torch.log_softmax(logits[:, :-1].double(), -1)
-    return -lp.gather(-1, ids[:, 1:, None]).mean().item()
+    lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return -lp[:, skip:].mean().item()
 
 
 @pytest.mark.parametrize("layer", [0, N_LAYERS - 1])
@@ -173,9 +166,9 @@ def test_ce_with_the_splice_equals_a_hand_splice(family, layer):
     m = M.evaluate_sae(hf, layer, sae, ids.numpy(), batch_sequences=2, swd=False, gwd=False, random_error_draws=0,
                        progress=False)
     recon = lambda out: sae.decode(sae.encode(out))  # noqa: E731
-    assert m["ce_sae"] == pytest.approx(_hand_splice_ce(hf, kind, ids, layer, recon), abs=1e-5)
-    assert m["ce_clean"] == pytest.approx(_hand_splice_ce(hf, kind, ids, layer, lambda out: out), abs=1e-5)
-    assert m["ce_zero"] == pytest.approx(_hand_splice_ce(hf, kind, ids, layer, torch.zeros_like), abs=1e-5)
+    assert m["ce_sae"] == pytest.approx(_hand_ce_from(hf, kind, ids, layer, recon), abs=1e-5)
+    assert m["ce_clean"] == pytest.approx(_hand_ce_from(hf, kind, ids, layer, lambda out: out), abs=1e-5)
+    assert m["ce_zero"] == pytest.approx(_hand_ce_from(hf, kind, ids, layer, torch.zeros_like), abs=1e-5)
     assert m["ce_sae"] != pytest.approx(m["ce_clean"], abs=1e-4), "the splice changes the loss"
     if FAMILY_PATHS[kind][1]:
         tl = load_hooked(family["dir"], hf_model=hf)
@@ -292,25 +285,6 @@ def test_neox_is_the_default_family_and_keeps_every_id():
 
 
 # --------------------------------------------------------------------------- massive-norm first positions
-def _hand_ce_from(hf, kind: str, ids: torch.Tensor, layer: int, fn, skip: int) -> float:
-    """Mean CE over the predictions from position ``skip`` on, with layer ``layer``'s output replaced by ``fn`` from
-    position ``skip`` on (the first positions kept as they are), through the family's own layer path."""
-    target = hf.get_submodule(FAMILY_PATHS[kind][0])[layer]
-
-    def hook(_m, _i, out):
-        x = out[0] if isinstance(out, tuple) else out
-        new = torch.cat([x[:, :skip], fn(x)[:, skip:]], dim=1)
-        return (new, *out[1:]) if isinstance(out, tuple) else new
-    h = target.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            logits = hf(input_ids=ids).logits
-    finally:
-        h.remove()
-    lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-    return -lp[:, skip:].mean().item()
-
-
 def test_skipped_first_positions_are_neither_replaced_nor_counted(family):
     """``skip_positions``: the SAE (and the ablations) splice from that position on, and CE, KL and every
     reconstruction metric average over the other positions only."""

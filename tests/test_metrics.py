@@ -32,11 +32,12 @@ def _patterned(rng: np.random.Generator, n: int) -> np.ndarray:
     return seq.astype(np.int64)
 
 
-def _save_tokenizer(out_dir) -> None:
+def _save_tokenizer(out_dir, vocab_size: int = VOCAB) -> None:
+    """A word-level tokenizer of ``vocab_size`` ids (EOT 0, padding 1, then ``t2``, ``t3``, ...) in ``out_dir``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<|endoftext|>": 0, "<|padding|>": 1, **{f"t{i}": i for i in range(2, VOCAB)}}
+    vocab = {"<|endoftext|>": 0, "<|padding|>": 1, **{f"t{i}": i for i in range(2, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
