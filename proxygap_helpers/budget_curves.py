@@ -3,14 +3,15 @@ and the next budget to run. Works on ``pairs.csv`` only (statistics work on tabl
 
 **Model.** For one model role, sparsity k and metric (quality rising with the SAE training budget T)::
 
-    y(T) = y_inf - a * T^(-alpha),     a >= 0,  alpha in [ALPHA_MIN, ALPHA_MAX]
+    y(T) = y_inf - a * T^(-alpha),     a >= 0,  alpha in [ALPHA_MIN, ALPHA_MAX],  y_inf <= Y_MAX = 1
 
 the saturating power law of SAE quality against training compute (Gao et al. 2024, "Scaling and evaluating
 sparse autoencoders", fit L(C) = L_inf + a C^-alpha). It is fitted by least squares to the per-seed values in a
 well-conditioned parametrisation: with x = (log10 T - c) / s (c the centre and s the half-range of the tested
 log10 budgets, so x is in [-1, 1]), ``y = y_inf - b exp(-beta x)``, b = a T_c^-alpha >= 0 the shortfall at the
-centre budget T_c = 10^c and beta = alpha s ln 10. For fixed beta the model is linear in (y_inf, b), so the
-fit profiles beta out (variable projection, Golub & Pereyra 1973): a 64-point grid over the bounded log beta
+centre budget T_c = 10^c and beta = alpha s ln 10. For fixed beta the model is linear in (y_inf, b) under
+b >= 0 and y_inf <= 1 (both metrics are at most 1 on average; where the fit without that bound passes it, the
+optimum lies on y_inf = 1, a one-parameter fit of b), so the fit profiles beta out (variable projection, Golub & Pereyra 1973): a 64-point grid over the bounded log beta
 range, then golden-section search around the best grid point. The result is the global least-squares optimum
 under the bounds, vectorised over bootstrap replicates. ``tests/test_budget_curves.py`` checks it against
 ``scipy.optimize.least_squares`` with bounds.
@@ -71,6 +72,7 @@ EXTRAPOLATION_DECADES = 2.0
 CANDIDATE_DECADES = 1.0
 N_BETA_GRID = 48
 GOLDEN_STEPS = 28
+Y_MAX = 1.0  # the asymptote's bound: CE_rec and R² cannot exceed 1 on average
 STATUS_FIT, STATUS_REFUSED = "fit", "cannot be said"
 METRICS = ("ce_rec", "r2")
 
@@ -98,9 +100,10 @@ class Scale:
         return ALPHA_MIN * self.s * np.log(10), ALPHA_MAX * self.s * np.log(10)
 
 
-def _profile(beta: np.ndarray, x: np.ndarray, m: np.ndarray, w: np.ndarray):
+def _profile(beta: np.ndarray, x: np.ndarray, m: np.ndarray, w: np.ndarray, y_max: float | None = Y_MAX):
     """Weighted least squares of y = y_inf - b exp(-beta x) on budget means ``m`` [..., J] with weights ``w``
-    (seed counts) for fixed ``beta`` [...] (b >= 0). Returns (between-budget weighted SS, b, y_inf)."""
+    (seed counts) for fixed ``beta`` [...] (b >= 0, y_inf <= ``y_max``). Returns (between-budget weighted SS, b,
+    y_inf)."""
     phi = np.exp(-beta[..., None] * x)
     wsum = w.sum(-1)
     mp = (w * phi).sum(-1) / wsum
@@ -108,59 +111,82 @@ def _profile(beta: np.ndarray, x: np.ndarray, m: np.ndarray, w: np.ndarray):
     dp, dm = phi - mp[..., None], m - my[..., None]
     spp, spy, syy = (w * dp * dp).sum(-1), (w * dp * dm).sum(-1), (w * dm * dm).sum(-1)
     b = np.maximum(-spy / spp, 0.0)
-    ss = np.where(b > 0, syy - spy * spy / spp, syy)
-    return np.maximum(ss, 0.0), b, my + b * mp
+    ss = np.maximum(np.where(b > 0, syy - spy * spy / spp, syy), 0.0)
+    y_inf = my + b * mp
+    if y_max is None:
+        return ss, b, y_inf
+    # the bound binds where the fit above exceeds it (a convex problem: its optimum then lies on y_inf = y_max)
+    r = y_max - m
+    bv, cc = (w * phi * r).sum(-1), (w * phi * phi).sum(-1)
+    b1 = np.maximum(bv / cc, 0.0)
+    ss1 = np.maximum((w * r * r).sum(-1) - 2 * b1 * bv + b1 * b1 * cc, 0.0)
+    over = y_inf > y_max
+    return np.where(over, ss1, ss), np.where(over, b1, b), np.where(over, y_max, y_inf)
 
 
-def _grid_profile(betas: np.ndarray, x: np.ndarray, m: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _grid_profile(betas: np.ndarray, x: np.ndarray, m: np.ndarray, w: np.ndarray,
+                  y_max: float | None = Y_MAX) -> np.ndarray:
     """``_profile``'s residual SS for every row of ``m`` [R, J] and every beta of ``betas`` [G], with weights
     ``w`` [J] shared by all rows: [R, G]."""
     wsum = w.sum()
-    dm = m - (m @ w / wsum)[:, None]
+    my = m @ w / wsum
+    dm = m - my[:, None]
     phi = np.exp(-betas[:, None] * x[None, :])
-    dp = phi - (phi @ w / wsum)[:, None]
+    mp = phi @ w / wsum
+    dp = phi - mp[:, None]
     spp = (dp * dp) @ w
     spy = dm @ (w * dp).T
     syy = (dm * dm) @ w
     b = np.maximum(-spy / spp, 0.0)
-    return np.maximum(np.where(b > 0, syy[:, None] - spy * spy / spp, syy[:, None]), 0.0)
+    ss = np.maximum(np.where(b > 0, syy[:, None] - spy * spy / spp, syy[:, None]), 0.0)
+    if y_max is None:
+        return ss
+    r = y_max - m
+    bv, cc = r @ (w * phi).T, (phi * phi) @ w
+    b1 = np.maximum(bv / cc, 0.0)
+    ss1 = np.maximum(((r * r) @ w)[:, None] - 2 * b1 * bv + b1 * b1 * cc, 0.0)
+    return np.where(my[:, None] + b * mp[None, :] > y_max, ss1, ss)
 
 
-def fit_means(x: np.ndarray, m: np.ndarray, w: np.ndarray, beta_bounds: tuple[float, float]) -> dict[str, np.ndarray]:
+def fit_means(x: np.ndarray, m: np.ndarray, w: np.ndarray, beta_bounds: tuple[float, float],
+              y_max: float | None = Y_MAX) -> dict[str, np.ndarray]:
     """Least-squares fit of ``y = y_inf - b exp(-beta x)`` to each row of ``m``.
 
     ``x``: [J] scaled log budgets; ``m``: [R, J] budget means (R replicates); ``w``: [J] seeds per budget
-    (the per-seed least-squares fit equals this weighted fit of the means). Returns arrays [R]:
-    ``y_inf``, ``b`` (>= 0), ``beta`` (in ``beta_bounds``), ``ss`` (weighted between-budget residual sum of
-    squares) and ``at_bound`` (-1 lower, +1 upper, 0 inside).
+    (the per-seed least-squares fit equals this weighted fit of the means); ``y_max``: the asymptote's upper
+    bound (``Y_MAX`` = 1: CE_rec and R² cannot exceed 1 on average; None: unbounded). Returns arrays [R]:
+    ``y_inf`` (<= ``y_max``), ``b`` (>= 0), ``beta`` (in ``beta_bounds``), ``ss`` (weighted between-budget
+    residual sum of squares), ``at_bound`` (-1 lower, +1 upper, 0 inside: beta's) and ``y_capped`` (y_inf on
+    ``y_max``).
     """
     m = np.atleast_2d(np.asarray(m, dtype=float))
     w = np.asarray(w, dtype=float)
     lo, hi = np.log(beta_bounds[0]), np.log(beta_bounds[1])
     grid = np.linspace(lo, hi, N_BETA_GRID)
-    ss_grid = _grid_profile(np.exp(grid), x, m, w)
+    ss_grid = _grid_profile(np.exp(grid), x, m, w, y_max)
     w = np.broadcast_to(w, m.shape)
     i = ss_grid.argmin(axis=1)
     a, b = grid[np.maximum(i - 1, 0)], grid[np.minimum(i + 1, N_BETA_GRID - 1)]
     g = (np.sqrt(5) - 1) / 2  # golden section on log beta within the grid neighbours of the best grid point
     c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = _profile(np.exp(c), x, m, w)[0], _profile(np.exp(d), x, m, w)[0]
+    fc, fd = _profile(np.exp(c), x, m, w, y_max)[0], _profile(np.exp(d), x, m, w, y_max)[0]
     for _ in range(GOLDEN_STEPS):
         left = fc <= fd  # the minimum lies in [a, d]
         a, b = np.where(left, a, c), np.where(left, d, b)
         new = np.where(left, b - g * (b - a), a + g * (b - a))
-        f_new = _profile(np.exp(new), x, m, w)[0]
+        f_new = _profile(np.exp(new), x, m, w, y_max)[0]
         c, d, fc, fd = (np.where(left, new, d), np.where(left, c, new), np.where(left, f_new, fd),
                         np.where(left, fc, f_new))
     best = (a + b) / 2
     cands = np.stack([best, np.full_like(best, lo), np.full_like(best, hi)])
-    ss_c = np.stack([_profile(np.exp(v), x, m, w)[0] for v in cands])
+    ss_c = np.stack([_profile(np.exp(v), x, m, w, y_max)[0] for v in cands])
     pick = ss_c.argmin(axis=0)
     log_beta = cands[pick, np.arange(len(m))]
-    ss, bb, y_inf = _profile(np.exp(log_beta), x, m, w)
+    ss, bb, y_inf = _profile(np.exp(log_beta), x, m, w, y_max)
     near = 1e-4  # within 0.01% of a bound counts as on it (rounding stops the search short of a flat edge)
     at_bound = np.where(log_beta - lo < near, -1, np.where(hi - log_beta < near, 1, 0))
-    return {"y_inf": y_inf, "b": bb, "beta": np.exp(log_beta), "ss": ss, "at_bound": at_bound}
+    capped = np.zeros(len(m), dtype=bool) if y_max is None else y_inf >= y_max
+    return {"y_inf": y_inf, "b": bb, "beta": np.exp(log_beta), "ss": ss, "at_bound": at_bound, "y_capped": capped}
 
 
 def predict(fit: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -437,7 +463,7 @@ def curves_for(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: fl
 
 FIT_COLUMNS = ["k", "metric", "model_role", "n_budgets", "n_seeds_min", "tokens_min", "tokens_max", "status",
                "reason", "y_inf", "y_inf_lo", "y_inf_hi", "a", "a_lo", "a_hi", "alpha", "alpha_lo", "alpha_hi",
-               "boot_frac_ill_conditioned", "rmse", "sd_seed", "rmse_means", "df_lack_of_fit", "lack_of_fit_p",
+               "y_inf_at_1", "boot_frac_y_inf_at_1", "boot_frac_ill_conditioned", "rmse", "sd_seed", "rmse_means", "df_lack_of_fit", "lack_of_fit_p",
                "lobo_n", "lobo_rmse", "lobo_max_abs_z", "lobo_top_z"]
 TSTAR_COLUMNS = ["k", "metric", "status", "reason", "direction", "t_star", "t_star_lo", "t_star_hi",
                  "factor_beyond", "boot_frac_crossing", "gap_at_max", "gap_inf", "gap_inf_lo", "gap_inf_hi",
@@ -463,12 +489,14 @@ def fit_rows(c: Curves, level: float) -> list[dict[str, Any]]:
                "tokens_max": int(c.tokens.max()) if len(c.tokens) else np.nan, "status": f.status, "reason": f.reason}
         if f.point is not None:
             alpha, a = to_alpha_a(f.point, c.scale)
-            row |= {"y_inf": float(f.point["y_inf"][0]), "a": float(a[0]), "alpha": float(alpha[0])}
+            row |= {"y_inf": float(f.point["y_inf"][0]), "a": float(a[0]), "alpha": float(alpha[0]),
+                    "y_inf_at_1": bool(f.point["y_capped"][0])}
         if f.boot is not None:
             alpha, a = to_alpha_a(f.boot, c.scale)
             for name, v in (("y_inf", f.boot["y_inf"]), ("a", a), ("alpha", alpha)):
                 row[f"{name}_lo"], row[f"{name}_hi"] = _pct(v, level)
             row["boot_frac_ill_conditioned"] = float(((f.boot["at_bound"] != 0) | (f.boot["b"] <= 0)).mean())
+            row["boot_frac_y_inf_at_1"] = float(f.boot["y_capped"].mean())
         rows.append(row | (f.gof or {}))
     return rows
 
@@ -765,7 +793,7 @@ def reference_fits(table: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level
             rows.append(row | {"status": STATUS_REFUSED, "reason": reason})
             continue
         scale = Scale.of(tokens)
-        point = fit_means(scale.x(tokens), means[None], n, scale.beta_bounds())
+        point = fit_means(scale.x(tokens), means[None], n, scale.beta_bounds(), y_max=None)  # a gap: no bound
         alpha, a = to_alpha_a(point, scale)
         row |= {"d_inf": float(point["y_inf"][0]), "a": float(a[0]), "alpha": float(alpha[0])}
         if (reason := _shape_reason(point)) is not None:
@@ -782,7 +810,7 @@ def reference_fits(table: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level
         if (n > 1).all():
             rng = np.random.default_rng([seed, int(k)])
             draws = means + se * rng.standard_t(np.maximum(n - 1, 1), size=(n_boot, len(n)))
-            roots = _gap_root(fit_means(scale.x(tokens), draws, n, scale.beta_bounds()), scale, u_lo)
+            roots = _gap_root(fit_means(scale.x(tokens), draws, n, scale.beta_bounds(), y_max=None), scale, u_lo)
             lo, hi = np.quantile(roots, [1 - q, q], method="inverted_cdf")
             row["t_star_lo"], row["t_star_hi"] = float(10 ** lo), float(10 ** hi)
         else:
