@@ -21,7 +21,7 @@ setting = None  # grids with several pairs or hooks: the setting this report is 
 # %% tags=["imports", "remove"]
 from IPython.display import Markdown
 
-from proxygap_helpers import aggregate, budget_curves, grid, plan, plots, report, stats
+from proxygap_helpers import aggregate, budget_curves, decomposition, grid, plan, plots, report, stats
 from proxygap_helpers import summary as sections
 
 # %% tags=["remove"]
@@ -76,7 +76,7 @@ sections.sign_flip_frame(agg["sign_flip"])
 # %% [markdown]
 # ## Where will the sign flip? Each model's budget curve, extrapolated
 # Per k, each model's CE_rec(T) and R²(T) is fitted with the saturating power law y(T) = y∞ − a·T^−α (a ≥ 0,
-# α > 0; Gao et al. 2024) by least squares on the per-seed values. T* is where the two fitted curves cross,
+# α > 0, y∞ ≤ 1: neither metric exceeds 1 on average; Gao et al. 2024) by least squares on the per-seed values. T* is where the two fitted curves cross,
 # searched up to 100× the largest tested budget, with a 95% seed-bootstrap interval ("extrapolated" says how far
 # past the data). A fit is refused — "cannot be said", nothing extrapolated — with fewer than 3 budgets, a curve
 # that is not monotone, a flat or ill-conditioned fit (α at a bound), or a failed leave-one-budget-out forecast.
@@ -104,6 +104,27 @@ budget_curves.fits_frame(agg["budget_fits"])
 
 # %%
 Markdown(budget_curves.reference_markdown(budget_curves.reference_fits(stats.reference_table())))
+
+# %% [markdown]
+# ## What the gap is made of
+# The study writes "proxy gap = metric mismatch + optimization state + estimation noise" and weighs the terms
+# "roughly". Here they are measured, per k, budget T and metric, from the budget fits above: the observed mean
+# gap = the asymptotic term Δy∞ (the gap an unlimited budget leaves: metric mismatch) + the optimisation term
+# (the fitted gap at T minus Δy∞: what more training removes) + the lack of fit (observed minus fitted), exactly;
+# the estimation noise is the seeds' SE and the eval set's sampling SE. The verdict says, per cell, whether ΔR²
+# (the proxy) and ΔCE_rec (behaviour) disagree in sign, and if so whether the disagreement is within noise, cannot
+# be said (a fit refused), mediated by the optimisation state (the asymptotes agree) or a metric mismatch (the
+# asymptotes disagree too). Shares are of the summed magnitudes of the three terms. Machine-readable:
+# `aggregate/decomposition.csv`.
+
+# %%
+Markdown(decomposition.markdown(agg["decomposition"], decomposition.reference(stats.reference_table())))
+
+# %%
+plots.decomposition_figure(agg["decomposition"])
+
+# %%
+decomposition.frame(agg["decomposition"])
 
 # %% [markdown]
 # ## Each model on its own: CE_rec and R² against the budget

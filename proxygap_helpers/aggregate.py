@@ -26,6 +26,7 @@ TABLES = ("sae_metrics", "pairs", "phase2_table", "sign_flip", "heldout_predicti
 CURVE_TABLES = ("budget_fits", "tstar", "budget_curves", "next_budget")  # budget_curves.analyse
 LADDER_TABLES = ("settings", "ladder", "size_trend")  # grids with several settings (ladder.py)
 FAMILY_TABLES = ("family_gaps", "family_signs")  # grids with several families (families.py)
+ANALYSIS_TABLES = ("decomposition",)  # what each cell's gap is made of (decomposition.py)
 
 
 class AggregateError(RuntimeError):
@@ -140,7 +141,8 @@ def load_aggregate(out_dir: Path, p: Params | None = None, setting: str | None =
     two-model report reads one setting (``ladder.setting_view``; ``setting`` None: the grid's only one)."""
     agg = aggregate_dir(out_dir)
     res = {}
-    for name in (*TABLES, *CURVE_TABLES, "dropped_duplicates", "unpaired", *LADDER_TABLES, *FAMILY_TABLES):
+    for name in (*TABLES, *CURVE_TABLES, *ANALYSIS_TABLES, "dropped_duplicates", "unpaired", *LADDER_TABLES,
+                 *FAMILY_TABLES):
         path = agg / f"{name}.csv"
         try:
             res[name] = pd.read_csv(path)

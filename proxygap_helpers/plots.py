@@ -104,6 +104,13 @@ CAPTIONS = {
         "The paired gaps (large − small) of each family's pair against the SAE training budget, one column per k: "
         "the same sizes, text, tokenizer, training recipe and SAE grid in every family, only the architecture "
         "differs. Lines: each cell's mean over seeds; bands: its 95% Student-t interval."),
+    "decomposition": (
+        "What each cell's gap (large − small) is made of, one column per k, ΔCE_rec above and ΔR² below, one bar per "
+        "tested budget: the asymptotic term Δy∞ (the gap an unlimited budget leaves: metric mismatch), the "
+        "optimisation term (the fitted gap at T minus Δy∞: what more training removes) and the lack of fit "
+        "(observed minus fitted), stacked with their signs (positive parts upwards, negative downwards from 0). ◆: "
+        "the observed mean gap with ±1.96 × the estimation noise (seed and eval-sampling SE). The label over each "
+        "bar is the cell's verdict; cells whose fit is refused show only the observed gap."),
     "reference": (
         "Our phase-2 table beside the study's published one (Pythia-70M vs 410M): mean gaps with 95% "
         "intervals per k against the SAE training budget; hollow markers: n = 1 (directional)."),
@@ -790,3 +797,51 @@ def family_figure(gaps: pd.DataFrame | None, labels: dict[str, str] | None = Non
     handles = [Line2D([], [], color=colors[f], lw=2, marker="o", label=(labels or {}).get(f, f)) for f in fams]
     fig.legend(handles=handles, loc="outside right center", fontsize="small", title="family")
     return _finish(fig, "families", "Across model families: the paired gaps against the budget", caption)
+
+
+TERM_COLORS = {"asymptotic": "#0072B2", "optimisation": "#E69F00", "lack_of_fit": "#999999"}
+TERM_LABELS = {"asymptotic": "asymptotic Δy∞ (metric mismatch)", "optimisation": "optimisation state",
+               "lack_of_fit": "lack of fit"}
+VERDICT_SHORT = {"no mismatch": "", "within noise": "noise", "cannot be said": "n/a",
+                 "optimisation-mediated": "optim.", "metric mismatch": "METRIC"}
+
+
+def decomposition_figure(decomposition: pd.DataFrame | None, caption: bool = True) -> Figure:
+    """Stacked signed bars of each (k, T) cell's terms (``aggregate/decomposition.csv``): one column per k, ΔCE_rec
+    and ΔR² rows, the observed gap with ±1.96 noise SE, the verdict over each bar. Returns the figure."""
+    df = _frame(decomposition)
+    if not len(df):
+        return _pending_figure("decomposition", "What the gap is made of", caption)
+    ks = sorted(df["k"].unique())
+    fig, axes = _new_figure(2, len(ks), (3.6, 2.9), legend=2.2)
+    for j, k in enumerate(ks):
+        for i, metric in enumerate(("ce_rec", "r2")):
+            ax = axes[i, j]
+            g = df[(df["k"] == k) & (df["metric"] == metric)].sort_values("tokens").reset_index(drop=True)
+            x = np.arange(len(g))
+            ax.axhline(0, color="grey", lw=0.8)
+            up, down = np.zeros(len(g)), np.zeros(len(g))
+            for term in ("asymptotic", "optimisation", "lack_of_fit"):
+                v = _col(g, term).fillna(0.0).to_numpy()
+                base = np.where(v >= 0, up, down)
+                ax.bar(x, v, bottom=base, width=0.6, color=TERM_COLORS[term], label=TERM_LABELS[term])
+                up, down = np.where(v >= 0, up + v, up), np.where(v < 0, down + v, down)
+            obs, se = _col(g, "observed").to_numpy(), _col(g, "noise_se").fillna(0.0).to_numpy()
+            ax.errorbar(x, obs, yerr=1.96 * se, fmt="D", color="black", ms=5, capsize=3, lw=1.2,
+                        label="observed ± 1.96 noise SE")
+            top = np.nanmax(np.concatenate([up, obs + 1.96 * se])) if len(g) else 0.0
+            for xi, verdict in zip(x, g["verdict"]):
+                if VERDICT_SHORT.get(verdict):
+                    ax.annotate(VERDICT_SHORT[verdict], (xi, top), xytext=(0, 4), textcoords="offset points",
+                                ha="center", fontsize="x-small",
+                                color=MISMATCH_COLOR if verdict in ("metric mismatch", "optimisation-mediated")
+                                else PENDING_COLOR)
+            ax.set_xticks(x, [format_tokens(int(t)) for t in g["tokens"]])
+            ax.margins(y=0.15)
+            ax.set(ylabel=("ΔCE_rec" if metric == "ce_rec" else "ΔR²") + " (large − small)" if j == 0 else "")
+            if i == 0:
+                ax.set_title(f"k = {int(k)}")
+    axes[1, len(ks) // 2].set_xlabel("SAE training tokens")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize="small")
+    return _finish(fig, "decomposition", "What the gap is made of: asymptote, optimisation state, noise", caption)

@@ -1,9 +1,10 @@
 """Stage 4: the executed report notebook(s) -> the published report of a grid (``layout.report_dir``).
 
-Writes ``report.html`` (code hidden, self-contained), the sign-flip figure as PNG and copies of the aggregate
-tables beside it. The ``report`` unit's executor calls :func:`publish` after its notebooks ran: ``05_report``
+Writes ``report.html`` (code hidden, self-contained), the sign-flip and decomposition figures as PNGs and copies
+of the aggregate tables beside it. The ``report`` unit's executor calls :func:`publish` after its notebooks ran: ``05_report``
 for a grid with one setting; for several (pairs of models x hooks), ``06_ladder`` (the summary across them)
-first and then each setting's ``05_report``, as one page (``sign_flip_<setting>.png`` per setting, ``ladder.png``).
+first and then each setting's ``05_report``, as one page (``sign_flip_<setting>.png`` and
+``decomposition_<setting>.png`` per setting, ``ladder.png``).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .aggregate import CURVE_TABLES, FAMILY_TABLES, LADDER_TABLES, load_aggregate
+from .aggregate import ANALYSIS_TABLES, CURVE_TABLES, FAMILY_TABLES, LADDER_TABLES, load_aggregate
 from .layout import aggregate_dir, report_dir
 from .params import Params
 
 PUBLISHED = ("phase2_table.csv", "phase2_table.md", "pairs.csv", "sae_metrics.csv", "proxy_leaderboard.csv",
              "claims.csv", "sign_flip.csv", "heldout_predictions.csv", *(f"{t}.csv" for t in CURVE_TABLES),
-             *(f"{t}.csv" for t in (*LADDER_TABLES, *FAMILY_TABLES)))
+             *(f"{t}.csv" for t in (*ANALYSIS_TABLES, *LADDER_TABLES, *FAMILY_TABLES)))
 
 
 def publish(p: Params, out_dir: Path, executed: list[Path]) -> Path:
@@ -34,7 +35,8 @@ def publish(p: Params, out_dir: Path, executed: list[Path]) -> Path:
     html = render_html(source, dest / "report.html", title=p.report.title)
     settings = [s.label for s in p.settings()]
     for label in settings:
-        _sign_flip_png(p, out_dir, label, dest / ("sign_flip.png" if len(settings) == 1 else f"sign_flip_{label}.png"))
+        for name in ("sign_flip", "decomposition"):
+            _setting_png(p, out_dir, label, name, dest / (f"{name}.png" if len(settings) == 1 else f"{name}_{label}.png"))
     if len(settings) > 1:
         _ladder_png(out_dir, dest / "ladder.png")
     for name in PUBLISHED:
@@ -67,8 +69,8 @@ def _save(fig, png: Path) -> None:
     tmp.replace(png)
 
 
-def _sign_flip_png(p: Params, out_dir: Path, setting: str, png: Path) -> None:
-    """A setting's sign-flip figure as a PNG beside the report (for the README and slides)."""
+def _setting_png(p: Params, out_dir: Path, setting: str, name: str, png: Path) -> None:
+    """A setting's sign-flip or decomposition figure as a PNG beside the report (for the README and slides)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,8 +78,10 @@ def _sign_flip_png(p: Params, out_dir: Path, setting: str, png: Path) -> None:
 
     agg = load_aggregate(out_dir, p, setting)
     plots.set_theme()
-    _save(plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"], curves=agg["budget_curves"],
-                                 tstar=agg["tstar"]), png)
+    fig = (plots.sign_flip_figure(agg["pairs"], agg["phase2_table"], agg["sign_flip"], curves=agg["budget_curves"],
+                                  tstar=agg["tstar"]) if name == "sign_flip"
+           else plots.decomposition_figure(agg["decomposition"]))
+    _save(fig, png)
 
 
 def _ladder_png(out_dir: Path, png: Path) -> None:

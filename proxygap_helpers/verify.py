@@ -50,14 +50,15 @@ NOISE_RTOL = 1e-5  # noise mode: values without seed spread (a model's statistic
 ALPHA = 0.01  # noise mode: family-wise false-alarm rate of all the z tests of one verify
 CI_LEVEL = 0.95  # the intervals of the phase-2 tables (stats.ci)
 SKIPPED = re.compile(r"^(sae_id.*|.*_hash|provenance\..*|.*_seconds|finished_at|evidence|reason|note|statement|rule"
-                     r"|model_name|eval_predictions)$")
+                     r"|model_name|eval_predictions|fit_status)$")
 MEAN = re.compile(r"_mean$")
 BOUND = re.compile(r"_(lo|hi|boot_lo|boot_hi)$")
 SPREAD = re.compile(r"_seed_(sd|se)$")
 SUMMARY_SUFFIX = re.compile(r"_(mean|lo|hi|boot_lo|boot_hi|seed_sd|seed_se)$")
 # conclusions: categorical outcomes of the numbers (a claim's status, a fit's direction, a seed's mismatch indicator):
 # compared exactly in exact mode, named when they moved in noise mode
-CONCLUSIONS = frozenset({"status", "direction", "fit", "proposed", "beats_r2", "mismatch", "kind", "objective"})
+CONCLUSIONS = frozenset({"status", "direction", "fit", "proposed", "beats_r2", "mismatch", "kind", "objective",
+                         "verdict", "y_inf_at_1"})
 SAME_RUN_KEYS = ("provenance.machine.cpu", "provenance.machine.torch_threads", "provenance.versions.torch")
 
 

@@ -106,3 +106,80 @@ def test_refused_fit_leaves_the_fitted_terms_empty(table):
     assert k5.loc["r2", "fit_status"].str.contains("large").all()
     assert k5.loc["r2", "asymptotic"].isna().all() and k5.loc["ce_rec", "asymptotic"].notna().all()
     assert "R²" in k5["reason"].iloc[0]
+
+
+# ---------------------------------------------------------------- the study's table, shares, text and figure
+
+
+def _gap_table(d_inf: float, a: float, alpha: float, se: float, n=(3, 3, 3)):
+    """A published-style table (one k): the gap means follow d_inf - a T^-alpha exactly, intervals mean ± t SE."""
+    from scipy import stats as sps
+
+    tokens = np.array([1e7, 3e7, 1e8])
+    rows = []
+    for t, m in zip(tokens, n):
+        g = d_inf - a * t ** -alpha
+        h = float(sps.t.ppf(0.975, m - 1)) * se if m > 1 else 0.0
+        r2 = 0.2 + 1e3 * t ** -0.5  # ΔR² falling to its limit 0.2
+        rows.append({"k": 8, "tokens": int(t), "n": m, "d_ce_rec_mean": g, "d_ce_rec_lo": g - h, "d_ce_rec_hi": g + h,
+                     "d_r2_mean": r2, "d_r2_lo": r2 - h, "d_r2_hi": r2 + h})
+    return pd.DataFrame(rows)
+
+
+def test_reference_reads_a_gap_table_through_its_exact_curve():
+    """Three budgets and three parameters: the fitted gap passes through the means (lack of fit 0), the
+    asymptotic term is the true limit, the terms add up, and the limit's interval covers it. A gap that closes
+    from above (ΔR² falling) is fitted in its own direction."""
+    tab = _gap_table(0.03, 0.3 * 1e7 ** 0.4, 0.4, 0.002)
+    ref = decomposition.reference(tab, n_boot=400)
+    ce = ref[ref["metric"] == "ce_rec"]
+    assert (ce["fit_status"] == "fit").all()
+    np.testing.assert_allclose(ce["asymptotic"], 0.03, rtol=1e-4)
+    np.testing.assert_allclose(ce["lack_of_fit"], 0.0, atol=1e-9)
+    np.testing.assert_allclose(ce["asymptotic"] + ce["optimisation"] + ce["lack_of_fit"], ce["observed"], atol=1e-12)
+    assert ((ce["asymptotic_lo"] <= 0.03) & (0.03 <= ce["asymptotic_hi"])).all()
+    r2 = ref[ref["metric"] == "r2"]
+    assert (r2["fit_status"] == "fit").all()
+    np.testing.assert_allclose(r2["asymptotic"], 0.2, rtol=1e-3)  # the R² gap falls to its limit from above
+    assert (r2["optimisation"] > 0).all()
+    # ΔCE_rec < 0 at every budget (it closes to +0.03 past them), ΔR² > 0: the asymptotes agree
+    assert (ref["verdict"] == OPTIMISATION).all()
+
+
+def test_reference_on_the_studys_table():
+    """The published table: k = 8's ΔCE_rec falls from 50M (n = 1) to 100M, so its fit is refused and its 10M cell
+    (ΔCE_rec < 0, ΔR² > 0, neither interval spanning 0) cannot be said; k = 16 at 10M is within noise (the ΔCE_rec
+    interval spans 0); every later cell agrees in sign."""
+    from proxygap_helpers import stats
+
+    ref = decomposition.reference(stats.reference_table())
+    cells = ref.drop_duplicates(["k", "tokens"]).set_index(["k", "tokens"])["verdict"]
+    assert cells[(8, 10_000_000)] == CANNOT and cells[(16, 10_000_000)] == WITHIN_NOISE
+    assert (cells.drop([(8, 10_000_000), (16, 10_000_000)]) == NO_MISMATCH).all()
+    assert ref.loc[(ref["k"] == 8) & (ref["metric"] == "ce_rec"), "fit_status"].str.startswith("not monotone").all()
+    text = decomposition.markdown(ref, ref)
+    assert "cannot be said 1" in text and "within noise 1" in text and "the CE_rec fit is refused" in text
+
+
+def test_overall_shares_by_hand():
+    df = pd.DataFrame({"metric": ["ce_rec", "ce_rec", "r2"], "fit_status": ["fit", "fit", "fit"],
+                       "asymptotic": [0.02, -0.01, 0.05], "optimisation": [-0.03, 0.01, 0.05],
+                       "lack_of_fit": [0.0, 0.01, 0.0], "observed": [-0.01, 0.01, 0.10],
+                       "noise_se": [0.002, 0.004, 0.01]})
+    s = decomposition.overall_shares(df).set_index("metric")
+    np.testing.assert_allclose(s.loc["ce_rec", ["share_asymptotic", "share_optimisation", "share_lack_of_fit"]],
+                               [0.03 / 0.08, 0.04 / 0.08, 0.01 / 0.08])
+    np.testing.assert_allclose(s.loc["ce_rec", "noise_to_gap"], 0.003 / 0.01)
+    np.testing.assert_allclose(s.loc["r2", "share_asymptotic"], 0.5)
+
+
+def test_figure_stacks_every_term_of_every_cell(table):
+    from proxygap_helpers import plots
+
+    fig = plots.decomposition_figure(table, caption=False)
+    ks = table["k"].nunique()
+    axes = [ax for ax in fig.axes if ax.get_title() or ax.get_ylabel() or ax.patches]
+    bars = sum(len(ax.patches) for ax in axes)
+    assert bars == 3 * len(table)  # three terms per (k, T, metric) row, NaN terms drawn as height 0
+    assert len(fig.axes) == 2 * ks
+    assert len(decomposition.frame(table)) == len(table)
