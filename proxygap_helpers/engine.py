@@ -50,12 +50,13 @@ class Run:
         self.bs = p.sae.batch_size
         self.steps = max(1, self.specs[-1].tokens // self.bs)
         self.pending = [(max(1, s.tokens // self.bs), s) for s in self.specs]
-        self.norm_batches = p.sae.norm_estimate_batches if p.sae.normalize_activations != "none" else 0
+        self.norm_batches = p.sae.norm_estimate_batches if training.estimates_from_data(p) else 0
         self.window = max(1, p.sae.dead_tokens_window // self.bs)  # SAELens' dead_feature_window, in steps
         self.set_size, self.unit_saes = sizes
         self.step = 0
-        self.norms: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []  # the estimate batches (scaling factor, mean, b_dec init)
         self.scale: float | None = None if self.norm_batches else 1.0
+        self.shift: torch.Tensor | float = 0.0  # the scaled mean that centring subtracts (sae.center_activations)
         self.carry: torch.Tensor | None = None
         self.log: list[dict] = []
         self.metas: list[dict] = []
@@ -118,13 +119,28 @@ class Run:
 
     def _batch(self, x: torch.Tensor, precision: str, progress) -> None:
         if self.scale is None:  # the norm-estimate batches (SAELens' estimate_scaling_factor), not trained on
-            self.norms.append(x.norm(dim=-1))
-            if len(self.norms) == self.norm_batches:
-                self.scale = x.shape[1] ** 0.5 / torch.cat(self.norms).double().mean().item()
-                self.norms = []
+            self.rows.append(x)
+            if len(self.rows) == self.norm_batches:
+                self._estimate(torch.cat(self.rows))
+                self.rows = []
             return
         self._train_step(x, precision)
         progress.update()
+
+    @torch.no_grad()
+    def _estimate(self, rows: torch.Tensor) -> None:
+        """From the estimate batches' rows ``[n, d_in]``: the mean that centring subtracts, the scaling factor
+        sqrt(d_in) / mean ||x - mean|| (SAELens' without centring) and b_dec at step 0 (``training.b_dec_init``)."""
+        s = self.p.sae
+        if s.center_activations:
+            mean = rows.double().mean(0)
+            norms = (rows.double() - mean).norm(dim=-1)
+        else:
+            mean, norms = 0.0, rows.norm(dim=-1)  # (as SAELens: float32 norms, a float64 mean)
+        self.scale = rows.shape[1] ** 0.5 / norms.double().mean().item() if s.normalize_activations != "none" else 1.0
+        self.shift = (mean * self.scale).float() if s.center_activations else 0.0
+        if s.b_dec_init != "zeros":
+            self.b_dec.copy_(training.b_dec_init(rows.double() * self.scale - self.shift, s.b_dec_init).to(self.b_dec))
 
     # ------------------------------------------------------------------ the step
     def _train_step(self, x: torch.Tensor, precision: str) -> None:
@@ -136,9 +152,10 @@ class Run:
         dead_ids = dead.nonzero().squeeze(1)
         with _matmul_precision(precision):  # the whole step, the backward's GEMMs included
             with _autocast(x.device.type, precision):  # the forward (autograd runs its casts' backward in kind)
-                out = sparse_forward(x * self.scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
-                                     dead_ids, self.p.sae.aux_k_coefficient, kernel=self.p.sae.kernel,
-                                     precision=precision)
+                s = self.p.sae
+                out = sparse_forward(x * self.scale - self.shift, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
+                                     self.k, dead_ids, s.aux_k_coefficient, kernel=s.kernel, precision=precision,
+                                     k_aux=s.k_aux, aux_normalization=s.aux_k_normalization)
             with torch.no_grad():
                 fired = torch.bincount(out.idx[out.v > 0], minlength=self.W_dec.shape[0])
                 self.since_fired.add_(1).masked_fill_(fired > 0, 0)
@@ -188,7 +205,7 @@ class Run:
         sae.W_enc.copy_(self.W_enc.detach().t().cpu())
         sae.b_enc.copy_(self.b_enc.detach().cpu())
         sae.W_dec.copy_(self.W_dec.detach().cpu())
-        sae.b_dec.copy_(self.b_dec.detach().cpu())
+        sae.b_dec.copy_((self.b_dec.detach() + self.shift).cpu())  # centring folded: the SAE reads x * scale
         if self.norm_batches:
             sae.fold_activation_norm_scaling_factor(self.scale)
         if self.n_frac_active > 0:
@@ -198,7 +215,7 @@ class Run:
 
     def release(self) -> None:
         """Free the weights and optimizer state of a finished run (a set may hold many)."""
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "params", "opt", "sched", "since_fired", "act_freq"):
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "params", "opt", "sched", "since_fired", "act_freq", "shift"):
             self.__dict__.pop(name, None)
 
 

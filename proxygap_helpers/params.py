@@ -300,6 +300,11 @@ class DataParams(_Strict):
         return "sympy" if v == "stdlib" else v
 
 
+# the training choices of SAELens' TopK SAETrainer among the keys below (the saelens trainer accepts no other)
+SAELENS_RECIPE = {"k_aux": "half_d_in", "aux_k_normalization": "none", "b_dec_init": "zeros",
+                  "center_activations": False}
+
+
 class SAEParams(_Strict):
     architecture: Literal["topk"] = "topk"
     trainer: Literal["fast", "saelens"] = "fast"  # engine.py (shared stream, sparse step) | SAELens' SAETrainer
@@ -323,7 +328,18 @@ class SAEParams(_Strict):
     lr_decay_fraction: float = Field(default=0.2, ge=0, lt=1)
     ladder_warmup_tokens: int = Field(default=20_000, ge=0)
     aux_k_coefficient: float = Field(default=1 / 32, ge=0)
+    # AuxK's size: SAELens' and sparsify's d_in // 2 (``half_d_in``), a number (Gao et al.: 256), or every dead latent
+    k_aux: int | Literal["half_d_in", "all_dead"] = "half_d_in"
+    # AuxK's error term as SAELens sums it (``none``), or divided by the residual's variance as Gao et al. and sparsify
+    # do (``residual_variance``: then on the main loss's scale, times the batch's variance; sparse_step.aux_loss)
+    aux_k_normalization: Literal["none", "residual_variance"] = "none"
     dead_tokens_window: int = Field(default=100_000, gt=0)
+    # b_dec at step 0 (pre-encoder bias): SAELens' zeros, or the mean or geometric median of the activations of the
+    # norm-estimate batches (sparsify, dictionary_learning; Gao et al. use the geometric median)
+    b_dec_init: Literal["zeros", "mean", "geometric_median"] = "zeros"
+    # subtract the activations' mean (from the norm-estimate batches) before scaling, and scale the centred rows to
+    # norm sqrt(d_in) (Simon et al. 2026); folded into b_dec when saved, so the SAE reads raw activations
+    center_activations: bool = False
     normalize_activations: Literal["expected_average_only_in", "none"] = "expected_average_only_in"
     norm_estimate_batches: int = Field(default=8, ge=1)
     # the decoder rows' norm at init (W_enc = W_dec^T): Gao et al.'s unit norm; SAELens' own default 0.1 left 42-95%
@@ -366,6 +382,17 @@ class SAEParams(_Strict):
         if self.trainer == "saelens" and self.precision != "fp32":
             raise ValueError(f"key `sae.precision` = {self.precision!r}: the saelens trainer (the parity baseline) trains "
                              "in fp32 only; use `precision: fp32` with it, or `trainer: fast`")
+        if isinstance(self.k_aux, int) and self.k_aux < 1:
+            raise ValueError(f"key `sae.k_aux` = {self.k_aux}: AuxK's size must be >= 1, `half_d_in` (SAELens' and "
+                             "sparsify's d_in // 2) or `all_dead`")
+        if self.trainer == "saelens":
+            departs = {key: getattr(self, key) for key, v in SAELENS_RECIPE.items() if getattr(self, key) != v}
+            if departs:
+                raise ValueError(
+                    f"key `sae.trainer` = 'saelens' runs SAELens' own recipe, which these keys depart from: "
+                    + ", ".join(f"`sae.{k}` = {v!r}" for k, v in departs.items()) + "; set "
+                    + ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in SAELENS_RECIPE.items() if k in departs)
+                    + " with it (the fast trainer then gives the same SAEs: the parity test), or use `trainer: fast`")
         if self.trainer == "saelens" and self.kernel != "torch":
             raise ValueError(f"key `sae.kernel` = {self.kernel!r}: the saelens trainer runs SAELens' own step; the "
                              "kernels are the fast trainer's (`trainer: fast`)")
@@ -723,7 +750,13 @@ def depth_layer(depth: float, n_layers: int) -> int:
 # other than their default, so grids that do not use them keep their ids and results.
 _LATER_KEYS = {DataParams: ("pile_files", "text_field", "skip_positions"), HubModel: ("path", "family"), EmbeddedModel: ("family",),
                Params: ("depths", "pairs"),
-               ExecutorParams: ("threads",), SAEParams: ("buffer_bytes", "kernel")}
+               ExecutorParams: ("threads",), SAEParams: ("buffer_bytes", "kernel", "k_aux", "aux_k_normalization",
+                                                          "b_dec_init", "center_activations")}
+
+
+# later keys whose default has since changed: left out at the value that every result before them had
+_OMITTED_AT = {"k_aux": "half_d_in", "aux_k_normalization": "none", "b_dec_init": "zeros",
+               "center_activations": False}
 
 
 def hashed(m: BaseModel, mode: str = "python") -> dict:
@@ -731,7 +764,7 @@ def hashed(m: BaseModel, mode: str = "python") -> dict:
     (:data:`_LATER_KEYS`), so that grids which do not use it keep their ids, caches and results."""
     dump = m.model_dump(mode=mode)
     for key in _LATER_KEYS.get(type(m), ()):
-        if dump[key] == type(m).model_fields[key].default:
+        if dump[key] == _OMITTED_AT.get(key, type(m).model_fields[key].default):
             del dump[key]
     if isinstance(m, Params):  # (params_hash: the executor's later keys too; the other sections as they were)
         dump["executor"] = hashed(m.executor, mode)

@@ -11,7 +11,8 @@ SAE semantics are SAELens 6.54's ``TopKTrainingSAE`` with ``rescale_acts_by_deco
 * AuxK (Gao et al. 2024, SAELens' ``calculate_topk_aux_loss``): over the dead latents ``D`` (``|D| > 0``),
   ``k_aux = min(d_in // 2, |D|)``, ``scale = min(|D| / (d_in // 2), 1)``; the top ``k_aux`` dead latents of
   ``hidden`` with their *un-rectified* values ``pre_bj`` reconstruct the detached residual ``x_s - x_hat``
-  without bias: ``aux = coef * scale * mean_b ||sum_{j in A_b} pre_bj W_dec[j] - (x_s - x_hat)_b||^2``.
+  without bias: ``aux = coef * scale * mean_b ||sum_{j in A_b} pre_bj W_dec[j] - (x_s - x_hat)_b||^2``
+  (AuxK's size and a variance normalisation as Gao et al.'s are options: :func:`aux_k`, :func:`aux_loss`).
 * loss ``= mean_b ||x_hat_b - x_s_b||^2 + aux``.
 
 Since ``n_j > 0``, ``relu(pre_j n_j) / n_j = relu(pre_j)``: the decoder norms only decide *which* latents are
@@ -188,16 +189,34 @@ class StepOutput:
     x_hat: torch.Tensor     # [B, d_in] reconstruction of the scaled input
 
 
-def aux_k(d_in: int, n_dead: int) -> tuple[int, float]:
-    """SAELens' AuxK size and scale: ``k_aux = min(d_in // 2, n_dead)``, ``scale = min(n_dead / (d_in // 2), 1)``."""
-    half = d_in // 2
-    return min(half, n_dead), min(n_dead / half, 1.0)
+def aux_k(d_in: int, n_dead: int, size: int | str = "half_d_in") -> tuple[int, float]:
+    """AuxK's size and scale over ``n_dead`` dead latents. ``size`` ``half_d_in`` (SAELens, sparsify): ``k_aux =
+    min(d_in // 2, n_dead)``, ``scale = min(n_dead / (d_in // 2), 1)``; a number ``m`` (Gao et al.: 256): the
+    same with ``m`` for ``d_in // 2``; ``all_dead``: ``k_aux = n_dead``, ``scale = 1``."""
+    target = d_in // 2 if size == "half_d_in" else n_dead if size == "all_dead" else int(size)
+    return min(target, n_dead), min(n_dead / target, 1.0)
+
+
+def aux_loss(aux_recon: torch.Tensor, residual: torch.Tensor, x_s: torch.Tensor, coefficient: float, scale: float,
+             normalization: str = "none") -> torch.Tensor:
+    """AuxK's loss: ``coefficient * scale * mean_b ||aux_recon_b - residual_b||^2`` (SAELens, ``normalization``
+    ``none``), or with that error divided by the residual's variance ``sum_b ||e_b - mean(e)||^2`` as Gao et al.
+    (2024) and sparsify normalise it (``residual_variance``), times the batch's ``sum_b ||x_b - mean(x)||^2`` so the
+    term sits on the main loss's scale: then ``coefficient`` weighs it against the FVU as Gao et al.'s 1/32 does.
+    Both variances are constants (no gradient). Shapes ``[B, d_in]``; returns a scalar."""
+    err = (aux_recon - residual).pow(2).sum(-1).mean()
+    if normalization == "residual_variance":
+        with torch.no_grad():
+            ratio = (x_s - x_s.mean(0)).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        err = err * ratio
+    return coefficient * scale * err
 
 
 def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
                    b_dec: torch.Tensor, k: int, dead_ids: torch.Tensor | None = None,
                    aux_coefficient: float = 0.0, dense_aux: bool | None = None, kernel: str = "torch",
-                   precision: str = "fp32") -> StepOutput:
+                   precision: str = "fp32", k_aux: int | str = "half_d_in",
+                   aux_normalization: str = "none") -> StepOutput:
     """Loss of one TopK SAE on scaled activations ``x_s [B, d_in]`` (module docstring for the formulas).
 
     ``W_enc`` is ``[d_sae, d_in]`` (rows per latent), ``W_dec`` ``[d_sae, d_in]``; ``dead_ids`` are the dead
@@ -205,12 +224,13 @@ def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     latents instead of gathers of its ``k_aux`` latents per row (the same sums; default: on CUDA, where the
     gathers cost 5x the whole step without AuxK, ``reports/gpu_check.md``; on a CPU the gathers are cheaper).
     ``kernel``: ``torch`` (:class:`SparseTopK`) or ``triton`` (:class:`triton_step.TritonTopK`, which applies
-    ``precision`` to its GEMM itself; ``dense_aux`` is the torch path's).
+    ``precision`` to its GEMM itself; ``dense_aux`` is the torch path's). ``k_aux`` and ``aux_normalization``: AuxK's
+    size (:func:`aux_k`) and error normalisation (:func:`aux_loss`).
     """
     with torch.no_grad():
         dec_norm = W_dec.norm(dim=-1)
     n_dead = 0 if dead_ids is None else int(dead_ids.numel())
-    k_aux, scale = aux_k(x_s.shape[1], n_dead) if n_dead and aux_coefficient > 0 else (0, 0.0)
+    k_aux, scale = aux_k(x_s.shape[1], n_dead, k_aux) if n_dead and aux_coefficient > 0 else (0, 0.0)
     if dead_ids is None:
         dead_ids = torch.empty(0, dtype=torch.long, device=x_s.device)
     c = x_s - b_dec
@@ -224,8 +244,7 @@ def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     x_hat = recon + b_dec
     mse = (x_hat - x_s).pow(2).sum(-1).mean()
     if k_aux:
-        residual = (x_s - x_hat).detach()
-        aux = aux_coefficient * scale * (aux_recon - residual).pow(2).sum(-1).mean()
+        aux = aux_loss(aux_recon, (x_s - x_hat).detach(), x_s, aux_coefficient, scale, aux_normalization)
     else:
         aux = mse.new_zeros(())
     return StepOutput(mse + aux, mse, aux, v, idx, x_hat)

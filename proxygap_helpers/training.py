@@ -84,6 +84,36 @@ def schedule(p: Params, total_tokens: int, d_sae: int) -> dict:
             "lr": s.lr_for(d_sae)}
 
 
+def estimates_from_data(p: Params) -> bool:
+    """Whether a run reads its first ``norm_estimate_batches`` batches as estimates (not trained on): for the
+    activation scaling factor, the mean that centring subtracts, or b_dec's init."""
+    s = p.sae
+    return s.normalize_activations != "none" or s.center_activations or s.b_dec_init != "zeros"
+
+
+@torch.no_grad()
+def b_dec_init(rows: torch.Tensor, how: str, iters: int = 100, tol: float = 1e-7) -> torch.Tensor:
+    """b_dec at step 0 from activation rows ``[n, d_in]`` (scaled, and centred when centring is on): ``mean``, or
+    ``geometric_median`` (argmin_m sum_i ||x_i - m||, by Weiszfeld's iterations from the mean, float64, until the
+    step is below ``tol`` times the data's mean norm; the init Gao et al. (2024) use); returns ``[d_in]`` float64.
+    Raises ``ValueError`` for another ``how``."""
+    x = rows.double()
+    m = x.mean(0)
+    if how == "mean":
+        return m
+    if how != "geometric_median":
+        raise ValueError(f"b_dec init {how!r}: use mean or geometric_median")
+    size = x.norm(dim=-1).mean().clamp_min(1e-30)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=-1).clamp_min(1e-12)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        done = (new - m).norm() < tol * size
+        m = new
+        if done:
+            break
+    return m
+
+
 def make_trainer(p: Params, sae, total_tokens: int, device: str, data_provider):
     """A ``SAETrainer`` with the schedule of the budget mode (see module docstring)."""
     from sae_lens.config import SAETrainerConfig

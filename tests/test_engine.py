@@ -227,10 +227,17 @@ def test_set_trains_the_same_saes_as_its_runs_alone_and_is_deterministic(tmp_pat
     assert not torch.equal(seeds[0], seeds[1]), "seeds differ"
 
 
-def test_saved_sae_loads_and_gives_the_engines_forward(tmp_path, smoke_out, smoke_params):
+LIVE_RECIPE = {"sae.center_activations": True, "sae.b_dec_init": "geometric_median", "sae.k_aux": "all_dead",
+               "sae.aux_k_normalization": "residual_variance", "sae.aux_k_coefficient": 1.0}
+
+
+@pytest.mark.parametrize("recipe", [{}, LIVE_RECIPE], ids=["saelens recipe", "centred, median b_dec, Gao's AuxK"])
+def test_saved_sae_loads_and_gives_the_engines_forward(tmp_path, smoke_out, smoke_params, recipe):
+    """The saved SAE (SAELens format, activation scaling and, with centring, the mean folded into b_dec) reads raw
+    activations and gives what the engine computes on its scaled, centred ones."""
     from sae_lens import SAE
 
-    p = _params(smoke_params, **{"sae.tokens": [2048]})
+    p = _params(smoke_params, **{"sae.tokens": [2048], **recipe})
     (spec,) = p.sae_specs(role="small")
     out = _out(tmp_path / "o", smoke_out)
     run = engine.Run(p, [spec], out, "m", 64, "cpu", (1, 1))
@@ -242,15 +249,20 @@ def test_saved_sae_loads_and_gives_the_engines_forward(tmp_path, smoke_out, smok
     assert training.is_trained(out, spec.sae_id)
     sae = SAE.load_from_disk(str(training.sae_dir(out, spec.sae_id)))
     x = next(src.batches(128, 128, seed=9))
-    _, _, x_hat_s = encode_decode(x * run.scale, run.W_enc, run.b_enc, run.W_dec, run.b_dec, spec.k)
+    _, _, x_hat_s = encode_decode(x * run.scale - run.shift, run.W_enc, run.b_enc, run.W_dec, run.b_dec, spec.k)
+    ours = (x_hat_s + run.shift) / run.scale
     with torch.no_grad():
         theirs = sae(x)
         feats = sae.encode(x)
-    assert torch.allclose(theirs, x_hat_s / run.scale, rtol=1e-4, atol=1e-5), (theirs - x_hat_s / run.scale).abs().max()
+    assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5), (theirs - ours).abs().max()
+    assert torch.is_tensor(run.shift) == bool(recipe)
     assert ((feats != 0).sum(-1) <= spec.k).all()
     meta = training.load_sae(out, spec.sae_id)[1]
     assert meta["trainer"] == "fast" and meta["precision"] == "fp32" and meta["deterministic"] is True
     assert meta["scaling_factor"] == run.scale and meta["tokens_per_latent"] == 2048 / p.d_sae("small")
+    assert {f"sae.{k}": meta["sae_params"][k] for k in ("center_activations", "b_dec_init", "k_aux",
+                                                      "aux_k_normalization")} == {
+        f"sae.{k}": getattr(p.sae, k) for k in ("center_activations", "b_dec_init", "k_aux", "aux_k_normalization")}
 
 
 def test_bf16_autocast_trains_and_is_recorded(tmp_path, smoke_out, smoke_params):
