@@ -32,8 +32,9 @@ REPORTS = ROOT / "reports"
 TOP = 1_228_800
 BASE = {"sae.tokens": [TOP], "sae.k": [8, 16], "evaluation.swd": False, "evaluation.gwd": False,
         "evaluation.random_error_draws": 0, "executor.threads": 1}
-FORMER = {"sae.b_dec_init": "zeros", "sae.center_activations": False, "sae.aux_k_coefficient": 1 / 32,
-          "sae.aux_k_normalization": "none", "sae.k_aux": "half_d_in", "sae.dead_tokens_window": 40960}
+FORMER = {"sae.b_dec_init": "zeros", "sae.center_activations": False, "sae.decoder_unit_norm": False,
+          "sae.aux_k_coefficient": 1 / 32, "sae.aux_k_normalization": "none", "sae.k_aux": "half_d_in",
+          "sae.dead_tokens_window": 40960}
 # name -> (the lever, overrides on top of FORMER); lr: x times Gao et al.'s 2e-4 / sqrt(d_sae / 2^14), per role
 VARIANTS: dict[str, tuple[str, dict]] = {
     "former": ("the published studies' recipe", {}),
@@ -49,6 +50,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "window_160k": ("dead window", {"sae.dead_tokens_window": 163840}),
     "lr_x0.5": ("learning rate", {"lr_scale": 0.5}),
     "lr_x2": ("learning rate", {"lr_scale": 2.0}),
+    "unit_norm": ("decoder constraint", {"sae.decoder_unit_norm": True}),
+    "lr_x0.25": ("learning rate", {"lr_scale": 0.25}),
     "centred_aux_gao": ("combined", {"sae.center_activations": True, "sae.aux_k_normalization": "residual_variance"}),
     "centred_aux_gao_all": ("combined", {"sae.center_activations": True, "sae.aux_k_normalization": "residual_variance",
                                          "sae.k_aux": "all_dead"}),

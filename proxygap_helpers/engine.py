@@ -162,9 +162,14 @@ class Run:
                 self.act_freq.add_(fired)
                 self.n_frac_active += len(x)
             out.loss.backward()
+        if self.p.sae.decoder_unit_norm:
+            _remove_parallel_grad(self.W_dec)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
+        if self.p.sae.decoder_unit_norm:
+            with torch.no_grad():
+                self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True))
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         log_step = self.step % self.p.sae.log_every == 0 or self.step == self.steps
@@ -217,6 +222,15 @@ class Run:
         """Free the weights and optimizer state of a finished run (a set may hold many)."""
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "params", "opt", "sched", "since_fired", "act_freq", "shift"):
             self.__dict__.pop(name, None)
+
+
+@torch.no_grad()
+def _remove_parallel_grad(W_dec: torch.Tensor) -> None:
+    """Gao et al.'s projection (openai/sparse_autoencoder ``unit_norm_decoder_grad_adjustment_``): from each decoder
+    row's gradient remove its component along the (unit-norm) row, ``g -= <g, w> w``, so the step moves the row
+    along its sphere before it is renormalised."""
+    w = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    W_dec.grad.sub_((W_dec.grad * w).sum(-1, keepdim=True) * w)
 
 
 def _adam_kwargs(device: str) -> dict:

@@ -302,7 +302,7 @@ class DataParams(_Strict):
 
 # the training choices of SAELens' TopK SAETrainer among the keys below (the saelens trainer accepts no other)
 SAELENS_RECIPE = {"k_aux": "half_d_in", "aux_k_normalization": "none", "b_dec_init": "zeros",
-                  "center_activations": False}
+                  "center_activations": False, "decoder_unit_norm": False}
 
 
 class SAEParams(_Strict):
@@ -340,6 +340,9 @@ class SAEParams(_Strict):
     # subtract the activations' mean (from the norm-estimate batches) before scaling, and scale the centred rows to
     # norm sqrt(d_in) (Simon et al. 2026); folded into b_dec when saved, so the SAE reads raw activations
     center_activations: bool = False
+    # Gao et al.'s decoder constraint: rows renormalised to unit norm after every step, the gradient's component
+    # along each row removed before it (SAELens' TopK leaves the norms free and divides them out in the forward)
+    decoder_unit_norm: bool = False
     normalize_activations: Literal["expected_average_only_in", "none"] = "expected_average_only_in"
     norm_estimate_batches: int = Field(default=8, ge=1)
     # the decoder rows' norm at init (W_enc = W_dec^T): Gao et al.'s unit norm; SAELens' own default 0.1 left 42-95%
@@ -751,12 +754,13 @@ def depth_layer(depth: float, n_layers: int) -> int:
 _LATER_KEYS = {DataParams: ("pile_files", "text_field", "skip_positions"), HubModel: ("path", "family"), EmbeddedModel: ("family",),
                Params: ("depths", "pairs"),
                ExecutorParams: ("threads",), SAEParams: ("buffer_bytes", "kernel", "k_aux", "aux_k_normalization",
-                                                          "b_dec_init", "center_activations")}
+                                                          "b_dec_init", "center_activations",
+                                                          "decoder_unit_norm")}
 
 
 # later keys whose default has since changed: left out at the value that every result before them had
 _OMITTED_AT = {"k_aux": "half_d_in", "aux_k_normalization": "none", "b_dec_init": "zeros",
-               "center_activations": False}
+               "center_activations": False, "decoder_unit_norm": False}
 
 
 def hashed(m: BaseModel, mode: str = "python") -> dict:

@@ -228,7 +228,8 @@ def test_set_trains_the_same_saes_as_its_runs_alone_and_is_deterministic(tmp_pat
 
 
 LIVE_RECIPE = {"sae.center_activations": True, "sae.b_dec_init": "geometric_median", "sae.k_aux": "all_dead",
-               "sae.aux_k_normalization": "residual_variance", "sae.aux_k_coefficient": 1.0}
+               "sae.aux_k_normalization": "residual_variance", "sae.aux_k_coefficient": 1.0,
+               "sae.decoder_unit_norm": True}
 
 
 @pytest.mark.parametrize("recipe", [{}, LIVE_RECIPE], ids=["saelens recipe", "centred, median b_dec, Gao's AuxK"])
@@ -256,6 +257,8 @@ def test_saved_sae_loads_and_gives_the_engines_forward(tmp_path, smoke_out, smok
         feats = sae.encode(x)
     assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5), (theirs - ours).abs().max()
     assert torch.is_tensor(run.shift) == bool(recipe)
+    if recipe:  # Gao et al.'s constraint held through training
+        torch.testing.assert_close(run.W_dec.detach().norm(dim=-1), torch.ones(run.W_dec.shape[0]))
     assert ((feats != 0).sum(-1) <= spec.k).all()
     meta = training.load_sae(out, spec.sae_id)[1]
     assert meta["trainer"] == "fast" and meta["precision"] == "fp32" and meta["deterministic"] is True

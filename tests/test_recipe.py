@@ -94,3 +94,18 @@ def test_recipe_keys_keep_earlier_ids_and_the_saelens_trainer_refuses_departures
     load_params(SMOKE, {"sae.trainer": "saelens", **{f"sae.{k}": v for k, v in SAELENS_RECIPE.items()}})
     with pytest.raises(ParamsError, match="sae.k_aux"):
         load_params(SMOKE, {"sae.k_aux": 0})
+
+
+def test_unit_norm_projection_removes_the_parallel_component():
+    """Gao et al.'s decoder gradient adjustment: the adjusted gradient is orthogonal to each row, and the rest of
+    it is unchanged (g = g_par + g_perp)."""
+    from proxygap_helpers.engine import _remove_parallel_grad
+
+    torch.manual_seed(2)
+    W = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(10, 6, dtype=torch.float64)
+    W.grad = g.clone()
+    _remove_parallel_grad(W)
+    w = W.detach() / W.detach().norm(dim=-1, keepdim=True)
+    torch.testing.assert_close((W.grad * w).sum(-1), torch.zeros(10, dtype=torch.float64))
+    torch.testing.assert_close(W.grad + (g * w).sum(-1, keepdim=True) * w, g)
