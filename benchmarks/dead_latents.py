@@ -34,6 +34,7 @@ BASE = {"sae.tokens": [TOP], "sae.k": [8, 16], "evaluation.swd": False, "evaluat
         "evaluation.random_error_draws": 0, "executor.threads": 1}
 FORMER = {"sae.b_dec_init": "zeros", "sae.center_activations": False, "sae.decoder_unit_norm": False,
           "sae.aux_k_coefficient": 1 / 32, "sae.aux_k_normalization": "none", "sae.k_aux": "half_d_in",
+          "sae.aux_k_rectified": False,
           "sae.dead_tokens_window": 40960}
 # name -> (the lever, overrides on top of FORMER); lr: x times Gao et al.'s 2e-4 / sqrt(d_sae / 2^14), per role
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -51,14 +52,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "lr_x0.5": ("learning rate", {"lr_scale": 0.5}),
     "lr_x2": ("learning rate", {"lr_scale": 2.0}),
     "unit_norm": ("decoder constraint", {"sae.decoder_unit_norm": True}),
+    "aux_0": ("AuxK coefficient", {"sae.aux_k_coefficient": 0.0}),
+    "window_640k": ("dead window", {"sae.dead_tokens_window": 655360}),
     "lr_x0.25": ("learning rate", {"lr_scale": 0.25}),
-    "centred_aux_gao": ("combined", {"sae.center_activations": True, "sae.aux_k_normalization": "residual_variance"}),
-    "centred_aux_gao_all": ("combined", {"sae.center_activations": True, "sae.aux_k_normalization": "residual_variance",
-                                         "sae.k_aux": "all_dead"}),
-    "median_aux_1_all": ("combined", {"sae.b_dec_init": "geometric_median", "sae.aux_k_coefficient": 1.0,
-                                      "sae.k_aux": "all_dead"}),
-    "centred_aux_1_all": ("combined", {"sae.center_activations": True, "sae.aux_k_coefficient": 1.0,
-                                       "sae.k_aux": "all_dead"}),
+    "window_160k_unit_norm": ("combined", {"sae.dead_tokens_window": 163840, "sae.decoder_unit_norm": True}),
+    "aux_relu": ("AuxK codes", {"sae.aux_k_rectified": True}),
+    "aux_relu_1": ("combined", {"sae.aux_k_rectified": True, "sae.aux_k_coefficient": 1.0}),
+    "lr_x4": ("learning rate", {"lr_scale": 4.0}),
+    "lr_x2_window_640k": ("combined", {"lr_scale": 2.0, "sae.dead_tokens_window": 655360}),
+    "lr_x2_window_160k": ("combined", {"lr_scale": 2.0, "sae.dead_tokens_window": 163840}),
 }
 
 

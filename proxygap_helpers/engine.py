@@ -155,7 +155,8 @@ class Run:
                 s = self.p.sae
                 out = sparse_forward(x * self.scale - self.shift, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
                                      self.k, dead_ids, s.aux_k_coefficient, kernel=s.kernel, precision=precision,
-                                     k_aux=s.k_aux, aux_normalization=s.aux_k_normalization)
+                                     k_aux=s.k_aux, aux_normalization=s.aux_k_normalization,
+                                     aux_rectified=s.aux_k_rectified)
             with torch.no_grad():
                 fired = torch.bincount(out.idx[out.v > 0], minlength=self.W_dec.shape[0])
                 self.since_fired.add_(1).masked_fill_(fired > 0, 0)

@@ -302,7 +302,7 @@ class DataParams(_Strict):
 
 # the training choices of SAELens' TopK SAETrainer among the keys below (the saelens trainer accepts no other)
 SAELENS_RECIPE = {"k_aux": "half_d_in", "aux_k_normalization": "none", "b_dec_init": "zeros",
-                  "center_activations": False, "decoder_unit_norm": False}
+                  "center_activations": False, "decoder_unit_norm": False, "aux_k_rectified": False}
 
 
 class SAEParams(_Strict):
@@ -333,6 +333,9 @@ class SAEParams(_Strict):
     # AuxK's error term as SAELens sums it (``none``), or divided by the residual's variance as Gao et al. and sparsify
     # do (``residual_variance``: then on the main loss's scale, times the batch's variance; sparse_step.aux_loss)
     aux_k_normalization: Literal["none", "residual_variance"] = "none"
+    # AuxK's codes: SAELens' un-rectified pre-activations (false), or through the ReLU as sparsify and
+    # dictionary_learning take them (true)
+    aux_k_rectified: bool = False
     dead_tokens_window: int = Field(default=100_000, gt=0)
     # b_dec at step 0 (pre-encoder bias): SAELens' zeros, or the mean or geometric median of the activations of the
     # norm-estimate batches (sparsify, dictionary_learning; Gao et al. use the geometric median)
@@ -755,12 +758,12 @@ _LATER_KEYS = {DataParams: ("pile_files", "text_field", "skip_positions"), HubMo
                Params: ("depths", "pairs"),
                ExecutorParams: ("threads",), SAEParams: ("buffer_bytes", "kernel", "k_aux", "aux_k_normalization",
                                                           "b_dec_init", "center_activations",
-                                                          "decoder_unit_norm")}
+                                                          "decoder_unit_norm", "aux_k_rectified")}
 
 
 # later keys whose default has since changed: left out at the value that every result before them had
 _OMITTED_AT = {"k_aux": "half_d_in", "aux_k_normalization": "none", "b_dec_init": "zeros",
-               "center_activations": False, "decoder_unit_norm": False}
+               "center_activations": False, "decoder_unit_norm": False, "aux_k_rectified": False}
 
 
 def hashed(m: BaseModel, mode: str = "python") -> dict:

@@ -54,7 +54,8 @@ class SparseTopK(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, c, W_enc, b_enc, W_dec, dec_norm, k: int, dead_ids, k_aux: int, dense_aux: bool):
+    def forward(ctx, c, W_enc, b_enc, W_dec, dec_norm, k: int, dead_ids, k_aux: int, dense_aux: bool,
+                aux_relu: bool = False):
         hidden = torch.addmm(b_enc * dec_norm, c, (W_enc * dec_norm[:, None]).t())
         top, idx = topk_rows(hidden, k)
         v = (top / dec_norm[idx]).relu_()
@@ -64,6 +65,8 @@ class SparseTopK(torch.autograd.Function):
             dead_top, local = topk_rows(hidden.index_select(1, dead_ids), k_aux)
             aux_idx = dead_ids[local]
             aux_v = dead_top / dec_norm[aux_idx]
+            if aux_relu:  # sparsify's and dictionary_learning's AuxK codes: post-ReLU, as the main term's
+                aux_v = aux_v.relu()
             if dense_aux:
                 aux_recon = (_dense_rows(local, aux_v, len(dead_ids)) @ W_dec.index_select(0, dead_ids)).to(recon.dtype)
             else:
@@ -73,6 +76,7 @@ class SparseTopK(torch.autograd.Function):
             aux_recon = torch.zeros_like(recon)
         ctx.save_for_backward(c, W_enc, W_dec, idx, v, aux_idx, aux_v, dead_ids, local)
         ctx.dense_aux = dense_aux and k_aux > 0
+        ctx.aux_relu = aux_relu
         ctx.mark_non_differentiable(v, idx)
         return recon, aux_recon, v, idx
 
@@ -85,17 +89,19 @@ class SparseTopK(torch.autograd.Function):
         rows = torch.arange(B, device=c.device)[:, None]
         if ctx.dense_aux:
             grads = _sparse_grads(c, W_enc, g, idx, v, dv, rows.expand(B, k))
-            return (*_add_dense_aux(grads, c, W_enc, W_dec, g_aux, dead_ids, local, aux_v), None, None, None, None,
-                    None)
+            return (*_add_dense_aux(grads, c, W_enc, W_dec, g_aux, dead_ids, local, aux_v, ctx.aux_relu), None, None,
+                    None, None, None, None)
         if aux_idx.shape[1]:
             idx_all = torch.cat([idx, aux_idx], 1)
-            d_all = torch.cat([dv, _rowdot(W_dec, aux_idx, g_aux)], 1)
+            da = _rowdot(W_dec, aux_idx, g_aux)
+            d_all = torch.cat([dv, da * (aux_v > 0) if ctx.aux_relu else da], 1)
             vals_all = torch.cat([v, aux_v], 1)
             g_rows = torch.cat([g, g_aux])  # decoder gradients come from g (rows b) and g_aux (rows B + b)
             dec_rows = torch.cat([rows.expand(B, k), (rows + B).expand(B, aux_idx.shape[1])], 1)
         else:
             idx_all, d_all, vals_all, g_rows, dec_rows = idx, dv, v, g, rows.expand(B, k)
-        return (*_sparse_grads(c, W_enc, g_rows, idx_all, vals_all, d_all, dec_rows), None, None, None, None, None)
+        return (*_sparse_grads(c, W_enc, g_rows, idx_all, vals_all, d_all, dec_rows), None, None, None, None, None,
+                None)
 
 
 def _sparse_grads(c, W_enc, g_rows, idx_all, vals_all, d_all, dec_rows):
@@ -122,7 +128,7 @@ def _dense_rows(local: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tens
     return values.new_zeros((local.shape[0], n)).scatter_(1, local, values)
 
 
-def _add_dense_aux(grads, c, W_enc, W_dec, g_aux, dead_ids, local, aux_v):
+def _add_dense_aux(grads, c, W_enc, W_dec, g_aux, dead_ids, local, aux_v, aux_relu: bool = False):
     """AuxK's gradients as dense GEMMs over the ``n`` dead latents, added to the main term's ``grads``: with
     ``A [B, n]`` the AuxK codes (``aux_v`` at columns ``local``) and ``D [B, n]`` their gradients
     ``<g_aux_b, W_dec[j]>`` there, ``dW_dec[dead] += A^T g_aux``, ``dW_enc[dead] += D^T c``, ``db_enc[dead] += sum_b D``
@@ -132,7 +138,8 @@ def _add_dense_aux(grads, c, W_enc, W_dec, g_aux, dead_ids, local, aux_v):
     n = len(dead_ids)
     W_dead = W_dec.index_select(0, dead_ids)
     A = _dense_rows(local, aux_v.to(g_aux.dtype), n)
-    D = _dense_rows(local, (g_aux @ W_dead.t()).gather(1, local), n)
+    da = (g_aux @ W_dead.t()).gather(1, local)
+    D = _dense_rows(local, da * (aux_v > 0) if aux_relu else da, n)
     grad_W_dec = grad_W_dec.index_add(0, dead_ids, (A.t() @ g_aux).to(grad_W_dec.dtype))
     grad_W_enc = grad_W_enc.index_add(0, dead_ids, (D.t() @ c).to(grad_W_enc.dtype))
     grad_b_enc = grad_b_enc.index_add(0, dead_ids, D.sum(0).to(grad_b_enc.dtype))
@@ -216,7 +223,7 @@ def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
                    b_dec: torch.Tensor, k: int, dead_ids: torch.Tensor | None = None,
                    aux_coefficient: float = 0.0, dense_aux: bool | None = None, kernel: str = "torch",
                    precision: str = "fp32", k_aux: int | str = "half_d_in",
-                   aux_normalization: str = "none") -> StepOutput:
+                   aux_normalization: str = "none", aux_rectified: bool = False) -> StepOutput:
     """Loss of one TopK SAE on scaled activations ``x_s [B, d_in]`` (module docstring for the formulas).
 
     ``W_enc`` is ``[d_sae, d_in]`` (rows per latent), ``W_dec`` ``[d_sae, d_in]``; ``dead_ids`` are the dead
@@ -225,7 +232,8 @@ def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     gathers cost 5x the whole step without AuxK, ``reports/gpu_check.md``; on a CPU the gathers are cheaper).
     ``kernel``: ``torch`` (:class:`SparseTopK`) or ``triton`` (:class:`triton_step.TritonTopK`, which applies
     ``precision`` to its GEMM itself; ``dense_aux`` is the torch path's). ``k_aux`` and ``aux_normalization``: AuxK's
-    size (:func:`aux_k`) and error normalisation (:func:`aux_loss`).
+    size (:func:`aux_k`) and error normalisation (:func:`aux_loss`); ``aux_rectified``: AuxK's codes through the
+    ReLU (``relu(pre_bj)``, as sparsify and dictionary_learning; SAELens uses ``pre_bj`` itself).
     """
     with torch.no_grad():
         dec_norm = W_dec.norm(dim=-1)
@@ -237,10 +245,12 @@ def sparse_forward(x_s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     if kernel == "triton":
         from .triton_step import TritonTopK
 
-        recon, aux_recon, v, idx = TritonTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux, precision)
+        recon, aux_recon, v, idx = TritonTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux, precision,
+                                                    aux_rectified)
     else:
         dense_aux = x_s.is_cuda if dense_aux is None else dense_aux
-        recon, aux_recon, v, idx = SparseTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux, dense_aux)
+        recon, aux_recon, v, idx = SparseTopK.apply(c, W_enc, b_enc, W_dec, dec_norm, k, dead_ids, k_aux, dense_aux,
+                                                    aux_rectified)
     x_hat = recon + b_dec
     mse = (x_hat - x_s).pow(2).sum(-1).mean()
     if k_aux:

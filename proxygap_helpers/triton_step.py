@@ -204,7 +204,8 @@ class TritonTopK(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, c, W_enc, b_enc, W_dec, dec_norm, k: int, dead_ids, k_aux: int, precision: str):
+    def forward(ctx, c, W_enc, b_enc, W_dec, dec_norm, k: int, dead_ids, k_aux: int, precision: str,
+                aux_relu: bool = False):
         n = W_enc.shape[0]
         hidden, gmax = encode(c, W_enc, b_enc, dec_norm, precision)
         top, idx = topk_from_groups(hidden, gmax, k)
@@ -214,11 +215,14 @@ class TritonTopK(torch.autograd.Function):
             dead_top, local = hidden[:, :n].index_select(1, dead_ids).topk(k_aux, dim=1, sorted=False)
             aux_idx = dead_ids[local]
             aux_v = dead_top.float() / dec_norm[aux_idx]
+            if aux_relu:
+                aux_v = aux_v.relu()
             aux_recon = gather_rows(aux_idx, aux_v, W_dec)
         else:
             aux_idx, aux_v = idx.new_empty((c.shape[0], 0)), v.new_empty((c.shape[0], 0))
             aux_recon = torch.zeros_like(recon)
         ctx.save_for_backward(c, W_enc, W_dec, idx, v, aux_idx, aux_v)
+        ctx.aux_relu = aux_relu
         ctx.mark_non_differentiable(v, idx)
         return recon, aux_recon, v, idx
 
@@ -233,7 +237,8 @@ class TritonTopK(torch.autograd.Function):
         if aux_idx.shape[1]:
             g_aux = g_aux.float().contiguous()
             idx_all = torch.cat([idx, aux_idx], 1)
-            d_all = torch.cat([dv, rowdot(aux_idx, W_dec, g_aux)], 1)
+            da = rowdot(aux_idx, W_dec, g_aux)
+            d_all = torch.cat([dv, da * (aux_v > 0) if ctx.aux_relu else da], 1)
             vals_all = torch.cat([v, aux_v], 1)
             g_rows = torch.cat([g, g_aux])  # decoder gradients come from g (rows b) and g_aux (rows B + b)
             dec_rows = torch.cat([rows.expand(B, k), (rows + B).expand(B, aux_idx.shape[1])], 1)
@@ -247,4 +252,4 @@ class TritonTopK(torch.autograd.Function):
         grad_W_enc, grad_b_enc = segment_sum(enc_rows, d_all.reshape(-1)[order], c, starts)
         grad_W_dec, _ = segment_sum(dec_rows.reshape(-1)[order], vals_all.reshape(-1)[order], g_rows, starts)
         grad_c = gather_rows(idx_all, d_all, W_enc).to(c.dtype)
-        return grad_c, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None, None
+        return grad_c, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None, None, None

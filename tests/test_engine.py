@@ -34,9 +34,10 @@ SMOKE = REPO / "params" / "smoke.yaml"
 
 
 # --------------------------------------------------------------------------- the step, in float64
-def _dense_reference(x, W_enc, b_enc, W_dec, b_dec, k, dead, coef):
+def _dense_reference(x, W_enc, b_enc, W_dec, b_dec, k, dead, coef, aux_relu=False):
     """SAELens' TopKTrainingSAE loss written densely: hidden = pre * ||W_dec||, TopK + ReLU, decode
-    (acts / ||W_dec||) @ W_dec + b_dec, AuxK over the dead latents' top d_in // 2 of hidden (un-rectified)."""
+    (acts / ||W_dec||) @ W_dec + b_dec, AuxK over the dead latents' top d_in // 2 of hidden (un-rectified; with
+    ``aux_relu`` through the ReLU, as sparsify takes them)."""
     nrm = W_dec.norm(dim=-1)
     hidden = ((x - b_dec) @ W_enc.T + b_enc) * nrm
     mask = torch.zeros_like(hidden).scatter(1, hidden.detach().topk(k, dim=-1).indices, 1.0)
@@ -47,7 +48,8 @@ def _dense_reference(x, W_enc, b_enc, W_dec, b_dec, k, dead, coef):
     k_aux, scale = aux_k(x.shape[1], int(dead.sum()))
     masked = torch.where(dead[None], hidden, -torch.inf)
     amask = torch.zeros_like(hidden).scatter(1, masked.detach().topk(k_aux, dim=-1).indices, 1.0)
-    aux = coef * scale * (((hidden * amask) / nrm) @ W_dec - (x - x_hat).detach()).pow(2).sum(-1).mean()
+    codes = (hidden * amask).relu() if aux_relu else hidden * amask
+    aux = coef * scale * ((codes / nrm) @ W_dec - (x - x_hat).detach()).pow(2).sum(-1).mean()
     return mse + aux, mse, aux
 
 
@@ -60,18 +62,20 @@ def _weights(d_in=8, d_sae=48, seed=0, dtype=torch.float64):
     return [t.requires_grad_() for t in (W_enc, b_enc, W_dec, b_dec)], x
 
 
+@pytest.mark.parametrize("aux_relu", [False, True], ids=["saelens-auxk", "rectified-auxk"])
 @pytest.mark.parametrize("dense_aux", [False, True], ids=["sparse-auxk", "dense-auxk"])
 @pytest.mark.parametrize("dead_ids", [[], [3], [1, 5, 9, 10, 33, 40, 47], list(range(48))],
                          ids=["no-dead", "one-dead-k_aux-1", "some-dead", "all-dead"])
-def test_sparse_backward_equals_dense_autograd_float64(dead_ids, dense_aux):
-    """Both AuxK paths (gathers of the k_aux latents per row: the CPU's; GEMMs over the dead latents: CUDA's)."""
+def test_sparse_backward_equals_dense_autograd_float64(dead_ids, dense_aux, aux_relu):
+    """Both AuxK paths (gathers of the k_aux latents per row: the CPU's; GEMMs over the dead latents: CUDA's), with
+    SAELens' un-rectified AuxK codes and with rectified ones."""
     (W_enc, b_enc, W_dec, b_dec), x = _weights()
     k, coef = 4, 0.5
     dead = torch.zeros(48, dtype=torch.bool)
     dead[dead_ids] = True
     out = sparse_forward(x, W_enc, b_enc, W_dec, b_dec, k, torch.tensor(dead_ids, dtype=torch.long), coef,
-                         dense_aux=dense_aux)
-    ref, ref_mse, ref_aux = _dense_reference(x, W_enc, b_enc, W_dec, b_dec, k, dead, coef)
+                         dense_aux=dense_aux, aux_rectified=aux_relu)
+    ref, ref_mse, ref_aux = _dense_reference(x, W_enc, b_enc, W_dec, b_dec, k, dead, coef, aux_relu)
     assert out.mse_loss.item() == pytest.approx(ref_mse.item(), rel=1e-12)
     assert out.aux_loss.item() == pytest.approx(ref_aux.item(), rel=1e-12, abs=1e-12)
     assert (out.aux_loss.item() > 0) == bool(dead_ids)

@@ -84,10 +84,11 @@ def test_sparse_products_equal_their_dense_formulas():
     assert triton_step.gather_rows(idx[:, :0], w[:, :0], W).abs().sum() == 0
 
 
-@pytest.mark.parametrize("dead_ids,k", [([], 4), ([3], 4), ([1, 5, 9, 10, 33, 40, 47], 4), (list(range(48)), 4),
-                                        (list(range(0, 48, 2)), 24)],
-                         ids=["no-dead", "one-dead", "some-dead", "all-dead", "k-equals-live-latents"])
-def test_triton_step_equals_the_dense_formula(dead_ids, k):
+@pytest.mark.parametrize("dead_ids,k,aux_relu", [
+    ([], 4, False), ([3], 4, False), ([1, 5, 9, 10, 33, 40, 47], 4, False), (list(range(48)), 4, False),
+    (list(range(0, 48, 2)), 24, False), ([1, 5, 9, 10, 33, 40, 47], 4, True)],
+    ids=["no-dead", "one-dead", "some-dead", "all-dead", "k-equals-live-latents", "some-dead-rectified-auxk"])
+def test_triton_step_equals_the_dense_formula(dead_ids, k, aux_relu):
     """The step's loss and gradients (float64 weights cast to fp32 for the kernels) against autograd of the dense
     formula in float64: the tolerance is fp32's. With 24 of 48 latents dead, k = 24 selects every live one."""
     (W_enc, b_enc, W_dec, b_dec), x = _weights()
@@ -95,8 +96,9 @@ def test_triton_step_equals_the_dense_formula(dead_ids, k):
     dead = torch.zeros(48, dtype=torch.bool)
     dead[dead_ids] = True
     params32 = [t.detach().float().requires_grad_() for t in (W_enc, b_enc, W_dec, b_dec)]
-    out = sparse_forward(x.float(), *params32, k, torch.tensor(dead_ids, dtype=torch.long), coef, kernel="triton")
-    ref, ref_mse, ref_aux = _dense_reference(x, W_enc, b_enc, W_dec, b_dec, k, dead, coef)
+    out = sparse_forward(x.float(), *params32, k, torch.tensor(dead_ids, dtype=torch.long), coef, kernel="triton",
+                         aux_rectified=aux_relu)
+    ref, ref_mse, ref_aux = _dense_reference(x, W_enc, b_enc, W_dec, b_dec, k, dead, coef, aux_relu)
     assert out.mse_loss.item() == pytest.approx(ref_mse.item(), rel=1e-5)
     assert out.aux_loss.item() == pytest.approx(ref_aux.item(), rel=1e-5, abs=1e-6)
     assert (out.aux_loss.item() > 0) == bool(dead_ids)
