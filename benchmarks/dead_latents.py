@@ -7,7 +7,7 @@ error over d_in / 2 latents, a 40,960-token dead window, Gao et al.'s lr), then 
 Each SAE is evaluated as the study evaluates it (``evaluate.evaluate_unit``): dead fraction on the 65,536 eval
 tokens, MSE, R^2, CE_rec. gamma = ||mu|| / ||sigma|| (Simon et al. 2026) is measured per model on its store.
 
-    python benchmarks/dead_latents.py                 # every variant, seed 0 (about 40 min on 2 cores)
+    python benchmarks/dead_latents.py                 # every variant, seed 0 (about 55 min on 2 cores)
     python benchmarks/dead_latents.py --seeds 0 1 2 --only former recipe   # more seeds for a few variants
 
 Writes ``reports/dead_latents.{csv,md,png}`` (full precision CSV, one row per SAE); the SAEs and the
@@ -54,7 +54,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "unit_norm": ("decoder constraint", {"sae.decoder_unit_norm": True}),
     "aux_0": ("AuxK coefficient", {"sae.aux_k_coefficient": 0.0}),
     "window_640k": ("dead window", {"sae.dead_tokens_window": 655360}),
-    "lr_x0.25": ("learning rate", {"lr_scale": 0.25}),
     "window_160k_unit_norm": ("combined", {"sae.dead_tokens_window": 163840, "sae.decoder_unit_norm": True}),
     "aux_relu": ("AuxK codes", {"sae.aux_k_rectified": True}),
     "aux_relu_1": ("combined", {"sae.aux_k_rectified": True, "sae.aux_k_coefficient": 1.0}),
@@ -172,9 +171,38 @@ def write(df, g: dict, seconds: float) -> None:
           f"`python benchmarks/dead_latents.py` ({seconds / 60:.0f} min); commit {provenance.git_state()['git_commit'][:10]}.",
           "Dead fraction on the 65,536 eval tokens; mean over seeds; deltas against the `former` recipe.",
           "", f"gamma = ||mu|| / ||sigma|| at the hook: small {g['small']:.3f}, large {g['large']:.3f}.", "",
-          md_table(table), ""]
+          "## Per variant", "", "Sorted by the largest dead fraction over the four cells (small/large x k 8/16); "
+          "'worse' cells: MSE above the former recipe's, or CE_rec below it, by more than 2 sqrt(2) seed SDs (the "
+          "SD of the default study's three seeds at this budget; one seed per variant here); mean_d_mse_pct: the "
+          "mean relative change of MSE.",
+          "", md_table(ranking(table)), "", "## Per cell", "", md_table(table), ""]
     (REPORTS / "dead_latents.md").write_text("\n".join(md))
     figure(df)
+
+
+def seed_sd() -> "pd.DataFrame":
+    """Seed SD of MSE and CE_rec per (role, k) at the top budget, from the default study's published SAEs (the
+    former recipe, three seeds): the noise of one seed's value."""
+    import pandas as pd
+
+    m = pd.read_csv(REPORTS / "default" / "sae_metrics.csv")
+    top = m[m["tokens"] == TOP].rename(columns={"model_role": "role"})
+    return top.groupby(["role", "k"])[["mse", "ce_rec"]].std().add_suffix("_sd")
+
+
+def ranking(table):
+    """One row per variant: the largest dead fraction over its cells, the cells under 10%, and the cells where MSE
+    or CE_rec is worse than the former recipe's by more than 2 sqrt(2) seed SDs (both single seeds; ``seed_sd``);
+    sorted by the largest dead fraction."""
+    t = table.join(seed_sd(), on=["role", "k"])
+    t["worse_mse"] = t["d_mse"] > 2 * 2**0.5 * t["mse_sd"]
+    t["worse_ce_rec"] = t["d_ce_rec"] < -2 * 2**0.5 * t["ce_rec_sd"]
+    g = t.groupby("variant")
+    out = g.agg(lever=("lever", "first"), max_dead=("dead_frac", "max"), mean_dead=("dead_frac", "mean"),
+                cells_under_10pct=("dead_frac", lambda d: int((d < 0.10).sum())), cells=("dead_frac", "size"),
+                cells_worse_mse=("worse_mse", "sum"), cells_worse_ce_rec=("worse_ce_rec", "sum"),
+                mean_d_mse_pct=("d_mse", lambda d: float((d / (t.loc[d.index, "mse"] - d)).mean() * 100)))
+    return out.reset_index().sort_values("max_dead")
 
 
 def md_table(df) -> str:
