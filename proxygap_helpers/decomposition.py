@@ -198,6 +198,9 @@ def markdown(df: pd.DataFrame, ref: pd.DataFrame | None = None) -> str:
     lines = [f"**Verdicts**, {len(cells)} cells: " + "; ".join(f"{v} {counts[v]}" for v in VERDICTS if v in counts)
              + "."]
     shares = overall_shares(df)
+    if not len(shares):
+        lines.append("- No cell has both models' budget fits accepted (see the budget curves above), so the gap "
+                     "cannot be split into its terms here: only the observed gaps, their noise and the verdicts.")
     for _, r in shares.iterrows():
         lines.append(f"- **{METRIC_NAMES[r['metric']]}** over {r['cells']} fitted cells: asymptotic (metric "
                      f"mismatch) {r['share_asymptotic']:.0%} of the summed magnitudes, optimisation state "
