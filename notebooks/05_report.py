@@ -109,7 +109,7 @@ Markdown(budget_curves.reference_markdown(budget_curves.reference_fits(stats.ref
 # ## What the gap is made of
 # The study writes "proxy gap = metric mismatch + optimization state + estimation noise" and weighs the terms
 # "roughly". Here they are measured, per k, budget T and metric, from the budget fits above: the observed mean
-# gap = the asymptotic term Δy∞ (the gap an unlimited budget leaves: metric mismatch) + the optimisation term
+# gap = the asymptotic term Δy∞ (the gap an unlimited budget leaves: intrinsic) + the optimisation term
 # (the fitted gap at T minus Δy∞: what more training removes) + the lack of fit (observed minus fitted), exactly;
 # the estimation noise is the seeds' SE and the eval set's sampling SE. The verdict says, per cell, whether ΔR²
 # (the proxy) and ΔCE_rec (behaviour) disagree in sign, and if so whether the disagreement is within noise, cannot

@@ -202,8 +202,8 @@ def markdown(df: pd.DataFrame, ref: pd.DataFrame | None = None) -> str:
         lines.append("- No cell has both models' budget fits accepted (see the budget curves above), so the gap "
                      "cannot be split into its terms here: only the observed gaps, their noise and the verdicts.")
     for _, r in shares.iterrows():
-        lines.append(f"- **{METRIC_NAMES[r['metric']]}** over {r['cells']} fitted cells: asymptotic (metric "
-                     f"mismatch) {r['share_asymptotic']:.0%} of the summed magnitudes, optimisation state "
+        lines.append(f"- **{METRIC_NAMES[r['metric']]}** over {r['cells']} fitted cells: asymptotic (intrinsic) "
+                     f"{r['share_asymptotic']:.0%} of the summed magnitudes, optimisation state "
                      f"{r['share_optimisation']:.0%}, lack of fit {r['share_lack_of_fit']:.0%}; the estimation "
                      f"noise (seed and eval SE) is {r['noise_to_gap']:.1%} of the mean |observed| gap.")
     odd = cells[cells["verdict"] != NO_MISMATCH]

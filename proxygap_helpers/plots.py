@@ -106,7 +106,7 @@ CAPTIONS = {
         "differs. Lines: each cell's mean over seeds; bands: its 95% Student-t interval."),
     "decomposition": (
         "What each cell's gap (large − small) is made of, one column per k, ΔCE_rec above and ΔR² below, one bar per "
-        "tested budget: the asymptotic term Δy∞ (the gap an unlimited budget leaves: metric mismatch), the "
+        "tested budget: the asymptotic term Δy∞ (the gap an unlimited budget leaves: intrinsic), the "
         "optimisation term (the fitted gap at T minus Δy∞: what more training removes) and the lack of fit "
         "(observed minus fitted), stacked with their signs (positive parts upwards, negative downwards from 0). ◆: "
         "the observed mean gap with ±1.96 × the estimation noise (seed and eval-sampling SE). The label over each "
@@ -800,7 +800,7 @@ def family_figure(gaps: pd.DataFrame | None, labels: dict[str, str] | None = Non
 
 
 TERM_COLORS = {"asymptotic": "#0072B2", "optimisation": "#E69F00", "lack_of_fit": "#999999"}
-TERM_LABELS = {"asymptotic": "asymptotic Δy∞ (metric mismatch)", "optimisation": "optimisation state",
+TERM_LABELS = {"asymptotic": "asymptotic Δy∞ (intrinsic)", "optimisation": "optimisation state",
                "lack_of_fit": "lack of fit"}
 VERDICT_SHORT = {"no mismatch": "", "within noise": "noise", "cannot be said": "n/a",
                  "optimisation-mediated": "optim.", "metric mismatch": "METRIC"}
