@@ -257,6 +257,10 @@ def regime_text(table: pd.DataFrame | None, dead_target: float = 0.10) -> str:
     worst = top[["dead_frac_small_mean", "dead_frac_large_mean"]].max(axis=None)
     dead = (f"At that budget at most {worst:.1%} of a model's latents are dead on the eval tokens (mean over seeds"
             f"; per cell below), {'under' if worst < dead_target else 'above'} the {dead_target:.0%} aimed for.")
+    if worst >= dead_target:
+        dead += (" Why not lower: the dead-latent sweep (`benchmarks/dead_latents.py`, `reports/dead_latents.md`) found"
+                 " no training recipe that keeps every cell of the default pair under it at 300 tokens per latent;"
+                 " turning AuxK off came closest at k = 8, and the learning rate moves the quality most.")
     lines.append(dead)
     if "eval_to_seed_se" in table.columns and table["eval_to_seed_se"].notna().any():
         r = table["eval_to_seed_se"]

@@ -344,6 +344,9 @@ def test_regime_section_reads_the_table():
     text = summary.regime_text(table)
     assert "300 tokens per latent for the large model's SAE and 600 for the small one's" in text
     assert "0.98x the study's *lowest* budget" in text and "at most 5.0%" in text and "under the 10%" in text
+    assert "dead-latent sweep" not in text
+    above = summary.regime_text(table.assign(dead_frac_large_mean=0.66))
+    assert "at most 66.0%" in above and "above the 10%" in above and "reports/dead_latents.md" in above
     frame = summary.regime_frame(table)
     assert frame.iloc[0]["dead latents (small, large)"] == "2.0%, 5.0%"
     assert frame.iloc[0]["tokens / latent (small, large)"] == "600, 300"
