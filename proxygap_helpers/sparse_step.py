@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .topk_pairs import stack_pairs
+
 
 class SparseTopK(torch.autograd.Function):
     """Encoder and decoder of a TopK SAE as one Function whose backward touches only the selected latents.
@@ -84,27 +86,17 @@ class SparseTopK(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g, g_aux, _gv, _gidx):
         c, W_enc, W_dec, idx, v, aux_idx, aux_v, dead_ids, local = ctx.saved_tensors
-        B, k = idx.shape
         dv = _rowdot(W_dec, idx, g) * (v > 0)
-        rows = torch.arange(B, device=c.device)[:, None]
         if ctx.dense_aux:
-            grads = _sparse_grads(c, W_enc, g, idx, v, dv, rows.expand(B, k))
+            grads = _sparse_grads(c, W_enc, *stack_pairs(idx, v, dv, g, aux_idx, aux_v, None, None, False))
             return (*_add_dense_aux(grads, c, W_enc, W_dec, g_aux, dead_ids, local, aux_v, ctx.aux_relu), None, None,
                     None, None, None, None)
-        if aux_idx.shape[1]:
-            idx_all = torch.cat([idx, aux_idx], 1)
-            da = _rowdot(W_dec, aux_idx, g_aux)
-            d_all = torch.cat([dv, da * (aux_v > 0) if ctx.aux_relu else da], 1)
-            vals_all = torch.cat([v, aux_v], 1)
-            g_rows = torch.cat([g, g_aux])  # decoder gradients come from g (rows b) and g_aux (rows B + b)
-            dec_rows = torch.cat([rows.expand(B, k), (rows + B).expand(B, aux_idx.shape[1])], 1)
-        else:
-            idx_all, d_all, vals_all, g_rows, dec_rows = idx, dv, v, g, rows.expand(B, k)
-        return (*_sparse_grads(c, W_enc, g_rows, idx_all, vals_all, d_all, dec_rows), None, None, None, None, None,
-                None)
+        da = _rowdot(W_dec, aux_idx, g_aux) if aux_idx.shape[1] else None
+        return (*_sparse_grads(c, W_enc, *stack_pairs(idx, v, dv, g, aux_idx, aux_v, da, g_aux, ctx.aux_relu)),
+                None, None, None, None, None, None)
 
 
-def _sparse_grads(c, W_enc, g_rows, idx_all, vals_all, d_all, dec_rows):
+def _sparse_grads(c, W_enc, idx_all, d_all, vals_all, g_rows, dec_rows):
     """``(grad_c, grad_W_enc, grad_b_enc, grad_W_dec)`` over the (row, latent) pairs ``idx_all [B, K]``: their
     codes ``vals_all``, code gradients ``d_all`` and the rows ``dec_rows`` of ``g_rows`` that their decoder
     gradients take; the pairs are sorted by latent once and summed per latent with ``embedding_bag``."""

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .topk_pairs import stack_pairs
+
 GROUP = 16  # columns per block-max group of the encode epilogue
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DOT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "ieee"}
@@ -230,25 +232,17 @@ class TritonTopK(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g, g_aux, _gv, _gidx):
         c, W_enc, W_dec, idx, v, aux_idx, aux_v = ctx.saved_tensors
-        B, k = idx.shape
-        rows = torch.arange(B, device=c.device)[:, None]
         g = g.float().contiguous()
         dv = rowdot(idx, W_dec, g) * (v > 0)
-        if aux_idx.shape[1]:
-            g_aux = g_aux.float().contiguous()
-            idx_all = torch.cat([idx, aux_idx], 1)
-            da = rowdot(aux_idx, W_dec, g_aux)
-            d_all = torch.cat([dv, da * (aux_v > 0) if ctx.aux_relu else da], 1)
-            vals_all = torch.cat([v, aux_v], 1)
-            g_rows = torch.cat([g, g_aux])  # decoder gradients come from g (rows b) and g_aux (rows B + b)
-            dec_rows = torch.cat([rows.expand(B, k), (rows + B).expand(B, aux_idx.shape[1])], 1)
-        else:
-            idx_all, d_all, vals_all, g_rows, dec_rows = idx, dv, v, g, rows.expand(B, k)
+        g_aux = g_aux.float().contiguous() if aux_idx.shape[1] else None
+        da = rowdot(aux_idx, W_dec, g_aux) if aux_idx.shape[1] else None
+        idx_all, d_all, vals_all, g_rows, dec_rows = stack_pairs(idx, v, dv, g, aux_idx, aux_v, da, g_aux,
+                                                                 ctx.aux_relu)
         flat = idx_all.reshape(-1)
         order = torch.argsort(flat, stable=True)
         starts = torch.zeros(W_enc.shape[0] + 1, dtype=torch.long, device=c.device)
         starts[1:] = torch.bincount(flat, minlength=W_enc.shape[0]).cumsum(0)
-        enc_rows = rows.expand_as(idx_all).reshape(-1)[order]
+        enc_rows = torch.arange(idx_all.shape[0], device=c.device)[:, None].expand_as(idx_all).reshape(-1)[order]
         grad_W_enc, grad_b_enc = segment_sum(enc_rows, d_all.reshape(-1)[order], c, starts)
         grad_W_dec, _ = segment_sum(dec_rows.reshape(-1)[order], vals_all.reshape(-1)[order], g_rows, starts)
         grad_c = gather_rows(idx_all, d_all, W_enc).to(c.dtype)

@@ -21,8 +21,8 @@ LAYERS: dict[str, tuple[str, ...]] = {  # top to bottom
     "face": ("__main__", "cli"),
     "orchestration": ("grid", "executors", "slurm", "plan", "runlock"),
     "stages": ("extract", "train", "evaluate", "aggregate", "publish"),
-    "science and analysis": ("data", "models", "activations", "training", "engine", "sparse_step", "triton_step",
-                             "metrics", "dimensionality", "progress",
+    "science and analysis": ("data", "models", "activations", "training", "engine", "sparse_step", "topk_pairs",
+                             "triton_step", "metrics", "dimensionality", "progress",
                              "stats", "leaderboard", "claims", "budget_curves", "decomposition", "ladder", "families",
                              "plots", "report", "summary", "verify"),
     "config": ("params", "files", "layout", "provenance"),
@@ -31,8 +31,8 @@ RANK = {m: len(LAYERS) - i for i, mods in enumerate(LAYERS.values()) for m in mo
 # Within "science and analysis": the analysis works on tables (metrics records, the aggregate's CSVs and
 # summary.json, params), never on text, models, activations or training; what it says about them (which
 # corpus, which versions) comes from those records.
-SCIENCE = ("data", "models", "activations", "training", "engine", "sparse_step", "triton_step", "metrics",
-           "dimensionality", "progress")
+SCIENCE = ("data", "models", "activations", "training", "engine", "sparse_step", "topk_pairs", "triton_step",
+           "metrics", "dimensionality", "progress")
 ANALYSIS = ("stats", "leaderboard", "claims", "budget_curves", "decomposition", "ladder", "families", "plots", "report",
             "summary", "verify")
 
