@@ -53,12 +53,8 @@ def run_aggregate(p: Params, out_dir: Path) -> dict[str, pd.DataFrame]:
     out_dir = Path(out_dir)
     agg = aggregate_dir(out_dir)
     agg.mkdir(parents=True, exist_ok=True)
-    records = [read_json(f) for f in metrics_files(out_dir)]
     wanted = {s.sae_id for s in p.sae_specs()}
-    # SAEs of this grid's current params, evaluated as its params say (another evaluation's metrics.json of the
-    # same SAE id is stale for this grid: it is left out, its cells are missing, and ``run`` re-evaluates them)
-    mine = [r for r in records if r["sae_id"] in wanted]
-    records = [r for r in mine if r.get("eval_hash") == p.eval_hash]
+    mine, records = stats.grid_records(map(read_json, metrics_files(out_dir)), wanted, p.eval_hash)
     if not records and wanted:
         raise AggregateError(f"no SAE of grid {p.name!r} has metrics of this evaluation in {out_dir} (expected "
                              f"{len(wanted)}; {len(mine)} found with other `evaluation.*` settings): run the grid "

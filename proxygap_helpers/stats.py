@@ -64,6 +64,16 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def grid_records(records: Iterable[dict[str, Any]], sae_ids: Iterable[str], eval_hash: str
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Of some ``metrics.json`` records, those of a grid's SAE ids, and of these the ones evaluated as its params
+    say (``eval_hash``): an output folder may hold other grids' SAEs, and another evaluation's metrics of the
+    same SAE id are stale for the grid (left out: its cells are missing until ``run`` re-evaluates them)."""
+    wanted = set(sae_ids)
+    mine = [r for r in records if r.get("sae_id") in wanted]
+    return mine, [r for r in mine if r.get("eval_hash") == eval_hash]
+
+
 def flatten_metrics(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per metrics record, nested dicts flattened with ``.`` (``provenance.git_commit``).
 

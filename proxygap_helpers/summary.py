@@ -32,9 +32,8 @@ def _provenance(p: Params, out_dir: Path) -> dict:
     """Git commit(s), versions, machine and compute time over the units' done.json and this grid's metrics (its
     SAE ids under its evaluation: an output folder may hold other grids' SAEs, or another evaluation's)."""
     recs = [read_json(f) for f in done_files(out_dir)]
-    wanted = {s.sae_id for s in p.sae_specs()}
-    metrics = [m for m in map(read_json, metrics_files(out_dir))
-               if m.get("sae_id") in wanted and m.get("eval_hash") == p.eval_hash]
+    _, metrics = stats.grid_records(map(read_json, metrics_files(out_dir)), (s.sae_id for s in p.sae_specs()),
+                                    p.eval_hash)
     prov = [r["provenance"] for r in recs if "provenance" in r] + [m["provenance"] for m in metrics]
     commits = sorted({f"{p.get('git_commit', '?')[:10]}{' (dirty)' if p.get('git_dirty') else ''}" for p in prov})
     return {"commits": commits, "versions": prov[0]["versions"] if prov else {},

@@ -61,6 +61,14 @@ def test_dedupe_keeps_newest_and_reports_dropped():
     assert all("kept the newer new" in r for r in dropped["reason"])
 
 
+def test_grid_records_keeps_the_grids_ids_under_its_evaluation():
+    recs = [{"sae_id": "a", "eval_hash": "e1"}, {"sae_id": "a", "eval_hash": "e0"}, {"sae_id": "other", "eval_hash": "e1"},
+            {"sae_id": "b"}]
+    mine, current = S.grid_records(iter(recs), ("a", "b"), "e1")
+    assert mine == [recs[0], recs[1], recs[3]]
+    assert current == [recs[0]]
+
+
 def test_pair_deltas_mismatch_and_unpaired():
     recs = records_for({(8, 10, 0): (-0.1, 0.2), (8, 10, 1): (0.05, 0.2), (8, 10, 2): (-0.1, -0.1)})
     recs.append(record("small", 8, 10, 3, 0.9, 0.5))  # no large partner
