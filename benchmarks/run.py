@@ -139,8 +139,8 @@ def bench_extract(ctx: dict, repeats: int, n_rows: int) -> dict:
     seqs = np.ascontiguousarray(all_rows[:n_rows])
     layer = p.layer(ROLE)
     model = models.load_hf(str(out / "models" / ROLE))
-    bare = copy.deepcopy(model.gpt_neox)
-    bare.layers = bare.layers[:layer + 1]
+    bare = copy.deepcopy(model.base_model)  # any family: the decoder stack without its LM head
+    del models.layer_list(bare)[layer + 1:]
     bs = 32  # write_store's default batch_sequences
 
     @torch.no_grad()
