@@ -28,7 +28,7 @@ out_dir = None
 threads = 0  # torch threads: 0 means executor.threads of the params (what the numbers depend on)
 
 # %% tags=["imports", "remove"]
-from IPython.display import Markdown
+from IPython.display import Markdown, display
 
 from proxygap_helpers import aggregate, families, grid, ladder, plots, report
 from proxygap_helpers.params import FAMILIES
@@ -50,22 +50,16 @@ Markdown(ladder.header_markdown(p))
 # %%
 ladder.settings_frame(settings)
 
-# %% [markdown]
-# ## Across model families
-# With pairs built in several families (`pairs: within_family`), the first question is whether the default study's
-# pattern holds in every family: the signs of the mean ΔCE_rec and ΔR² per (k, budget) cell, held against the
-# GPT-NeoX pair's (the default study's own models), then each claim per family and the gaps themselves
-# (`aggregate/family_signs.csv`, `aggregate/family_gaps.csv`).
-
 # %%
-Markdown(families.answer(agg["family_signs"], labels) if across else "One family: nothing to compare across families.")
-
-# %%
-report.style_status_matrix(families.claims_by_family(claims, settings, labels)) if across \
-    else "One family: see the claims below."
-
-# %%
-plots.family_figure(agg["family_gaps"], labels) if across else "One family: see the gaps below."
+FAMILIES_INTRO = """## Across model families
+With pairs built in several families (`pairs: within_family`), the first question is whether the default study's
+pattern holds in every family: the signs of the mean ΔCE_rec and ΔR² per (k, budget) cell, held against the
+GPT-NeoX pair's (the default study's own models), then each claim per family and the gaps themselves
+(`aggregate/family_signs.csv`, `aggregate/family_gaps.csv`)."""
+if across:  # a grid of one family has no such section
+    display(Markdown(FAMILIES_INTRO), Markdown(families.answer(agg["family_signs"], labels)),
+            report.style_status_matrix(families.claims_by_family(claims, settings, labels)),
+            plots.family_figure(agg["family_gaps"], labels))
 
 # %% [markdown]
 # ## How the gaps change with the size ratio
