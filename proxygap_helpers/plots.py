@@ -109,8 +109,9 @@ CAPTIONS = {
         "tested budget: the asymptotic term Δy∞ (the gap an unlimited budget leaves: intrinsic), the "
         "optimisation term (the fitted gap at T minus Δy∞: what more training removes) and the lack of fit "
         "(observed minus fitted), stacked with their signs (positive parts upwards, negative downwards from 0). ◆: "
-        "the observed mean gap with ±1.96 × the estimation noise (seed and eval-sampling SE). The label over each "
-        "bar is the cell's verdict; cells whose fit is refused show only the observed gap."),
+        "the observed mean gap with ±1.96 × the estimation noise (seed and eval-sampling SE). A cell that is not "
+        "'no mismatch' has its verdict over its bar (noise: within noise; optim.: optimisation-mediated; METRIC: "
+        "metric mismatch; n/a: cannot be said, the fit refused, only the observed gap shown)."),
     "reference": (
         "Our phase-2 table beside the study's published one (Pythia-70M vs 410M): mean gaps with 95% "
         "intervals per k against the SAE training budget; hollow markers: n = 1 (directional)."),
@@ -808,7 +809,8 @@ VERDICT_SHORT = {"no mismatch": "", "within noise": "noise", "cannot be said": "
 
 def decomposition_figure(decomposition: pd.DataFrame | None, caption: bool = True) -> Figure:
     """Stacked signed bars of each (k, T) cell's terms (``aggregate/decomposition.csv``): one column per k, ΔCE_rec
-    and ΔR² rows, the observed gap with ±1.96 noise SE, the verdict over each bar. Returns the figure."""
+    and ΔR² rows, the observed gap with ±1.96 noise SE, the verdict over each bar that is not "no mismatch".
+    Returns the figure."""
     df = _frame(decomposition)
     if not len(df):
         return _pending_figure("decomposition", "What the gap is made of", caption)
