@@ -7,6 +7,8 @@ curves, and every term has a known true value: Δy∞, Δ(T) - Δy∞, and 0 for
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -183,3 +185,34 @@ def test_figure_stacks_every_term_of_every_cell(table):
     assert bars == 3 * len(table)  # three terms per (k, T, metric) row, NaN terms drawn as height 0
     assert len(fig.axes) == 2 * ks
     assert len(decomposition.frame(table)) == len(table)
+
+
+# --------------------------------------------------------------------------- the published reports
+@pytest.mark.parametrize("grid", ["default", "ladder"])
+def test_the_published_decomposition_is_what_the_code_computes(grid, tmp_path):
+    """reports/<grid>/decomposition.csv, per setting, from the published pairs and eval SEs (``phase2_table.csv``):
+    the same budget fits, terms, noise and verdicts (the fits' optimiser may differ in the last bits on another
+    CPU: 1e-7 relative); the terms add up to the observed gap; and the report carries the section."""
+    from proxygap_helpers import aggregate, ladder
+    from proxygap_helpers.params import load_params
+
+    repo = Path(__file__).resolve().parents[1]
+    pub = repo / "reports" / grid
+    p = load_params(repo / "params" / f"{grid}.yaml")
+    pairs, table = pd.read_csv(pub / "pairs.csv"), pd.read_csv(pub / "phase2_table.csv")
+    published = pd.read_csv(pub / "decomposition.csv")
+    several = len(p.settings()) > 1
+    assert len(published) == 2 * len(table)  # a row per cell and metric
+    for s in p.settings():
+        def mine(df):
+            return df[df["setting"] == s.label].drop(columns=ladder.SETTING_COLUMNS) if several else df
+        curves = budget_curves.curves_for(mine(pairs), max(p.stats.bootstrap, 200), p.stats.seed, p.stats.ci)
+        aggregate._csv(decomposition.decompose(curves, mine(table), p.stats.ci), tmp_path / "d.csv")
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "d.csv"), mine(published).reset_index(drop=True),
+                                      check_exact=False, rtol=1e-7, atol=1e-12)
+    fit = published[published["fit_status"] == "fit"]
+    np.testing.assert_allclose(fit["asymptotic"] + fit["optimisation"] + fit["lack_of_fit"], fit["observed"],
+                               rtol=1e-9, atol=1e-12)
+    assert set(published["verdict"]) <= set(VERDICTS)
+    html = (pub / "report.html").read_text()
+    assert html.count("What the gap is made of") >= len(p.settings())

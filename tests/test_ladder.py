@@ -274,9 +274,11 @@ def test_the_published_ladder_is_the_ladder_params_and_its_tables_agree():
     ladder table is the phase-2 table beside the size ratios, and each claim's summary row counts its rows."""
     pub = REPO / "reports" / "ladder"
     p = load_params(PARAMS / "ladder.yaml")
-    settings = pd.read_csv(pub / "settings.csv")  # (published before settings.csv had a family column)
-    pd.testing.assert_frame_equal(settings, ladder.settings_table(p)[settings.columns], check_dtype=False)
-    assert set(ladder.settings_table(p)["family"]) == {"gpt_neox"}
+    settings = pd.read_csv(pub / "settings.csv")
+    pd.testing.assert_frame_equal(settings, ladder.settings_table(p), check_dtype=False)
+    assert set(settings["family"]) == {"gpt_neox"}
+    html = (pub / "report.html").read_text()
+    assert "Across model families" not in html and html.count("What the gap is made of") == len(p.settings())
     metrics = pd.read_csv(pub / "sae_metrics.csv")
     assert set(metrics["sae_id"]) == {s.sae_id for s in p.sae_specs()}
     table = pd.read_csv(pub / "phase2_table.csv")
@@ -543,6 +545,7 @@ def test_the_report_has_a_section_per_setting_and_the_ladder_summary(tiny, tmp_p
     html = (out / "reports" / "report.html").read_text()
     assert html.index("Across the ladder") < html.index("Setting small-large@h2")
     assert "Claims across the ladder" in html and "size ratio" in html
+    assert "Across model families" not in html and "One family" not in html  # one family: no such section
     published = {f.name for f in (out / "reports").iterdir()}
     assert {"ladder.png", "ladder.csv", "size_trend.csv", "settings.csv"} <= published
     assert {f"sign_flip_{s.label}.png" for s in p.settings()} <= published
