@@ -45,7 +45,7 @@ from scipy import stats as sps
 
 from .budget_curves import (STATUS_FIT, Curves, Scale, _monotone_reason, _pct, _shape_reason, fit_means,
                             predict)
-from .params import format_tokens
+from .plots import format_tokens  # rounded (123k), as the figures and the rest of the report write budgets
 
 NO_MISMATCH, WITHIN_NOISE, CANNOT, OPTIMISATION, METRIC = (
     "no mismatch", "within noise", "cannot be said", "optimisation-mediated", "metric mismatch")
@@ -220,13 +220,14 @@ def markdown(df: pd.DataFrame, ref: pd.DataFrame | None = None) -> str:
 
 
 def frame(df: pd.DataFrame | None) -> pd.DataFrame:
-    """``decomposition.csv`` for reading: one row per (k, T, metric), the terms rounded, intervals in brackets."""
+    """``decomposition.csv`` for reading: one row per (k, T, metric), indexed by them (budgets rounded: 123k), the
+    terms rounded, intervals in brackets."""
     from .report import fmt_ci
 
     if df is None or not len(df):
         return pd.DataFrame()
     def num(v):
-        return "" if pd.isna(v) else f"{v:+.4f}"
+        return "" if pd.isna(v) else f"{round(v, 4) + 0.0:+.4f}"  # (no "-0.0000")
     return pd.DataFrame({
         "k": df["k"], "T": [format_tokens(int(t)) for t in df["tokens"]], "gap": df["metric"].map(METRIC_NAMES),
         "observed": [fmt_ci(m, a, b, 4) for m, a, b in zip(df["observed"], df["observed_lo"], df["observed_hi"])],
@@ -235,7 +236,7 @@ def frame(df: pd.DataFrame | None) -> pd.DataFrame:
         "optimisation": [fmt_ci(m, a, b, 4) if pd.notna(m) else "" for m, a, b in
                          zip(df["optimisation"], df["optimisation_lo"], df["optimisation_hi"])],
         "lack of fit": df["lack_of_fit"].map(num), "noise SE": df["noise_se"].map(lambda v: f"{v:.4f}"),
-        "verdict": df["verdict"]})
+        "verdict": df["verdict"]}).set_index(["k", "T", "gap"])
 
 
 def decompose(curves: Sequence[Curves], noise: pd.DataFrame | None = None, level: float = 0.95) -> pd.DataFrame:

@@ -184,7 +184,10 @@ def test_figure_stacks_every_term_of_every_cell(table):
     bars = sum(len(ax.patches) for ax in axes)
     assert bars == 3 * len(table)  # three terms per (k, T, metric) row, NaN terms drawn as height 0
     assert len(fig.axes) == 2 * ks
-    assert len(decomposition.frame(table)) == len(table)
+    shown = decomposition.frame(table)
+    assert len(shown) == len(table) and shown.index.names == ["k", "T", "gap"]
+    assert set(shown.index.get_level_values("T")) == {"10k", "30k", "100k", "300k"}
+    assert not shown["lack of fit"].str.startswith("-0.0000").any()
 
 
 # --------------------------------------------------------------------------- the published reports
