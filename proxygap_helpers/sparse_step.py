@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .topk_pairs import stack_pairs
+from .topk_pairs import aux_code_grad, stack_pairs
 
 
 class SparseTopK(torch.autograd.Function):
@@ -131,7 +131,7 @@ def _add_dense_aux(grads, c, W_enc, W_dec, g_aux, dead_ids, local, aux_v, aux_re
     W_dead = W_dec.index_select(0, dead_ids)
     A = _dense_rows(local, aux_v.to(g_aux.dtype), n)
     da = (g_aux @ W_dead.t()).gather(1, local)
-    D = _dense_rows(local, da * (aux_v > 0) if aux_relu else da, n)
+    D = _dense_rows(local, aux_code_grad(da, aux_v, aux_relu), n)
     grad_W_dec = grad_W_dec.index_add(0, dead_ids, (A.t() @ g_aux).to(grad_W_dec.dtype))
     grad_W_enc = grad_W_enc.index_add(0, dead_ids, (D.t() @ c).to(grad_W_enc.dtype))
     grad_b_enc = grad_b_enc.index_add(0, dead_ids, D.sum(0).to(grad_b_enc.dtype))

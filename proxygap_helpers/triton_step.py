@@ -234,8 +234,10 @@ class TritonTopK(torch.autograd.Function):
         c, W_enc, W_dec, idx, v, aux_idx, aux_v = ctx.saved_tensors
         g = g.float().contiguous()
         dv = rowdot(idx, W_dec, g) * (v > 0)
-        g_aux = g_aux.float().contiguous() if aux_idx.shape[1] else None
-        da = rowdot(aux_idx, W_dec, g_aux) if aux_idx.shape[1] else None
+        da = None
+        if aux_idx.shape[1]:
+            g_aux = g_aux.float().contiguous()
+            da = rowdot(aux_idx, W_dec, g_aux)
         idx_all, d_all, vals_all, g_rows, dec_rows = stack_pairs(idx, v, dv, g, aux_idx, aux_v, da, g_aux,
                                                                  ctx.aux_relu)
         flat = idx_all.reshape(-1)
